@@ -1,0 +1,64 @@
+"""Argument checks shared by the public wrappers. Each raises ValueError/TypeError naming the argument."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+Csr = Tuple[torch.Tensor, torch.Tensor]
+
+
+def check_tensor(x, name: str, *, ndim: Optional[int] = None, dtypes: Optional[Sequence[torch.dtype]] = None,
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """Checks type, rank, dtype and device of one tensor argument."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    if device is not None and x.device != torch.device(device):
+        raise ValueError(f"{name} is on {x.device}, expected {device}")
+    return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Rejects NaN/inf values (one reduction; cheap next to the op that follows)."""
+    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_csr(csr, name: str, n_rows: int, n_cols: int, device: Optional[torch.device] = None) -> Csr:
+    """Validates a CSR pair (indptr[n_rows+1], indices[nnz]) of int64 with sorted, in-range column ids.
+
+    Duplicate column ids inside a row are allowed (they are treated as one). Returns the pair,
+    contiguous.
+    """
+    if not isinstance(csr, (tuple, list)) or len(csr) != 2:
+        raise TypeError(f"{name} must be a CSR pair (indptr, indices)")
+    indptr, indices = csr
+    check_tensor(indptr, f"{name}.indptr", ndim=1, dtypes=(torch.int64, torch.int32), device=device)
+    check_tensor(indices, f"{name}.indices", ndim=1, dtypes=(torch.int64, torch.int32), device=device)
+    if indptr.numel() != n_rows + 1:
+        raise ValueError(f"{name}.indptr must have {n_rows + 1} entries (rows + 1), got {indptr.numel()}")
+    indptr = indptr.to(torch.int64).contiguous()
+    indices = indices.to(torch.int64).contiguous()
+    if int(indptr[0]) != 0:
+        raise ValueError(f"{name}.indptr must start at 0, got {int(indptr[0])}")
+    if int(indptr[-1]) != indices.numel():
+        raise ValueError(f"{name}.indptr[-1] = {int(indptr[-1])} must equal len({name}.indices) = {indices.numel()}")
+    if n_rows and bool((indptr[1:] < indptr[:-1]).any()):
+        raise ValueError(f"{name}.indptr must be non-decreasing")
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n_cols:
+            raise ValueError(f"{name}.indices out of range: ids must lie in [0, {n_cols}), found [{lo}, {hi}]")
+        # Sorted within each row: a descent is only allowed where a new row starts.
+        if indices.numel() > 1:
+            descents = torch.nonzero(indices[1:] < indices[:-1]).flatten() + 1
+            if descents.numel():
+                starts = torch.zeros(indices.numel() + 1, dtype=torch.bool, device=indices.device)
+                starts[indptr[:-1]] = True
+                if not bool(starts[descents].all()):
+                    raise ValueError(f"{name}.indices must be sorted within each row")
+    return indptr, indices

@@ -1,0 +1,2 @@
+"""evaluator op family (public API)."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""experts op family (public API)."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""sampler op family (public API)."""
+__all__ = []

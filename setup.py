@@ -1,0 +1,72 @@
+"""Build of the mbrec_fast._C extension.
+
+CPU sources are always built (-O3, OpenMP, AVX2+FMA when the build machine has them).
+CUDA sources are built when torch is a CUDA build and nvcc is found; MBREC_FAST_CUDA=1
+forces them on (and fails loudly if impossible), MBREC_FAST_CUDA=0 forces them off.
+MBREC_FAST_NATIVE=0 turns off the AVX2/FMA flags (a portable build).
+"""
+import glob
+import os
+import platform
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _want_cuda() -> bool:
+    mode = os.environ.get("MBREC_FAST_CUDA", "auto").strip().lower()
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode in ("0", "off", "false", "no"):
+        return False
+    if mode in ("1", "on", "true", "yes"):
+        if not available:
+            raise RuntimeError(
+                "MBREC_FAST_CUDA=1 but CUDA cannot be built: torch.version.cuda="
+                f"{torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}")
+        return True
+    return available
+
+
+def _sources(pattern: str):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+
+
+def build_extension():
+    with_cuda = _want_cuda()
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-DNDEBUG"]
+    if os.environ.get("MBREC_FAST_NATIVE", "1") != "0" and _cpu_has_avx2_fma():
+        cxx += ["-mavx2", "-mfma"]
+    sources = _sources("*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    extra_link = ["-fopenmp"]
+    if with_cuda:
+        sources += _sources("*.cu")
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DMBREC_WITH_CUDA", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "mbrec_fast._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx + ["-DMBREC_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=extra_link)
+    return cpp_extension.CppExtension(
+        "mbrec_fast._C", sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
+
+
+setup(
+    ext_modules=[build_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
