@@ -1,0 +1,65 @@
+"""The interface every multi-behavior model implements, so one trainer and one evaluator serve them all."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+ScoreFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+@dataclass
+class Scorer:
+    """How a model scores (user, item) pairs for full-ranking evaluation.
+
+    Either a dot product of `user_emb[u]` and `item_emb[i]` (the evaluator's fast path), or a
+    `score_fn(users, item_start, item_end) -> [len(users), item_end - item_start]` for models whose
+    score is not a dot product (cascaded heads, hard-gated experts).
+    """
+
+    user_emb: Optional[torch.Tensor] = None
+    item_emb: Optional[torch.Tensor] = None
+    score_fn: Optional[ScoreFn] = None
+    n_items: Optional[int] = None
+
+    def __post_init__(self):
+        dot = self.user_emb is not None and self.item_emb is not None
+        if dot == (self.score_fn is not None):
+            raise ValueError("Scorer needs either (user_emb, item_emb) or score_fn, not both")
+        if self.score_fn is not None and self.n_items is None:
+            raise ValueError("Scorer with score_fn needs n_items")
+
+    def evaluator_kwargs(self) -> Dict[str, object]:
+        """Arguments to pass to `mbrec_fast.evaluate_full_ranking`."""
+        if self.score_fn is not None:
+            return {"user_emb": None, "item_emb": None, "score_fn": self.score_fn, "n_items": self.n_items}
+        return {"user_emb": self.user_emb, "item_emb": self.item_emb}
+
+
+class MultiBehaviorModel(nn.Module):
+    """Base class of the multi-behavior recommenders (NMTR, MEMBER, LightGCN, BPR-MF, NeuMF, MC-BPR).
+
+    The trainer calls, per epoch: `on_epoch_start`, then `loss` on each batch of
+    `training_batches`; for evaluation it calls `scorer()` under `torch.no_grad()`.
+    """
+
+    #: short name used by the CLI and in checkpoints
+    name: str = "model"
+
+    def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
+        """Batches of one epoch. Must be a deterministic function of (seed, epoch), so that a resumed
+        run can skip the batches it already consumed and continue bit-exactly."""
+        raise NotImplementedError
+
+    def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Total loss of one batch plus its named parts (floats, for logging)."""
+        raise NotImplementedError
+
+    def scorer(self) -> Scorer:
+        """Scores for evaluation. Called under no_grad; may cache propagated embeddings."""
+        raise NotImplementedError
+
+    def on_epoch_start(self, data, epoch: int, seed: int) -> None:
+        """Per-epoch work such as rebuilding augmented graphs (seeded by seed and epoch)."""

@@ -1,0 +1,83 @@
+"""The shared trainer: exact resume after an interruption, early stopping, outputs of a run."""
+import json
+import os
+
+import pytest
+import torch
+
+from mbrec_fast.training.checkpoint import load_checkpoint, save_checkpoint
+from mbrec_fast.training.common import Trainer, format_table, seed_everything
+
+
+def _toy_run(run_dir, epochs=4, max_steps=None, resume=None, patience=None, flat_metric=False):
+    """A regression model with dropout (so the global RNG matters) and seeded per-epoch batches."""
+    seed_everything(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    y = x.sum(1, keepdim=True)
+
+    def batches(epoch):
+        perm = torch.randperm(64, generator=torch.Generator().manual_seed(100 + epoch))
+        return [perm[i:i + 8] for i in range(0, 64, 8)]
+
+    def step(idx):
+        opt.zero_grad()
+        loss = ((model(x[idx]) - y[idx]) ** 2).mean()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}
+
+    def evaluate(split):
+        return {"neg_mse": 0.0 if flat_metric else -((model(x) - y) ** 2).mean().item()}
+
+    trainer = Trainer(model, {"main": opt}, str(run_dir), epochs=epochs, monitor="neg_mse", model_name="toy",
+                      max_steps=max_steps, patience=patience, progress=False)
+    return model, trainer.fit(batches, step, evaluate, resume=resume)
+
+
+@pytest.mark.parametrize("stop_after", [
+    5,    # mid-epoch: the resumed run must skip the consumed batches and restore the dropout RNG
+    16,   # exactly at an epoch boundary
+])
+def test_resume_is_bit_exact(tmp_path, stop_after):
+    full, full_result = _toy_run(tmp_path / "full")
+    _, partial = _toy_run(tmp_path / "cut", max_steps=stop_after)
+    assert partial.interrupted and partial.test is None
+    resumed, resumed_result = _toy_run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint.pt"))
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed_result.test == full_result.test
+    assert [r["train_loss"] for r in resumed_result.history] == [r["train_loss"] for r in full_result.history]
+
+
+def test_outputs_and_best_weights(tmp_path):
+    _, result = _toy_run(tmp_path)
+    for name in ("checkpoint.pt", "best.pt", "history.json", "metrics.json", "curves.png"):
+        assert (tmp_path / name).is_file(), name
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["best_epoch"] == result.best_epoch and summary["test"] == result.test
+    assert len(json.loads((tmp_path / "history.json").read_text())) == result.epochs_run == 4
+    assert set(result.timings) >= {"data", "step", "eval", "wall"}
+
+
+def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
+    _, result = _toy_run(tmp_path, epochs=10, patience=2, flat_metric=True)
+    assert result.best_epoch == 1 and result.epochs_run == 3
+
+
+def test_resume_rejects_other_model(tmp_path):
+    save_checkpoint(str(tmp_path / "other.pt"), {"model_name": "someone_else"})
+    with pytest.raises(ValueError, match="someone_else"):
+        _toy_run(tmp_path / "x", resume=str(tmp_path / "other.pt"))
+
+
+def test_checkpoint_rejects_foreign_file(tmp_path):
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not an mbrec_fast checkpoint"):
+        load_checkpoint(str(tmp_path / "foreign.pt"))
+
+
+def test_format_table():
+    text = format_table([{"k": 10, "hr": 0.5}, {"k": 20, "hr": 0.75}])
+    assert text.splitlines()[0].split() == ["k", "hr"] and "0.7500" in text
