@@ -1,0 +1,27 @@
+"""`mbrec-fast bench` report building: ratios against mbrec_fast per (op, case), table and plot."""
+from mbrec_fast.bench import format_report, plot, summarize
+
+
+def _report():
+    def bench(impl, case, median, **extra):
+        return {"name": f"{impl}-{case}", "group": "g", "stats": {"median": median},
+                "extra_info": {"op": "evaluator", "case": case, "impl": impl, "threads": 2, **extra}}
+    return {"benchmarks": [bench("mbrec_fast", "a", 0.5, users_per_s=10.0), bench("dense", "a", 2.0),
+                           bench("faiss", "a", 1.0), bench("dense", "b", 3.0)]}
+
+
+def test_ratios_are_baseline_over_ours():
+    rows = {(r["case"], r["impl"]): r for r in summarize(_report())}
+    assert rows[("a", "dense")]["x_slower_than_ours"] == 4.0
+    assert rows[("a", "faiss")]["x_slower_than_ours"] == 2.0
+    assert rows[("a", "mbrec_fast")]["x_slower_than_ours"] == 1.0
+    assert rows[("b", "dense")]["x_slower_than_ours"] is None  # no mbrec_fast run in that case
+    assert rows[("a", "mbrec_fast")]["extra"] == {"users_per_s": 10.0}  # env facts are not figures
+
+
+def test_table_and_plot(tmp_path):
+    rows = summarize(_report())
+    text = format_report(rows)
+    assert "[evaluator] a" in text and "4.00x ours" in text
+    plot(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
