@@ -48,7 +48,7 @@ def _sources(pattern: str):
 
 def build_extension():
     with_cuda = _want_cuda()
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-DNDEBUG"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-fno-math-errno", "-DNDEBUG"]
     if os.environ.get("MBREC_FAST_NATIVE", "1") != "0" and _cpu_has_avx2_fma():
         cxx += ["-mavx2", "-mfma"]
     sources = _sources("*.cpp")
@@ -56,7 +56,7 @@ def build_extension():
     extra_link = ["-fopenmp"]
     if with_cuda:
         sources += _sources("*.cu")
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DMBREC_WITH_CUDA", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DMBREC_WITH_CUDA", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "mbrec_fast._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx + ["-DMBREC_WITH_CUDA"], "nvcc": nvcc},
