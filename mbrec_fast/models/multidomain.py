@@ -1,0 +1,668 @@
+"""Multi-domain multi-task CTR models: M3oE, M3REC and the baselines of the M3oE paper.
+
+Every model maps a batch {sparse, dense, domain} to logits [B, T] — one per task, for the domain the
+sample was observed in. All expert computation (experts, gated mixes, per-domain / per-(domain, task)
+layers and towers) runs through the fused expert ops `mbrec_fast::gated_experts_fwd` and
+`mbrec_fast::routed_experts_fwd` via `ExpertBank`; `impl="loop"` switches a bank to a Python loop of
+per-expert Linear/LayerNorm/activation over the SAME parameters (the reference and the benchmark baseline).
+
+Baselines are head-based: a base model owns one head per (domain, task) pair. `setting` picks the form
+of the M3oE table: "mdmt" (one model, D*T heads), "mtl" (one model per domain, T heads each) and "mdl"
+(one model per task, D heads each).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _experts_ops as _ops
+from ..experts import gated_experts, routed_experts
+
+__all__ = ["ExpertBank", "RoutedMLP", "FeatureEmbedding", "MLPPerHead", "SharedBottom", "MMoE", "PLE", "STAR",
+           "M3oE", "M3REC", "PerGroup", "build_model", "MODEL_NAMES", "bce_loss"]
+
+MODEL_NAMES = ("m3oe", "m3rec", "mlp", "sharedbottom", "mmoe", "ple", "star")
+
+
+# ================================================================================================ op shims
+class _GatedFn(torch.autograd.Function):
+    """The fused gated op with its own backward kernel called directly (see `_op_backward_ok`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps, activation):
+        out, pre, probs = torch.ops.mbrec_fast.gated_experts_fwd(x, weight, bias, gates, gate_weight, gate_bias,
+                                                                 gate_mask, ln_weight, ln_bias, ln_eps, activation)
+        ctx.save_for_backward(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, pre, probs)
+        ctx.ln_eps, ctx.activation = ln_eps, activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, pre, probs) = ctx.saved_tensors
+        grads = _ops.gated_experts_bwd._init_fn(grad_out.contiguous(), x, weight, bias, gates, gate_weight, gate_bias,
+                                                gate_mask, ln_weight, ln_bias, ctx.ln_eps, ctx.activation, pre, probs)
+        dx, dw, db, dg, dgw, dgb, dlnw, dlnb = grads
+        present = (bias, gates, gate_weight, gate_bias, ln_weight, ln_bias)
+        db, dg, dgw, dgb, dlnw, dlnb = (None if t is None else d for t, d in zip(present, (db, dg, dgw, dgb, dlnw, dlnb)))
+        return dx, dw, db, dg, dgw, dgb, None, dlnw, dlnb, None, None
+
+
+class _RoutedFn(torch.autograd.Function):
+    """The fused routed op with its own backward kernel called directly (see `_op_backward_ok`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation):
+        out, pre, order, offsets = torch.ops.mbrec_fast.routed_experts_fwd(x, weight, bias, route, route_weight,
+                                                                           ln_weight, ln_bias, ln_eps, activation)
+        ctx.save_for_backward(x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets)
+        ctx.ln_eps, ctx.activation = ln_eps, activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets) = ctx.saved_tensors
+        grads = _ops.routed_experts_bwd._init_fn(grad_out.contiguous(), x, weight, bias, route, route_weight, ln_weight,
+                                                 ln_bias, ctx.ln_eps, ctx.activation, pre, order, offsets)
+        dx, dw, db, drw, dlnw, dlnb = grads
+        present = (bias, route_weight, ln_weight, ln_bias)
+        db, drw, dlnw, dlnb = (None if t is None else d for t, d in zip(present, (db, drw, dlnw, dlnb)))
+        return dx, dw, db, None, drw, dlnw, dlnb, None, None
+
+
+_BACKWARD_OK: Optional[bool] = None
+
+
+def _op_backward_ok() -> bool:
+    """Whether the registered autograd of the expert ops works when several optional inputs are absent.
+
+    (At the time of writing, their backward ops return one shared empty tensor for every absent gradient, which the
+    custom-op aliasing check rejects; then we call the same backward kernels through `_GatedFn`/`_RoutedFn`.)
+    """
+    global _BACKWARD_OK
+    if _BACKWARD_OK is None:
+        try:
+            x = torch.randn(3, 2, requires_grad=True)
+            w = torch.randn(2, 2, 2, requires_grad=True)
+            out = torch.ops.mbrec_fast.routed_experts_fwd(x, w, None, torch.zeros(3, 1, dtype=torch.long), None, None,
+                                                          None, 1e-5, "none")[0]
+            out.sum().backward()
+            g = torch.ones(1, 3, 2)
+            out = torch.ops.mbrec_fast.gated_experts_fwd(x, w, None, g, None, None, None, None, None, 1e-5, "none")[0]
+            out.sum().backward()
+            _BACKWARD_OK = True
+        except RuntimeError:
+            _BACKWARD_OK = False
+    return _BACKWARD_OK
+
+
+def fused_gated(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps, activation) -> Tensor:
+    """`mbrec_fast.gated_experts` ([G, B, H]); the same op through `_GatedFn` while its registered backward fails."""
+    if _op_backward_ok():
+        return gated_experts(x, weight, bias, gates=gates, gate_weight=gate_weight, gate_bias=gate_bias,
+                             gate_mask=gate_mask, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps,
+                             activation=activation)
+    return _GatedFn.apply(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps, activation)
+
+
+def fused_routed(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation) -> Tensor:
+    """`mbrec_fast.routed_experts` ([B, H]); the same op through `_RoutedFn` while its registered backward fails."""
+    if _op_backward_ok():
+        return routed_experts(x, weight, bias, route, route_weight, ln_weight=ln_weight, ln_bias=ln_bias,
+                              ln_eps=ln_eps, activation=activation)
+    return _RoutedFn.apply(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation)
+
+
+# ================================================================================================ expert banks
+class ExpertBank(nn.Module):
+    """E experts `act(LayerNorm(x W_e + b_e))`, D -> H, stored as weight [E, D, H].
+
+    `gated` mixes them with softmax gates (learned, `gate_weight [G, D, E]`) or given weights (`gates [G, B, E]`)
+    into G outputs [G, B, H]; `routed` sends each sample to one expert (`route [B]`). `impl="fused"` calls the
+    fused ops (one GEMM for all experts, fused LayerNorm/activation/mix); `impl="loop"` a per-expert loop.
+    """
+
+    def __init__(self, n_experts: int, d_in: int, d_out: int, *, layer_norm: bool = True, activation: str = "relu",
+                 impl: str = "fused"):
+        super().__init__()
+        if impl not in ("fused", "loop"):
+            raise ValueError(f"impl must be 'fused' or 'loop', got {impl!r}")
+        self.n_experts, self.d_in, self.d_out, self.activation, self.impl = n_experts, d_in, d_out, activation, impl
+        bound = 1 / math.sqrt(d_in)
+        self.weight = nn.Parameter(torch.empty(n_experts, d_in, d_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_experts, d_out).uniform_(-bound, bound))
+        if layer_norm:
+            self.ln_weight = nn.Parameter(torch.ones(n_experts, d_out))
+            self.ln_bias = nn.Parameter(torch.zeros(n_experts, d_out))
+        else:
+            self.register_parameter("ln_weight", None)
+            self.register_parameter("ln_bias", None)
+
+    # -- loop reference pieces
+    def _one(self, x: Tensor, e: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+        w = self.weight[e] if weight is None else weight[e]
+        b = self.bias[e] if bias is None else bias[e]
+        y = x @ w + b
+        if self.ln_weight is not None:
+            y = F.layer_norm(y, (self.d_out,), self.ln_weight[e], self.ln_bias[e])
+        return _ops._act(y, self.activation)
+
+    def experts_out(self, x: Tensor) -> Tensor:
+        """Every expert's output [B, E, H] (x [B, D] shared or [E, B, D] per expert)."""
+        if self.impl == "loop":
+            return torch.stack([self._one(x if x.dim() == 2 else x[e], e) for e in range(self.n_experts)], 1)
+        B = x.shape[-2]
+        eye = torch.eye(self.n_experts, dtype=torch.float32, device=x.device).unsqueeze(1).expand(-1, B, -1)
+        return self.gated(x, gates=eye.contiguous()).transpose(0, 1)
+
+    def gated(self, x: Tensor, gate_weight: Optional[Tensor] = None, gate_bias: Optional[Tensor] = None,
+              gates: Optional[Tensor] = None, gate_mask: Optional[Tensor] = None) -> Tensor:
+        """Gated mixes [G, B, H]: learned gates (logits x @ gate_weight[g] + gate_bias[g], x 2-D) or given `gates`."""
+        if self.impl == "loop":
+            outs = torch.stack([self._one(x if x.dim() == 2 else x[e], e) for e in range(self.n_experts)], 1)  # [B,E,H]
+            if gates is None:
+                logits = torch.einsum("bd,gde->gbe", x, gate_weight)
+                if gate_bias is not None:
+                    logits = logits + gate_bias.unsqueeze(1)
+                if gate_mask is not None:
+                    logits = logits.masked_fill(~gate_mask.unsqueeze(1), float("-inf"))
+                gates = torch.softmax(logits, -1)
+            return torch.einsum("gbe,beh->gbh", gates, outs)
+        return fused_gated(x, self.weight, self.bias, gates, gate_weight, gate_bias, gate_mask,
+                           self.ln_weight, self.ln_bias, 1e-5, self.activation)
+
+    def routed(self, x: Tensor, route: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+        """Each sample through its own expert: x [B, D], route [B] -> [B, H]. `weight`/`bias` override the bank's
+        (STAR passes W_shared * W_d)."""
+        w = self.weight if weight is None else weight
+        b = self.bias if bias is None else bias
+        if self.impl == "loop":
+            out = x.new_zeros(x.shape[0], self.d_out)
+            for e in range(self.n_experts):
+                rows = (route == e).nonzero().flatten()
+                if rows.numel():
+                    out = out.index_copy(0, rows, self._one(x[rows], e, w, b))
+            return out
+        return fused_routed(x, w, b, route.view(-1, 1), None, self.ln_weight, self.ln_bias, 1e-5, self.activation)
+
+
+class RoutedMLP(nn.Module):
+    """One MLP per route id (towers per (domain, task), per-head MLPs): routed banks, ReLU between, linear last."""
+
+    def __init__(self, n_routes: int, dims: Sequence[int], *, impl: str = "fused", layer_norm: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            ExpertBank(n_routes, dims[i], dims[i + 1], layer_norm=layer_norm and i < len(dims) - 2,
+                       activation="relu" if i < len(dims) - 2 else "none", impl=impl)
+            for i in range(len(dims) - 1))
+
+    def forward(self, x: Tensor, route: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer.routed(x, route)
+        return x
+
+
+def _set_impl(module: nn.Module, impl: str) -> None:
+    for m in module.modules():
+        if isinstance(m, ExpertBank):
+            m.impl = impl
+
+
+# ================================================================================================ features
+class FeatureEmbedding(nn.Module):
+    """One fused table for all sparse fields (field offsets), concatenated with the dense features."""
+
+    def __init__(self, field_dims: Sequence[int], n_dense: int, emb_dim: int):
+        super().__init__()
+        self.field_dims, self.n_dense, self.emb_dim = list(field_dims), n_dense, emb_dim
+        offsets = torch.tensor([0] + list(field_dims[:-1]), dtype=torch.long).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.table = nn.Embedding(max(sum(field_dims), 1), emb_dim)
+        nn.init.normal_(self.table.weight, std=0.05)
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.field_dims) * self.emb_dim + self.n_dense
+
+    def fields(self, sparse: Tensor) -> Tensor:
+        """[B, F, emb]."""
+        return self.table(sparse + self.offsets)
+
+    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        return torch.cat([self.fields(sparse).flatten(1), dense], 1)
+
+
+def bce_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """BCE summed over tasks, mean over samples (the objective of the M3oE paper)."""
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1).mean()
+
+
+class _CTRModel(nn.Module):
+    """Shared plumbing: embedding, heads indexed by (domain, task)."""
+
+    name = "ctr"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, emb_dim, impl):
+        super().__init__()
+        self.n_domains, self.n_tasks, self.impl = n_domains, n_tasks, impl
+        self.embedding = FeatureEmbedding(field_dims, n_dense, emb_dim)
+
+    def heads(self, domain: Tensor) -> Tensor:
+        """Head ids [T, B]: head of (domain_b, t) = domain_b * T + t."""
+        t = torch.arange(self.n_tasks, device=domain.device).unsqueeze(1)
+        return domain.unsqueeze(0) * self.n_tasks + t
+
+    def set_impl(self, impl: str) -> None:
+        self.impl = impl
+        _set_impl(self, impl)
+
+    def forward(self, batch: Dict[str, Tensor]) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _select_heads(per_head: Tensor, heads: Tensor) -> Tensor:
+    """per_head [Hd, B, ...] and heads [T, B] -> [T, B, ...] (row heads[t, b] of column b)."""
+    B = per_head.shape[1]
+    b = torch.arange(B, device=heads.device).unsqueeze(0).expand_as(heads)
+    return per_head[heads, b]
+
+
+# ================================================================================================ baselines
+class MLPPerHead(_CTRModel):
+    """Single-domain single-task baseline: an independent MLP (Linear-LN-ReLU layers + tower) per (domain, task)."""
+
+    name = "mlp"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, hidden=(64,), tower=(32,), impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        n_heads = n_domains * n_tasks
+        dims = [self.embedding.out_dim, *hidden]
+        self.body = nn.ModuleList(ExpertBank(n_heads, dims[i], dims[i + 1], impl=impl) for i in range(len(dims) - 1))
+        self.tower = RoutedMLP(n_heads, [dims[-1], *tower, 1], impl=impl)
+
+    def forward(self, batch):
+        x = self.embedding(batch["sparse"], batch["dense"])
+        heads = self.heads(batch["domain"])  # [T, B]
+        route = heads.reshape(-1)
+        h = x.repeat(self.n_tasks, 1)  # [T*B, D] (task-major)
+        for layer in self.body:
+            h = layer.routed(h, route)
+        return self.tower(h, route).view(self.n_tasks, -1).t()
+
+
+class SharedBottom(_CTRModel):
+    """Shared-Bottom: one bottom expert (Linear-LN-ReLU) for all heads, a tower per head."""
+
+    name = "sharedbottom"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, expert_dim=64, tower=(32,), impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        self.bottom = ExpertBank(1, self.embedding.out_dim, expert_dim, impl=impl)
+        self.tower = RoutedMLP(n_domains * n_tasks, [expert_dim, *tower, 1], impl=impl)
+
+    def forward(self, batch):
+        x = self.embedding(batch["sparse"], batch["dense"])
+        h = self.bottom.routed(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        heads = self.heads(batch["domain"])
+        return self.tower(h.repeat(self.n_tasks, 1), heads.reshape(-1)).view(self.n_tasks, -1).t()
+
+
+class MMoE(_CTRModel):
+    """MMoE: shared experts, a softmax gate and a tower per head (per (domain, task) in the MDMT form)."""
+
+    name = "mmoe"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_experts=4, expert_dim=64, tower=(32,),
+                 impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        n_heads, d = n_domains * n_tasks, self.embedding.out_dim
+        self.experts = ExpertBank(n_experts, d, expert_dim, impl=impl)
+        self.gate_weight = nn.Parameter(torch.randn(n_heads, d, n_experts) * 0.01)
+        self.gate_bias = nn.Parameter(torch.zeros(n_heads, n_experts))
+        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], impl=impl)
+
+    def forward(self, batch):
+        x = self.embedding(batch["sparse"], batch["dense"])
+        heads = self.heads(batch["domain"])
+        if self.n_domains == 1:  # every head is used by every sample
+            mixed = self.experts.gated(x, self.gate_weight, self.gate_bias)  # [T, B, H]
+        else:
+            mixed = _select_heads(self.experts.gated(x, self.gate_weight, self.gate_bias), heads)
+        return self.tower(mixed.reshape(-1, mixed.shape[-1]), heads.reshape(-1)).view(self.n_tasks, -1).t()
+
+
+class PLE(_CTRModel):
+    """PLE: `n_levels` CGC levels of shared + per-head specific experts, gates masked to (shared, own); the
+    lower levels also carry a shared gate over all experts. Towers per head.
+
+    Level 1 runs the gated op on the shared input; higher levels use the op's per-expert-input form
+    (each specific expert reads its head's output, each shared expert the shared output).
+    """
+
+    name = "ple"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_shared=2, n_specific=1, expert_dim=64,
+                 n_levels=2, tower=(32,), impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        n_heads = n_domains * n_tasks
+        self.n_heads, self.n_shared, self.n_specific, self.n_levels = n_heads, n_shared, n_specific, n_levels
+        n_exp = n_shared + n_heads * n_specific
+        # gate g < n_heads: head g's gate over shared + its own experts; gate n_heads: shared gate over all
+        mask = torch.zeros(n_heads + 1, n_exp, dtype=torch.bool)
+        mask[:, :n_shared] = True
+        for h in range(n_heads):
+            mask[h, n_shared + h * n_specific: n_shared + (h + 1) * n_specific] = True
+        mask[n_heads] = True
+        self.register_buffer("gate_mask", mask, persistent=False)
+        owner = torch.cat([torch.full((n_shared,), n_heads), torch.arange(n_heads).repeat_interleave(n_specific)])
+        self.register_buffer("owner", owner, persistent=False)  # which level input each expert reads
+        d = self.embedding.out_dim
+        self.levels = nn.ModuleList()
+        self.gate_weights = nn.ParameterList()
+        self.gate_biases = nn.ParameterList()
+        for level in range(n_levels):
+            d_in = d if level == 0 else expert_dim
+            n_gates = n_heads + (1 if level < n_levels - 1 else 0)
+            self.levels.append(ExpertBank(n_exp, d_in, expert_dim, impl=impl))
+            self.gate_weights.append(nn.Parameter(torch.randn(n_gates, d_in, n_exp) * 0.01))
+            self.gate_biases.append(nn.Parameter(torch.zeros(n_gates, n_exp)))
+        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], impl=impl)
+
+    def forward(self, batch):
+        x = self.embedding(batch["sparse"], batch["dense"])
+        heads = self.heads(batch["domain"])
+        h = None  # [n_heads + 1, B, H] after a level
+        for level, bank in enumerate(self.levels):
+            n_gates = self.gate_weights[level].shape[0]
+            mask = self.gate_mask[:n_gates]
+            if level == 0:
+                h = bank.gated(x, self.gate_weights[level], self.gate_biases[level], gate_mask=mask)
+            else:
+                per_expert = h[self.owner]  # [E, B, H]
+                # each gate reads its own head's input: gate logits computed per gate
+                logits = torch.einsum("gbd,gde->gbe", h[:n_gates], self.gate_weights[level]) + self.gate_biases[level].unsqueeze(1)
+                gates = torch.softmax(logits.masked_fill(~mask.unsqueeze(1), float("-inf")), -1)
+                h = bank.gated(per_expert.contiguous(), gates=gates)
+        mixed = _select_heads(h[:self.n_heads], heads)
+        return self.tower(mixed.reshape(-1, mixed.shape[-1]), heads.reshape(-1)).view(self.n_tasks, -1).t()
+
+
+class STAR(_CTRModel):
+    """STAR (Sheng et al. 2021): star-topology FCN layers whose weight for domain d is W_shared ⊙ W_d and bias
+    b_shared + b_d — run as routed experts over the D effective weights — plus an auxiliary network on the
+    domain embedding whose logit is added, and a tower per (domain, task). Partitioned normalization is
+    replaced by the per-domain LayerNorm of the routed experts (one LayerNorm per domain)."""
+
+    name = "star"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, hidden=(64,), tower=(32,), impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        dims = [self.embedding.out_dim, *hidden]
+        self.star_layers = nn.ModuleList(ExpertBank(n_domains, dims[i], dims[i + 1], impl=impl) for i in range(len(dims) - 1))
+        self.shared_weights = nn.ParameterList(nn.Parameter(torch.empty(dims[i], dims[i + 1]).uniform_(-1, 1) / math.sqrt(dims[i]))
+                                               for i in range(len(dims) - 1))
+        self.shared_biases = nn.ParameterList(nn.Parameter(torch.zeros(dims[i + 1])) for i in range(len(dims) - 1))
+        for bank in self.star_layers:  # W_d starts at 1 so W_shared ⊙ W_d starts shared (as in STAR)
+            nn.init.ones_(bank.weight)
+            nn.init.zeros_(bank.bias)
+        self.domain_emb = nn.Embedding(n_domains, emb_dim)
+        self.aux = RoutedMLP(1, [emb_dim + self.embedding.out_dim, 32, n_tasks], impl=impl)
+        self.tower = RoutedMLP(n_domains * n_tasks, [dims[-1], *tower, 1], impl=impl)
+
+    def forward(self, batch):
+        x = self.embedding(batch["sparse"], batch["dense"])
+        dom = batch["domain"]
+        h = x
+        for bank, ws, bs in zip(self.star_layers, self.shared_weights, self.shared_biases):
+            h = bank.routed(h, dom, weight=ws.unsqueeze(0) * bank.weight, bias=bs.unsqueeze(0) + bank.bias)
+        heads = self.heads(dom)
+        main = self.tower(h.repeat(self.n_tasks, 1), heads.reshape(-1)).view(self.n_tasks, -1).t()
+        aux_in = torch.cat([self.domain_emb(dom), x], 1)
+        return main + self.aux(aux_in, torch.zeros_like(dom))
+
+
+class PerGroup(nn.Module):
+    """The -MTL / -MDL forms: one independent base model per domain (mtl) or per task (mdl)."""
+
+    def __init__(self, make, setting: str, n_domains: int, n_tasks: int):
+        super().__init__()
+        if setting not in ("mtl", "mdl"):
+            raise ValueError(f"setting must be 'mtl' or 'mdl', got {setting!r}")
+        self.setting, self.n_domains, self.n_tasks = setting, n_domains, n_tasks
+        if setting == "mtl":
+            self.members = nn.ModuleList(make(1, n_tasks) for _ in range(n_domains))
+        else:
+            self.members = nn.ModuleList(make(n_domains, 1) for _ in range(n_tasks))
+
+    def set_impl(self, impl: str) -> None:
+        for m in self.members:
+            m.set_impl(impl)
+
+    def forward(self, batch):
+        dom = batch["domain"]
+        if self.setting == "mdl":
+            return torch.cat([m(batch) for m in self.members], 1)
+        out = None
+        for d, m in enumerate(self.members):
+            rows = (dom == d).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            sub = {k: v[rows] for k, v in batch.items() if isinstance(v, Tensor) and v.shape[:1] == dom.shape}
+            sub["domain"] = torch.zeros_like(rows)
+            logits = m(sub)
+            out = logits.new_zeros(dom.shape[0], self.n_tasks) if out is None else out
+            out = out.index_copy(0, rows, logits)
+        return out
+
+
+# ================================================================================================ M3oE
+class M3oE(_CTRModel):
+    """M3oE (Zhang et al., SIGIR'24).
+
+    * STAR-style domain representation `x (W_shared ⊙ W_d) + b_shared + b_d` (routed over domains), then a shared
+      MLP layer to a common space;
+    * shared experts mixed by a softmax gate per (domain, task);
+    * one expert per domain mixed with `α_d·D_d + (1-α_d)/(D-1)·Σ_{j≠d} D_j`, one per task with α_t likewise
+      (both mixes are the gated op with given per-sample weights);
+    * fusion `shared + β_d·domain_mix + β_t·task_mix`; α, β = sigmoid of trainable scalars (`fusion_parameters()`),
+      which the main optimizer must not hold — they are trained on held-out batches (first-order bi-level);
+    * a two-layer tower per (domain, task).
+    Ablations: `fixed_fusion` (all α, β = 0.5, no AutoML), `use_domain_module`, `use_task_module`.
+    """
+
+    name = "m3oe"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_shared=1, expert_dim=64, rep_dim=64,
+                 tower=(32,), fixed_fusion=False, use_domain_module=True, use_task_module=True, impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        d = self.embedding.out_dim
+        self.use_domain_module, self.use_task_module, self.fixed_fusion = use_domain_module, use_task_module, fixed_fusion
+        # domain representation: STAR layer (routed over domains) + shared mapping layer
+        self.star = ExpertBank(n_domains, d, rep_dim, layer_norm=False, activation="relu", impl=impl)
+        nn.init.ones_(self.star.weight)
+        nn.init.zeros_(self.star.bias)
+        self.star_shared_weight = nn.Parameter(torch.empty(d, rep_dim).uniform_(-1, 1) / math.sqrt(d))
+        self.star_shared_bias = nn.Parameter(torch.zeros(rep_dim))
+        self.mapping = ExpertBank(1, rep_dim, rep_dim, layer_norm=False, activation="relu", impl=impl)
+        n_heads = n_domains * n_tasks
+        self.shared = ExpertBank(n_shared, rep_dim, expert_dim, impl=impl)
+        self.shared_gate_weight = nn.Parameter(torch.randn(n_heads, rep_dim, n_shared) * 0.01)
+        self.shared_gate_bias = nn.Parameter(torch.zeros(n_heads, n_shared))
+        self.domain_experts = ExpertBank(n_domains, rep_dim, expert_dim, impl=impl) if use_domain_module else None
+        self.task_experts = ExpertBank(n_tasks, rep_dim, expert_dim, impl=impl) if use_task_module else None
+        # fusion scalars (pre-sigmoid): α per domain, α per task, β per domain, β per task
+        names = ("alpha_domain", "alpha_task", "beta_domain", "beta_task")
+        sizes = (n_domains, n_tasks, n_domains, n_tasks)
+        for nm, n in zip(names, sizes):
+            if fixed_fusion:
+                self.register_buffer(nm, torch.zeros(n))  # sigmoid(0) = 0.5, never trained
+            else:
+                setattr(self, nm, nn.Parameter(torch.zeros(n)))
+        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], impl=impl)
+
+    _FUSION = ("alpha_domain", "alpha_task", "beta_domain", "beta_task")
+
+    def fusion_parameters(self) -> List[nn.Parameter]:
+        """The α/β scalars (empty with fixed_fusion)."""
+        return [p for n, p in self.named_parameters() if n in self._FUSION]
+
+    def main_parameters(self) -> List[nn.Parameter]:
+        """Every parameter except the fusion scalars."""
+        return [p for n, p in self.named_parameters() if n not in self._FUSION]
+
+    @staticmethod
+    def _balance(alpha: Tensor, own: Tensor, n: int) -> Tensor:
+        """Mix weights [..., n]: α on `own`, (1-α)/(n-1) elsewhere (α alone when n == 1)."""
+        onehot = F.one_hot(own, n).to(alpha.dtype)
+        if n == 1:
+            return onehot
+        a = alpha.unsqueeze(-1)
+        return onehot * a + (1 - onehot) * (1 - a) / (n - 1)
+
+    def representation(self, batch) -> Tensor:
+        x = self.embedding(batch["sparse"], batch["dense"])
+        dom = batch["domain"]
+        w = self.star_shared_weight.unsqueeze(0) * self.star.weight
+        b = self.star_shared_bias.unsqueeze(0) + self.star.bias
+        r = self.star.routed(x, dom, weight=w, bias=b)
+        return self.mapping.routed(r, torch.zeros_like(dom))
+
+    def forward(self, batch):
+        dom = batch["domain"]
+        r = self.representation(batch)
+        B, T, D = r.shape[0], self.n_tasks, self.n_domains
+        heads = self.heads(dom)  # [T, B]
+        shared = self.shared.gated(r, self.shared_gate_weight, self.shared_gate_bias)  # [D*T, B, H]
+        fused = _select_heads(shared, heads) if D > 1 else shared  # [T, B, H]
+        if self.domain_experts is not None:
+            gates = self._balance(torch.sigmoid(self.alpha_domain)[dom], dom, D).unsqueeze(0)  # [1, B, D]
+            domain_mix = self.domain_experts.gated(r, gates=gates.contiguous())  # [1, B, H]
+            fused = fused + torch.sigmoid(self.beta_domain)[dom].view(1, B, 1) * domain_mix
+        if self.task_experts is not None:
+            tasks = torch.arange(T, device=r.device)
+            gates = self._balance(torch.sigmoid(self.alpha_task), tasks, T).unsqueeze(1).expand(T, B, T)  # [T, B, T]
+            task_mix = self.task_experts.gated(r, gates=gates.contiguous())  # [T, B, H]
+            fused = fused + torch.sigmoid(self.beta_task).view(T, 1, 1) * task_mix
+        return self.tower(fused.reshape(T * B, -1), heads.reshape(-1)).view(T, B).t()
+
+
+# ================================================================================================ M3REC
+class M3REC(_CTRModel):
+    """M3REC (Lan et al., RecSys'23), built from its abstract; every choice the abstract leaves open is ours:
+
+    * Meta-Item-Embedding Generator (MIEG): an MLP maps the item-side features (item sparse fields other than the
+      id, item dense columns) to an item embedding g_i. The item's embedding is `m_i·e_id(i) + g_i`, where m_i is
+      1 for items seen at least `min_item_count` times in training and 0 otherwise (cold items use g_i alone).
+      Meta-learning is approximated first-order by "cold-start simulation": during training the id part of each
+      sample is dropped with probability `cold_prob`, so g_i is trained on the loss it gets when it stands alone
+      (the cold phase of Meta-Embedding), in the same backward pass as everything else.
+    * User-Preference Transformer (UPT): a user has one embedding per scenario, u_s = e_user(u) + e_us(u, s) + p_s
+      (p_s a scenario position embedding). One transformer encoder layer attends over the S scenario tokens; the
+      output at the current scenario (which attends to the user's representations in the other scenarios)
+      replaces the user-id field embedding.
+    * Backbone: `n_shared` shared experts plus one expert per scenario (routed by scenario id).
+    * Task-specific aggregate gate: per task t a softmax over [shared experts, the sample's scenario expert],
+      computed from [input; scenario embedding]; then a tower per task fed [aggregate; scenario embedding].
+    """
+
+    name = "m3rec"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, user_field=0, item_field=1, item_sparse_fields=(),
+                 item_dense_cols=(), emb_dim=16, n_shared=2, expert_dim=64, tower=(32,), cold_prob=0.1,
+                 min_item_count=1, n_heads_attn=2, impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        self.user_field, self.item_field, self.cold_prob, self.min_item_count = user_field, item_field, cold_prob, min_item_count
+        self.item_side_fields = [f for f in item_sparse_fields if f != item_field]
+        self.item_dense_cols = list(item_dense_cols)
+        n_users, n_items = field_dims[user_field], field_dims[item_field]
+        # MIEG
+        gen_in = emb_dim * len(self.item_side_fields) + len(self.item_dense_cols)
+        self.generator = RoutedMLP(1, [max(gen_in, 1), 2 * emb_dim, emb_dim], impl=impl)
+        self.register_buffer("item_seen", torch.ones(n_items))
+        # UPT
+        self.user_scenario = nn.Embedding(n_users * n_domains, emb_dim)
+        nn.init.normal_(self.user_scenario.weight, std=0.05)
+        self.scenario_pos = nn.Embedding(n_domains, emb_dim)
+        heads = n_heads_attn if emb_dim % n_heads_attn == 0 else 1
+        self.upt = nn.TransformerEncoderLayer(emb_dim, heads, dim_feedforward=2 * emb_dim, dropout=0.0, batch_first=True)
+        # backbone + aggregate gates
+        d = self.embedding.out_dim
+        self.scenario_emb = nn.Embedding(n_domains, emb_dim)
+        self.shared = ExpertBank(n_shared, d, expert_dim, impl=impl)
+        self.scenario_experts = ExpertBank(n_domains, d, expert_dim, impl=impl)
+        self.gate = nn.Linear(d + emb_dim, n_tasks * (n_shared + 1))
+        self.n_shared = n_shared
+        self.tower = RoutedMLP(n_tasks, [expert_dim + emb_dim, *tower, 1], impl=impl)
+
+    def fit_item_counts(self, item_ids: Tensor) -> None:
+        """Marks the items seen at least `min_item_count` times in training (call with the training item ids)."""
+        counts = torch.bincount(item_ids.cpu(), minlength=self.item_seen.numel()).float()
+        self.item_seen.copy_((counts >= self.min_item_count).float().to(self.item_seen.device))
+
+    def forward(self, batch):
+        sparse, dense, dom = batch["sparse"], batch["dense"], batch["domain"]
+        B, S, T = sparse.shape[0], self.n_domains, self.n_tasks
+        fields = self.embedding.fields(sparse)  # [B, F, e]
+        # MIEG
+        item = sparse[:, self.item_field]
+        parts = [fields[:, self.item_side_fields].flatten(1)] if self.item_side_fields else []
+        if self.item_dense_cols:
+            parts.append(dense[:, self.item_dense_cols])
+        gen_in = torch.cat(parts, 1) if parts else fields.new_zeros(B, 1)
+        generated = self.generator(gen_in, torch.zeros_like(dom))
+        keep = self.item_seen[item]
+        if self.training and self.cold_prob > 0:
+            keep = keep * (torch.rand(B, device=keep.device) >= self.cold_prob).float()
+        item_vec = keep.unsqueeze(1) * fields[:, self.item_field] + generated
+        # UPT
+        user = sparse[:, self.user_field]
+        scen = torch.arange(S, device=sparse.device)
+        tokens = self.user_scenario(user.unsqueeze(1) * S + scen) + self.scenario_pos(scen) + fields[:, self.user_field].unsqueeze(1)
+        encoded = self.upt(tokens)  # [B, S, e]
+        user_vec = encoded[torch.arange(B, device=dom.device), dom]
+        fields = fields.clone()
+        fields[:, self.item_field] = item_vec
+        fields[:, self.user_field] = user_vec
+        x = torch.cat([fields.flatten(1), dense], 1)
+        # backbone + task aggregate gates
+        s_emb = self.scenario_emb(dom)
+        logits = self.gate(torch.cat([x, s_emb], 1)).view(B, T, self.n_shared + 1)
+        g = torch.softmax(logits, -1).permute(1, 0, 2)  # [T, B, E+1]
+        shared_mix = self.shared.gated(x, gates=g[..., :self.n_shared].contiguous())  # [T, B, H]
+        scen_out = self.scenario_experts.routed(x, dom)  # [B, H]
+        agg = shared_mix + g[..., self.n_shared:] * scen_out.unsqueeze(0)
+        tin = torch.cat([agg, s_emb.unsqueeze(0).expand(T, B, -1)], 2).reshape(T * B, -1)
+        route = torch.arange(T, device=dom.device).repeat_interleave(B)
+        return self.tower(tin, route).view(T, B).t()
+
+
+# ================================================================================================ factory
+_BASE = {"mlp": MLPPerHead, "sharedbottom": SharedBottom, "mmoe": MMoE, "ple": PLE, "star": STAR, "m3oe": M3oE,
+         "m3rec": M3REC}
+
+
+def build_model(name: str, data, *, setting: str = "mdmt", impl: str = "fused", **kwargs) -> nn.Module:
+    """Model `name` for a CTRData's shapes. `setting` ("mdmt", "mtl", "mdl") applies to the baselines
+    sharedbottom, mmoe, ple, star; mlp is per (domain, task) already, m3oe/m3rec are mdmt by design."""
+    key = name.lower()
+    if key not in _BASE:
+        raise ValueError(f"unknown model {name!r} (one of {', '.join(MODEL_NAMES)})")
+    if setting not in ("mdmt", "mtl", "mdl"):
+        raise ValueError(f"setting must be mdmt, mtl or mdl, got {setting!r}")
+    cls = _BASE[key]
+    extra = dict(kwargs)
+    if key == "m3rec":
+        extra.update(user_field=data.user_field if data.user_field is not None else 0,
+                     item_field=data.item_field if data.item_field is not None else 1,
+                     item_sparse_fields=data.item_sparse_fields, item_dense_cols=data.item_dense_cols)
+    make = lambda nd, nt: cls(data.field_dims, data.n_dense, nd, nt, impl=impl, **extra)  # noqa: E731
+    if setting == "mdmt" or key in ("mlp", "m3oe", "m3rec"):
+        model = make(data.n_domains, data.n_tasks)
+    else:
+        model = PerGroup(make, setting, data.n_domains, data.n_tasks)
+    model.model_name = key
+    model.setting = setting if key not in ("mlp", "m3oe", "m3rec") else "mdmt"
+    return model
