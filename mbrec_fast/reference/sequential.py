@@ -1,0 +1,69 @@
+"""Brute-force ranking metrics of the two sequential protocols, one Python loop per user (test reference).
+
+Sampled protocol: the target is ranked among its sampled negatives; rank = 1 + #(negatives scoring >= the target)
+(ties count against the target). Full protocol: every item not excluded is ranked by score, ties by lower item id
+(the evaluator's order); an excluded target cannot be hit.
+HR@K = [rank <= K]; NDCG@K = 1 / log2(rank + 1) if rank <= K else 0; MRR = 1 / rank (sampled: untruncated;
+full: MRR@K, 0 beyond K).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence
+
+import torch
+
+__all__ = ["sampled_metrics_reference", "full_ranking_metrics_reference"]
+
+
+def _accumulate(ranks: List[float], groups: List[int], ks: Sequence[int], names: Sequence[str],
+                mrr_cut: int = 0) -> Dict[str, Dict[str, float]]:
+    def one(rs: List[float]) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        for k in ks:
+            out[f"hr@{k}"] = sum(1.0 for r in rs if r <= k) / max(len(rs), 1)
+            out[f"ndcg@{k}"] = sum(1.0 / math.log2(r + 1) for r in rs if r <= k) / max(len(rs), 1)
+        if mrr_cut:
+            out[f"mrr@{mrr_cut}"] = sum(1.0 / r for r in rs if r <= mrr_cut) / max(len(rs), 1)
+        else:
+            out["mrr"] = sum(1.0 / r for r in rs) / max(len(rs), 1)
+        return out
+    res = {"all": one(ranks)}
+    for g, name in enumerate(names):
+        rs = [r for r, gg in zip(ranks, groups) if gg == g]
+        if rs:
+            res[name] = one(rs)
+    return res
+
+
+def sampled_metrics_reference(pos_scores: torch.Tensor, neg_scores: torch.Tensor, groups: torch.Tensor,
+                              ks: Sequence[int], group_names: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """pos_scores [U], neg_scores [U, M], groups [U] -> {"all": metrics, group name: metrics}."""
+    ranks = []
+    for u in range(pos_scores.numel()):
+        p = float(pos_scores[u])
+        ranks.append(1 + sum(1 for v in neg_scores[u].tolist() if v >= p))
+    return _accumulate(ranks, groups.tolist(), ks, group_names)
+
+
+def full_ranking_metrics_reference(scores: torch.Tensor, exclude: Sequence[Sequence[int]], targets: torch.Tensor,
+                                   groups: torch.Tensor, ks: Sequence[int],
+                                   group_names: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """scores [U, N] (already including any domain restriction), exclude[u] item ids, targets [U], groups [U]."""
+    ranks = []
+    kmax = max(ks)
+    for u in range(scores.shape[0]):
+        ex = set(int(i) for i in exclude[u])
+        t = int(targets[u])
+        if t in ex:
+            ranks.append(float("inf"))
+            continue
+        st = float(scores[u, t])
+        rank = 1
+        for i, v in enumerate(scores[u].tolist()):
+            if i in ex or i == t:
+                continue
+            if v > st or (v == st and i < t):
+                rank += 1
+        ranks.append(rank)
+    return _accumulate(ranks, groups.tolist(), ks, group_names, mrr_cut=kmax)

@@ -1,0 +1,484 @@
+"""Cross-domain sequential models (SyNCRec, SASRec): data, masking, experts, gap weights, metrics, CLI."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mbrec_fast.data.sequences import (SequenceData, leave_one_out, load_amazon_sequences, load_interaction_log,
+                                       make_synthetic_sequences, make_training_windows)
+from mbrec_fast.models.sasrec import PerDomainSASRec, SASRec, histories_to_inputs, sampled_softmax_loss
+from mbrec_fast.models.syncrec import SyNCRec, gap_weights
+from mbrec_fast.reference.sequential import full_ranking_metrics_reference, sampled_metrics_reference
+from mbrec_fast.training import sequential as S
+
+torch.set_num_threads(1)
+
+
+def _tiny_data(seed=0, rel=(1.0, 1.0, 0.0), users=120):
+    return make_synthetic_sequences(n_users=users, n_domains=3, items_per_domain=20, mean_len=10, n_clusters=4,
+                                    relatedness=rel, chain_prob=0.3, seed=seed)
+
+
+def _batch(data, max_len=12, num_neg=4, users=None):
+    split = leave_one_out(data)
+    w = make_training_windows(split.train, data.item_domain, data.n_domains, max_len, data.n_items)
+    b = {"users": torch.arange(w["cross_in"].shape[0]) if users is None else users, "epoch": 0, "index": 0}
+    return S.materialize(b, w, data.item_domain, data.n_items, num_neg, 0, "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_amazon_loader_matches_domain_counts(data_dir):
+    """The release sample: 500 users, 5 domains; per-domain interaction counts equal amazon5_domains.txt."""
+    data = load_amazon_sequences(str(data_dir / "samples" / "amazon5_seq.tsv"))
+    assert data.n_users == 500 and data.n_domains == 5
+    counts = {}
+    with open(data_dir / "samples" / "amazon5_domains.txt") as f:
+        next(f)
+        for line in f:
+            _, name, cnt = line.rstrip("\n").split("\t")
+            counts[name] = int(cnt)
+    desc = data.describe()
+    assert dict(zip(data.domain_names, desc["interactions_per_domain"])) == counts
+    # file order is time order; each sequence keeps its length column
+    first = open(data_dir / "samples" / "amazon5_seq.tsv").readlines()[1].rstrip("\n").split("\t")
+    assert data.seqs[0].numel() == int(first[5])
+    assert [data.item_names[i] for i in data.seqs[0][:3].tolist()] == first[2].split(",")[:3]
+    # per-domain item sets partition the items
+    sets = data.domain_item_sets()
+    assert sum(s.numel() for s in sets) == data.n_items
+    assert torch.equal(torch.sort(torch.cat(sets)).values, torch.arange(data.n_items))
+
+
+def test_interaction_log_loader_sorts_by_time_and_rejects_bad_rows(tmp_path):
+    """Generic (user, item, domain, timestamp) log: sorted by time per user; an item in two domains is an error."""
+    rows = [("u1", "b", "books", 5), ("u1", "a", "toys", 1), ("u2", "a", "toys", 3), ("u1", "c", "books", 9)]
+    data = load_interaction_log(rows)
+    names = data.item_names
+    assert [names[i] for i in data.seqs[0].tolist()] == ["a", "b", "c"]
+    assert data.domain_names == ["books", "toys"]
+    assert data.item_domain[names.index("a")] == 1
+    p = tmp_path / "log.tsv"
+    p.write_text("user\titem\tdomain\ttimestamp\nx\ti1\td1\t2\nx\ti2\td2\t1\n")
+    d2 = load_interaction_log(str(p))
+    assert [d2.item_names[i] for i in d2.seqs[0].tolist()] == ["i2", "i1"]
+    with pytest.raises(ValueError, match="two domains"):
+        load_interaction_log([("u", "a", "x", 1), ("v", "a", "y", 2)])
+    with pytest.raises(ValueError, match="user, item, domain, timestamp"):
+        load_interaction_log([("u", "a", "x")])
+
+
+def test_leave_one_out_and_windows():
+    """Last item test, second-to-last validation; windows are SOS-shifted and aligned with the domain subsequences."""
+    seqs = [torch.tensor([0, 3, 1, 4, 2]), torch.tensor([5, 0])]
+    item_domain = torch.tensor([0, 0, 0, 1, 1, 1])
+    data = SequenceData(seqs=seqs, item_domain=item_domain, domain_names=["a", "b"])
+    split = leave_one_out(data)
+    assert split.eval_users.tolist() == [0]                # user 1 has only 2 items: trains, not evaluated
+    assert split.train[0].tolist() == [0, 3, 1] and split.train[1].tolist() == [5, 0]
+    assert split.valid_target.tolist() == [4] and split.valid_history[0].tolist() == [0, 3, 1]
+    assert split.test_target.tolist() == [2] and split.test_history[0].tolist() == [0, 3, 1, 4]
+    w = make_training_windows(split.train, item_domain, 2, max_len=4, n_items=6)
+    PAD, SOS = 6, 7
+    assert w["cross_in"][0].tolist() == [SOS, 0, 3, PAD] and w["cross_tgt"][0].tolist() == [0, 3, 1, -1]
+    assert w["single_in"][0, 0].tolist() == [SOS, 0, PAD, PAD] and w["single_tgt"][0, 0].tolist() == [0, 1, -1, -1]
+    assert w["single_tgt"][0, 1].tolist() == [3, -1, -1, -1]
+    # align: position of each cross target among its domain's targets
+    assert w["align"][0].tolist() == [0, 0, 1, -1]
+    for t in range(3):
+        d = int(item_domain[w["cross_tgt"][0, t]])
+        assert w["single_tgt"][0, d, w["align"][0, t]] == w["cross_tgt"][0, t]
+    # truncation keeps the most recent max_len items
+    w2 = make_training_windows([torch.arange(6)], item_domain, 2, max_len=3, n_items=6)
+    assert w2["cross_tgt"][0].tolist() == [3, 4, 5]
+
+
+def test_synthetic_generator_is_seeded_and_relatedness_controls_transfer():
+    """Same seed -> same data; relatedness 1 ties a domain's cluster to the others, 0 decouples it."""
+    a, b = _tiny_data(3), _tiny_data(3)
+    assert all(torch.equal(x, y) for x, y in zip(a.seqs, b.seqs))
+    c = _tiny_data(4)
+    assert not all(torch.equal(x, y) for x, y in zip(a.seqs, c.seqs) if x.numel() == y.numel())
+    data = make_synthetic_sequences(n_users=400, n_domains=3, items_per_domain=40, n_clusters=4,
+                                    relatedness=[1, 1, 0], chain_prob=0.0, seed=0)
+    # cluster of an item = its position in the per-(domain, cluster) split; estimate agreement via co-occurrence:
+    # users' majority item block in domain 0 predicts domain 1's block (related) but not domain 2's (unrelated)
+    def blocks(seq, d):
+        items = seq[data.item_domain[seq] == d]
+        return items
+    agree = {1: 0, 2: 0}
+    pairs = {1: 0, 2: 0}
+    # two users share a domain-0 item -> same cluster in domain 0 (items belong to one cluster)
+    first0 = {}
+    for u, s in enumerate(data.seqs):
+        it = blocks(s, 0)
+        if it.numel():
+            first0.setdefault(int(it[0]), []).append(u)
+    for users in first0.values():
+        for i in range(len(users) - 1):
+            u, v = users[i], users[i + 1]
+            for d in (1, 2):
+                su, sv = set(blocks(data.seqs[u], d).tolist()), set(blocks(data.seqs[v], d).tolist())
+                if su and sv:
+                    pairs[d] += 1
+                    agree[d] += bool(su & sv)
+    assert agree[1] / pairs[1] > agree[2] / pairs[2] + 0.2
+    with pytest.raises(ValueError, match="relatedness"):
+        make_synthetic_sequences(n_domains=2, relatedness=[1, 2])
+
+
+# ------------------------------------------------------------------------------------------------ model structure
+@pytest.mark.parametrize("which", ["sasrec", "syncrec-single", "syncrec-cross"])  # every encoder path
+def test_causal_masking_no_position_sees_the_future(which):
+    """Changing tokens after position t leaves the states up to t unchanged, and their gradient w.r.t. the
+    future embeddings is exactly zero."""
+    torch.manual_seed(0)
+    n_items, D, L = 30, 3, 8
+    item_domain = torch.arange(n_items) % D
+    if which == "sasrec":
+        model = SASRec(n_items, D, item_domain, dim=16, n_layers=2, max_len=L, dropout=0.0).eval()
+        run = lambda tok: model(tok)  # noqa: E731
+        emb = model.item_emb
+    else:
+        model = SyNCRec(n_items, D, item_domain, dim=16, n_single=2, n_cross=2, n_layers=2, max_len=L, dropout=0.0).eval()
+        mode = which.split("-")[1]
+        task = torch.tensor([0 if mode == "single" else D])
+        run = lambda tok: model.encode(tok, task, mode)  # noqa: E731
+        emb = model.item_emb
+    tok = torch.randint(0, n_items, (1, L))
+    tok[0, 0] = n_items + 1
+    h = run(tok)
+    for t in range(L - 1):
+        tok2 = tok.clone()
+        tok2[0, t + 1:] = torch.randint(0, n_items, (L - t - 1,))
+        h2 = run(tok2)
+        assert torch.allclose(h[0, :t + 1], h2[0, :t + 1], atol=1e-6)
+    # gradient: d h[t] / d x[t'] = 0 for t' > t (through the input embeddings)
+    x = emb(tok).detach().requires_grad_(True)
+    model.item_emb = torch.nn.Identity()
+    try:
+        feats = x
+        if which == "sasrec":
+            hh = model.encoder(feats * model.dim ** 0.5 + model.pos_emb(torch.arange(L)) + model.dom_emb(model.token_domain[tok]))
+        else:
+            x_in = feats * model.dim ** 0.5 + model.dom_emb(model.token_domain[tok]) + model.pos_emb(torch.arange(L))
+            hh = torch.stack([e(x_in) for e in model.single_experts], -2).sum(-2) + \
+                torch.stack([e(x_in) for e in model.cross_experts], -2).sum(-2)
+        t = 3
+        (hh[0, t] * torch.randn(hh.shape[-1])).sum().backward()  # LayerNorm outputs sum to a constant
+        assert x.grad[0, t + 1:].abs().max() == 0
+        assert x.grad[0, :t + 1].abs().max() > 0
+    finally:
+        model.item_emb = emb
+
+
+def test_experts_have_distinct_parameters_and_asymmetric_gradients():
+    """No parameter tensor is shared between experts; the SDSR pass trains no cross expert and the CDSR pass no
+    single expert (the detached group), while both passes train their own group and the embeddings."""
+    data = _tiny_data()
+    model = SyNCRec(data.n_items, 3, data.item_domain, dim=16, n_single=2, n_cross=3, max_len=12, dropout=0.0)
+    experts = list(model.single_experts) + list(model.cross_experts)
+    assert len(experts) == 5
+    ptrs = [{p.data_ptr() for p in e.parameters()} for e in experts]
+    for i in range(len(ptrs)):
+        for j in range(i + 1, len(ptrs)):
+            assert not (ptrs[i] & ptrs[j])
+    assert len({id(e) for e in experts}) == 5
+    # distinct values too (independent initialisation)
+    w0 = [e.layers[0].self_attn.in_proj_weight for e in experts]
+    assert all(not torch.equal(w0[0], w) for w in w0[1:])
+    tok = torch.randint(0, data.n_items, (4, 12))
+    for mode, own, other in (("single", model.single_experts, model.cross_experts),
+                             ("cross", model.cross_experts, model.single_experts)):
+        model.zero_grad(set_to_none=True)
+        task = torch.full((4,), 0 if mode == "single" else 3)
+        model.encode(tok, task, mode).pow(2).sum().backward()
+        assert all(p.grad is None for p in other.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for e in own for p in [e.layers[0].self_attn.in_proj_weight])
+        assert model.item_emb.weight.grad is not None
+        # output heads (fused op): only the own group's heads get gradient
+        own = slice(0, 2) if mode == "single" else slice(2, 5)
+        oth = slice(2, 5) if mode == "single" else slice(0, 2)
+        assert model.head_weight.grad[oth].abs().sum() == 0 and model.head_weight.grad[own].abs().sum() > 0
+        # gates of both partitions of this task learn (the gate sees the detached outputs as constants)
+        t = int(task[0])
+        assert model.gate_single.grad[t].abs().sum() > 0 and model.gate_cross.grad[t].abs().sum() > 0
+        others = [k for k in range(4) if k != t]
+        assert model.gate_single.grad[others].abs().sum() == 0
+
+
+@pytest.mark.parametrize("mode", ["single", "cross"])  # both passes (different detached groups)
+def test_fused_expert_mix_matches_loop(mode):
+    """The heads + partitioned mixture through mbrec_fast.gated_experts equal the plain-torch loop, values and
+    gradients of every parameter."""
+    data = _tiny_data()
+    torch.manual_seed(0)
+    m = SyNCRec(data.n_items, 3, data.item_domain, dim=8, n_single=2, n_cross=3, max_len=7, dropout=0.0, r=0.7)
+    tok = torch.randint(0, data.n_items, (3, 7))
+    task = torch.tensor([0, 1, 2]) if mode == "single" else torch.full((3,), 3)
+    res = {}
+    for impl in ("fused", "loop"):
+        m.expert_impl = impl
+        m.zero_grad(set_to_none=True)
+        h = m.encode(tok, task, mode)
+        (h * torch.linspace(-1, 1, h.numel()).view_as(h)).sum().backward()
+        res[impl] = (h.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert torch.allclose(res["fused"][0], res["loop"][0], atol=1e-5)
+    assert res["fused"][1].keys() == res["loop"][1].keys()
+    for n in res["loop"][1]:
+        assert torch.allclose(res["fused"][1][n], res["loop"][1][n], atol=1e-5), n
+
+
+def test_partitioned_gate_ratio():
+    """r = 1 makes a pass depend on its own group only; r = 0 on the other group only."""
+    data = _tiny_data()
+    tok = torch.randint(0, data.n_items, (2, 6))
+    for r in (1.0, 0.0):
+        torch.manual_seed(0)
+        m = SyNCRec(data.n_items, 3, data.item_domain, dim=8, max_len=6, dropout=0.0, r=r).eval()
+        h = m.encode(tok, torch.tensor([3, 3]), "cross")
+        with torch.no_grad():
+            for p in (m.single_experts if r == 1.0 else m.cross_experts).parameters():
+                p.add_(torch.randn_like(p))
+            heads = slice(0, m.n_single) if r == 1.0 else slice(m.n_single, None)
+            m.head_weight[heads] += 1.0
+        assert torch.allclose(h, m.encode(tok, torch.tensor([3, 3]), "cross"), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_gap_weights_function():
+    """Softmax with temperature, mean 1 over present domains, smoothing toward uniform, absent domains 0."""
+    g = torch.tensor([0.0, 1.0, -1.0])
+    w = gap_weights(g, 1.0)
+    assert torch.allclose(w, 3 * torch.softmax(g, 0)) and abs(float(w.mean()) - 1) < 1e-6
+    assert torch.allclose(gap_weights(g, 1e6), torch.ones(3), atol=1e-4)          # hot: uniform
+    assert torch.allclose(gap_weights(g, 1.0, eps=1.0), torch.ones(3))            # full smoothing: uniform
+    assert int(torch.argmax(gap_weights(g, 0.1))) == 1                            # larger gap, larger weight
+    w = gap_weights(g, 1.0, present=torch.tensor([True, False, True]))
+    assert w[1] == 0 and torch.allclose(w.sum(), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="temperature"):
+        gap_weights(g, 0.0)
+
+
+@pytest.mark.parametrize("gap_grad", ["detach", "cross"])  # the two documented gradient behaviours
+def test_gap_weight_gradient_behaviour(gap_grad):
+    """detach: the loss gradient equals that of sum(L_single) + sum(w L_cross) + mi with w constant;
+    cross: it differs from that only through the cross losses (single-domain-only parameters see no difference)."""
+    data = _tiny_data()
+    batch = _batch(data)
+    torch.manual_seed(0)
+    m = SyNCRec(data.n_items, 3, data.item_domain, dim=8, max_len=12, dropout=0.0, mi_weight=0.0, gap_grad=gap_grad,
+                momentum=0.5)
+    m.losses(batch)  # warm the EMA
+    m.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    out = m.losses(batch)
+    out["loss"].backward()
+    g_full = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    # the same loss with the weights as constants
+    m.zero_grad(set_to_none=True)
+    m.gap_ema.copy_(m.gap_ema)  # unchanged buffers; recompute the parts without touching the EMA
+    torch.manual_seed(1)
+    parts = m.losses(batch, update_ema=False)
+    present = parts["present"]
+    # rebuild the loss from differentiable per-domain losses with constant weights
+    s_loss, c_loss = _per_domain_losses(m, batch)
+    w = out["weights"]
+    const = s_loss[present].sum() / present.sum() + (w * c_loss)[present].sum() / present.sum()
+    const.backward()
+    g_const = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    single_only = [n for n in g_full if n.startswith("single_experts")]
+    assert single_only
+    for n in single_only:  # single experts get gradient only from the single losses, unweighted in both modes
+        assert torch.allclose(g_full[n], g_const[n], atol=1e-6)
+    cross_only = [n for n in g_full if n.startswith("cross_experts")]
+    diff = max(float((g_full[n] - g_const[n]).abs().max()) for n in cross_only)
+    if gap_grad == "detach":
+        assert diff < 1e-6
+    else:
+        assert diff > 1e-7
+
+
+def _per_domain_losses(m, batch):
+    """Per-domain single and cross losses with gradient (mirrors SyNCRec.losses, for the gradient test)."""
+    from mbrec_fast.models.syncrec import _domain_means
+    D = m.n_domains
+    B, L = batch["cross_in"].shape
+    s_in = batch["single_in"].reshape(B * D, L)
+    s_tgt = batch["single_tgt"].reshape(B * D, L)
+    s_neg = batch["single_neg"].reshape(B * D, L, -1)
+    task = torch.arange(D).repeat(B)
+    rows = torch.nonzero(s_tgt[:, 0] >= 0).flatten()
+    l_s, v_s = sampled_softmax_loss(m.encode(s_in[rows], task[rows], "single"), m.item_emb.weight, s_tgt[rows], s_neg[rows])
+    l_c, v_c = sampled_softmax_loss(m(batch["cross_in"]), m.item_emb.weight, batch["cross_tgt"], batch["cross_neg"])
+    dom_c = m.token_domain[batch["cross_tgt"].clamp_min(0)].masked_fill(~v_c, D)
+    return (_domain_means(l_s, v_s, task[rows][:, None].expand_as(v_s), D), _domain_means(l_c, v_c, dom_c, D))
+
+
+def test_negatives_are_domain_restricted_for_the_single_task():
+    """Single-domain negatives lie in the position's domain and outside the row; cross negatives outside the row."""
+    data = _tiny_data()
+    b = _batch(data, num_neg=6)
+    tgt, neg = b["single_tgt"], b["single_neg"]
+    valid = tgt >= 0
+    dom_t = data.item_domain[tgt.clamp_min(0)]
+    assert bool((data.item_domain[neg.clamp_min(0)] == dom_t[..., None])[valid].all())
+    assert bool((neg[valid] >= 0).all())
+    for u in range(4):
+        row = set(b["cross_tgt"][u][b["cross_tgt"][u] >= 0].tolist())
+        n = b["cross_neg"][u][b["cross_tgt"][u] >= 0]
+        assert not (set(n.flatten().tolist()) & row)
+
+
+def test_mi_loss_is_finite_and_trains_the_discriminator():
+    data = _tiny_data()
+    b = _batch(data)
+    m = SyNCRec(data.n_items, 3, data.item_domain, dim=8, max_len=12, dropout=0.0, mi_weight=1.0)
+    out = m.losses(b)
+    assert torch.isfinite(out["mi"]) and out["mi"] > 0
+    out["loss"].backward()
+    assert m.mi_bilinear.grad.abs().sum() > 0
+
+
+def _train_gaps(rel, epochs=8):
+    torch.manual_seed(0)
+    data = make_synthetic_sequences(n_users=600, n_domains=3, items_per_domain=40, mean_len=15, n_clusters=4,
+                                    relatedness=rel, chain_prob=0.3, seed=0)
+    split = leave_one_out(data)
+    w = make_training_windows(split.train, data.item_domain, 3, 20, data.n_items)
+    m = SyNCRec(data.n_items, 3, data.item_domain, dim=16, n_single=1, n_cross=1, max_len=20, dropout=0.0, momentum=0.8)
+    opt = torch.optim.Adam(m.parameters(), lr=5e-3)
+    for ep in range(epochs):
+        for batch in S.make_batches(w["cross_in"].shape[0], 64, 0, ep):
+            out = m.losses(S.materialize(batch, w, data.item_domain, data.n_items, 8, 0, "cpu"))
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+    return m.gap_ema.clone(), gap_weights(m.gap_ema, m.temperature, m.smoothing)
+
+
+@pytest.mark.parametrize("planted", [2, 0])  # the planted domain at either end (not an index artifact)
+def test_loss_weights_respond_to_planted_negative_transfer(planted):
+    """With one domain unrelated to the others, its negative-transfer gap and its cross-loss weight become the
+    largest; the related domains, where the cross-domain task has extra evidence, get less."""
+    rel = [1.0, 1.0, 1.0]
+    rel[planted] = 0.0
+    gaps, weights = _train_gaps(rel)
+    others = [d for d in range(3) if d != planted]
+    assert int(torch.argmax(weights)) == planted, (gaps, weights)
+    assert float(gaps[planted]) > max(float(gaps[d]) for d in others) + 0.1
+    assert float(weights[planted]) > 1.0 > max(float(weights[d]) for d in others)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+@pytest.mark.parametrize("ties", [False, True])  # continuous scores; heavy ties (rounded scores)
+def test_sampled_metrics_match_bruteforce(ties):
+    g = torch.Generator().manual_seed(0)
+    U, M = 60, 100
+    pos = torch.randn(U, generator=g)
+    neg = torch.randn(U, M, generator=g) - 1.0
+    if ties:
+        pos, neg = pos.round(), neg.round()
+    groups = torch.randint(0, 3, (U,), generator=g)
+    got = S.sampled_metrics(pos, neg, torch.ones_like(neg, dtype=torch.bool), groups, ["a", "b", "c"])
+    ref = sampled_metrics_reference(pos, neg, groups, S.KS, ["a", "b", "c"])
+    assert got.keys() == ref.keys()
+    for k in ref:
+        for m in ref[k]:
+            assert math.isclose(got[k][m], ref[k][m], abs_tol=1e-9), (k, m)
+
+
+@pytest.mark.parametrize("model_kind,candidates", [
+    ("syncrec", "domain"),      # one item table, domain-restricted ranking (score_fn offsets)
+    ("syncrec", "all"),         # unrestricted ranking
+    ("sasrec-single", "domain"),  # one item table per domain: score_fn picks the table per user
+])
+def test_evaluate_model_matches_bruteforce(model_kind, candidates):
+    """Both protocols of evaluate_model agree with a brute-force ranking of the same scores."""
+    data = _tiny_data(users=80)
+    split = leave_one_out(data)
+    torch.manual_seed(0)
+    if model_kind == "syncrec":
+        model = SyNCRec(data.n_items, 3, data.item_domain, dim=8, max_len=12, dropout=0.0).eval()
+    else:
+        model = PerDomainSASRec(data.n_items, 3, data.item_domain, dim=8, n_layers=1, max_len=12, dropout=0.0).eval()
+    ctx = S.make_eval_context(split, "test", n_neg=30, seed=3, candidates=candidates)
+    # sampled negatives: outside the user's whole sequence, in the target's domain when restricted, distinct
+    for u in range(len(ctx.histories)):
+        n = ctx.negatives[u][ctx.negatives[u] >= 0]
+        assert n.unique().numel() == n.numel()
+        assert not (set(n.tolist()) & set(ctx.histories[u].tolist() + [int(ctx.targets[u])]))
+        if candidates == "domain":
+            assert bool((data.item_domain[n] == ctx.target_domains[u]).all())
+    got = S.evaluate_model(model, ctx)
+    states, tables = S._states_and_tables(model, ctx)
+    with torch.no_grad():
+        scores = torch.stack([states[u] @ tables[int(ctx.target_domains[u]) if len(tables) > 1 else 0].T
+                              for u in range(states.shape[0])])
+    pos = scores.gather(1, ctx.targets[:, None])[:, 0]
+    neg = scores.gather(1, ctx.negatives.clamp_min(0))
+    neg = neg.masked_fill(ctx.negatives < 0, -math.inf)
+    ref_s = sampled_metrics_reference(pos, neg, ctx.target_domains, S.KS, data.domain_names)
+    full_scores = scores.clone()
+    if candidates == "domain":
+        full_scores = full_scores - 1e9 * (data.item_domain[None, :] != ctx.target_domains[:, None]).float()
+    ref_f = full_ranking_metrics_reference(full_scores, [h.tolist() for h in ctx.histories], ctx.targets,
+                                           ctx.target_domains, S.KS, data.domain_names)
+    for g, ms in ref_s.items():
+        for k, v in ms.items():
+            key = f"sampled_{k}" if g == "all" else f"sampled_{k}_{g}"
+            assert math.isclose(got[key], v, abs_tol=1e-6), key
+    for g, ms in ref_f.items():
+        for k, v in ms.items():
+            key = f"full_{k}" if g == "all" else f"full_{k}_{g}"
+            assert math.isclose(got[key], v, abs_tol=1e-6), key
+
+
+def test_eval_negatives_are_seeded_per_user():
+    data = _tiny_data(users=50)
+    split = leave_one_out(data)
+    a = S.make_eval_context(split, "test", 10, seed=1).negatives
+    b = S.make_eval_context(split, "test", 10, seed=1).negatives
+    c = S.make_eval_context(split, "test", 10, seed=2).negatives
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("model", [["--model", "syncrec"], ["--model", "sasrec", "--setting", "single"],
+                                   ["--model", "sasrec", "--setting", "cross"]])  # every CLI model
+def test_cli_smoke_on_amazon_sample(data_dir, tmp_path, model):
+    """`mbrec-fast train` on the Amazon sample writes metrics/history/curves/checkpoints; `evaluate` reloads."""
+    from mbrec_fast.cli import main
+    run = tmp_path / "run"
+    argv = ["train", *model, "--data", "amazon", "--data-path", str(data_dir / "samples" / "amazon5_seq.tsv"),
+            "--epochs", "1", "--dim", "8", "--max-len", "10", "--batch-size", "256", "--num-neg", "2",
+            "--eval-neg", "20", "--threads", "1", "--run-dir", str(run)]
+    assert main(argv) == 0
+    for f in ("metrics.json", "history.json", "curves.png", "checkpoint.pt", "best.pt"):
+        assert (run / f).is_file(), f
+    m = json.load(open(run / "metrics.json"))
+    for key in ("sampled_hr@10", "sampled_ndcg@10", "sampled_mrr", "full_hr@10", "full_ndcg@10", "full_mrr@10",
+                "sampled_hr@1_Books", "full_ndcg@5_Video_Games"):
+        assert key in m["test"] and 0.0 <= m["test"][key] <= 1.0, key
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--output", str(out)]) == 0
+    ev = json.load(open(out))
+    assert math.isclose(ev["sampled_ndcg@10"], m["test"]["sampled_ndcg@10"], abs_tol=1e-9)
+
+
+def test_interrupted_training_resumes_exactly(tmp_path):
+    """--max-steps stops mid-epoch with a checkpoint; --resume finishes with the metrics of an uninterrupted run
+    (negatives keyed by (seed, epoch, batch), the EMA gap buffers in the state dict, RNG restored)."""
+    common = ["--model", "syncrec", "--data", "synthetic", "--syn-users", "80", "--syn-items", "20", "--syn-len", "8",
+              "--syn-clusters", "4", "--epochs", "2", "--batch-size", "32", "--dim", "8", "--max-len", "8",
+              "--num-neg", "3", "--eval-neg", "10", "--threads", "1", "--dropout", "0.1"]
+    full = S.run_training(S.build_parser().parse_args(common + ["--run-dir", str(tmp_path / "a")]), progress=False)
+    part = S.run_training(S.build_parser().parse_args(common + ["--run-dir", str(tmp_path / "b"), "--max-steps", "4"]),
+                          progress=False)
+    assert part["interrupted"]
+    done = S.run_training(S.build_parser().parse_args(common + ["--run-dir", str(tmp_path / "b"), "--resume",
+                                                                str(tmp_path / "b" / "checkpoint.pt")]), progress=False)
+    assert done["test"] == full["test"]
+    assert done["gap_ema"] == full["gap_ema"]
