@@ -28,92 +28,18 @@ __all__ = ["ExpertBank", "RoutedMLP", "FeatureEmbedding", "MLPPerHead", "SharedB
 MODEL_NAMES = ("m3oe", "m3rec", "mlp", "sharedbottom", "mmoe", "ple", "star")
 
 
-# ================================================================================================ op shims
-class _GatedFn(torch.autograd.Function):
-    """The fused gated op with its own backward kernel called directly (see `_op_backward_ok`)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps, activation):
-        out, pre, probs = torch.ops.mbrec_fast.gated_experts_fwd(x, weight, bias, gates, gate_weight, gate_bias,
-                                                                 gate_mask, ln_weight, ln_bias, ln_eps, activation)
-        ctx.save_for_backward(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, pre, probs)
-        ctx.ln_eps, ctx.activation = ln_eps, activation
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, pre, probs) = ctx.saved_tensors
-        grads = _ops.gated_experts_bwd._init_fn(grad_out.contiguous(), x, weight, bias, gates, gate_weight, gate_bias,
-                                                gate_mask, ln_weight, ln_bias, ctx.ln_eps, ctx.activation, pre, probs)
-        dx, dw, db, dg, dgw, dgb, dlnw, dlnb = grads
-        present = (bias, gates, gate_weight, gate_bias, ln_weight, ln_bias)
-        db, dg, dgw, dgb, dlnw, dlnb = (None if t is None else d for t, d in zip(present, (db, dg, dgw, dgb, dlnw, dlnb)))
-        return dx, dw, db, dg, dgw, dgb, None, dlnw, dlnb, None, None
-
-
-class _RoutedFn(torch.autograd.Function):
-    """The fused routed op with its own backward kernel called directly (see `_op_backward_ok`)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation):
-        out, pre, order, offsets = torch.ops.mbrec_fast.routed_experts_fwd(x, weight, bias, route, route_weight,
-                                                                           ln_weight, ln_bias, ln_eps, activation)
-        ctx.save_for_backward(x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets)
-        ctx.ln_eps, ctx.activation = ln_eps, activation
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets) = ctx.saved_tensors
-        grads = _ops.routed_experts_bwd._init_fn(grad_out.contiguous(), x, weight, bias, route, route_weight, ln_weight,
-                                                 ln_bias, ctx.ln_eps, ctx.activation, pre, order, offsets)
-        dx, dw, db, drw, dlnw, dlnb = grads
-        present = (bias, route_weight, ln_weight, ln_bias)
-        db, drw, dlnw, dlnb = (None if t is None else d for t, d in zip(present, (db, drw, dlnw, dlnb)))
-        return dx, dw, db, None, drw, dlnw, dlnb, None, None
-
-
-_BACKWARD_OK: Optional[bool] = None
-
-
-def _op_backward_ok() -> bool:
-    """Whether the registered autograd of the expert ops works when several optional inputs are absent.
-
-    (At the time of writing, their backward ops return one shared empty tensor for every absent gradient, which the
-    custom-op aliasing check rejects; then we call the same backward kernels through `_GatedFn`/`_RoutedFn`.)
-    """
-    global _BACKWARD_OK
-    if _BACKWARD_OK is None:
-        try:
-            x = torch.randn(3, 2, requires_grad=True)
-            w = torch.randn(2, 2, 2, requires_grad=True)
-            out = torch.ops.mbrec_fast.routed_experts_fwd(x, w, None, torch.zeros(3, 1, dtype=torch.long), None, None,
-                                                          None, 1e-5, "none")[0]
-            out.sum().backward()
-            g = torch.ones(1, 3, 2)
-            out = torch.ops.mbrec_fast.gated_experts_fwd(x, w, None, g, None, None, None, None, None, 1e-5, "none")[0]
-            out.sum().backward()
-            _BACKWARD_OK = True
-        except RuntimeError:
-            _BACKWARD_OK = False
-    return _BACKWARD_OK
-
-
+# ================================================================================================ op calls
 def fused_gated(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps, activation) -> Tensor:
-    """`mbrec_fast.gated_experts` ([G, B, H]); the same op through `_GatedFn` while its registered backward fails."""
-    if _op_backward_ok():
-        return gated_experts(x, weight, bias, gates=gates, gate_weight=gate_weight, gate_bias=gate_bias,
-                             gate_mask=gate_mask, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps,
-                             activation=activation)
-    return _GatedFn.apply(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps, activation)
+    """`mbrec_fast.gated_experts` ([G, B, H]) with positional arguments, as the expert banks call it."""
+    return gated_experts(x, weight, bias, gates=gates, gate_weight=gate_weight, gate_bias=gate_bias,
+                         gate_mask=gate_mask, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps,
+                         activation=activation)
 
 
 def fused_routed(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation) -> Tensor:
-    """`mbrec_fast.routed_experts` ([B, H]); the same op through `_RoutedFn` while its registered backward fails."""
-    if _op_backward_ok():
-        return routed_experts(x, weight, bias, route, route_weight, ln_weight=ln_weight, ln_bias=ln_bias,
-                              ln_eps=ln_eps, activation=activation)
-    return _RoutedFn.apply(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation)
+    """`mbrec_fast.routed_experts` ([B, H]) with positional arguments, as the expert banks call it."""
+    return routed_experts(x, weight, bias, route, route_weight, ln_weight=ln_weight, ln_bias=ln_bias,
+                          ln_eps=ln_eps, activation=activation)
 
 
 # ================================================================================================ expert banks
