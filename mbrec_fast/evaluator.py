@@ -1,2 +1,380 @@
-"""evaluator op family (public API)."""
-__all__ = []
+"""Full-ranking top-K evaluation and retrieval without the users x items score matrix.
+
+`evaluate_full_ranking` ranks every item for every evaluated user, drops the user's excluded
+(training) items, and computes RecBole's top-K metrics (HR, NDCG, Recall, Precision, MRR) overall
+and per target group, in one pass. Scores come from a blocked GEMM (dot-product models) or from a
+user-supplied `score_fn` (any model); each block of scores feeds per-user top-K heaps and is
+dropped right away, so memory is O(users * K + threads * block) instead of O(users * items).
+
+Semantics (RecBole's definitions, see docs/evaluator.md):
+* HR@K = 1 if at least one target is in the top K, else 0.
+* NDCG@K = DCG / IDCG, gain 1/log2(rank + 1) with 1-based rank; IDCG over min(|targets|, K) positions.
+* Recall@K = hits / |targets|;  Precision@K = hits / K;  MRR@K = 1 / rank of the first hit (0 if none).
+* Duplicate target ids count once. Excluded items are never ranked; a target that is also excluded
+  cannot be hit but still counts in |targets| (as in RecBole, whose history mask does the same).
+* Ties: higher score first, equal scores by lower item id (deterministic on any thread count/device).
+* Means are over users with >= 1 target; users without targets are skipped and counted in n_skipped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ._checks import check_csr, check_finite, check_tensor
+
+__all__ = ["EvalResult", "evaluate_full_ranking", "topk", "METRICS"]
+
+METRICS = ("hr", "ndcg", "recall", "precision", "mrr")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Csr = Tuple[torch.Tensor, torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+# Default block sizes, tuned for a 2-core Zen3 (512 KB L2 per core): a 256 x 256 fp32 score tile
+# (256 KB) stays in L2 next to the 64 KB item tile; see docs/evaluator.md for the sweep.
+DEFAULT_BLOCK_USERS = 256
+DEFAULT_BLOCK_ITEMS = 256
+# On a GPU one cuBLAS GEMM per block wants large tiles (2048 x 32768 fp32 = 256 MB of scores).
+DEFAULT_BLOCK_USERS_CUDA = 2048
+DEFAULT_BLOCK_ITEMS_CUDA = 32768
+# Users handed to one op call: bounds the [chunk, K] heaps and per-user metric rows.
+_USER_CHUNK = 8192
+
+
+@dataclass
+class EvalResult:
+    """Result of `evaluate_full_ranking`.
+
+    metrics: "{metric}@{k}" -> mean over evaluated users (e.g. "ndcg@10").
+    n_users: users evaluated (had >= 1 target); n_skipped: users without targets (skipped).
+    groups: group name -> metrics computed on that group's targets only;
+    group_users: group name -> users with >= 1 target in that group.
+    per_user: when requested, "{metric}@{k}" -> [n_users] float64 values, plus "user" -> their ids.
+    """
+    metrics: Dict[str, float]
+    n_users: int
+    n_skipped: int
+    groups: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    group_users: Dict[str, int] = field(default_factory=dict)
+    per_user: Optional[Dict[str, torch.Tensor]] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused ops (csrc/evaluator/): fake implementations for tracing, and thin call wrappers.
+
+@torch.library.register_fake("mbrec_fast::topk_dot")
+def _topk_dot_fake(user_emb, item_emb, users, excl_indptr, excl_indices, k, block_users, block_items):
+    b = users.shape[0]
+    return user_emb.new_empty((b, k), dtype=torch.float32), user_emb.new_empty((b, k), dtype=torch.int64)
+
+
+@torch.library.register_fake("mbrec_fast::topk_merge")
+def _topk_merge_fake(block_scores, users, item_start, excl_indptr, excl_indices, top_scores, top_ids):
+    return torch.empty_like(top_scores), torch.empty_like(top_ids)
+
+
+@torch.library.register_fake("mbrec_fast::rank_metrics")
+def _rank_metrics_fake(top_ids, users, tgt_indptr, tgt_indices, tgt_groups, n_groups, ks):
+    b = top_ids.shape[0]
+    return (top_ids.new_empty((n_groups + 1, b, len(ks), len(METRICS)), dtype=torch.float64),
+            top_ids.new_empty((n_groups + 1, b), dtype=torch.int64))
+
+
+def _empty_csr(n_rows: int, device) -> Csr:
+    return (torch.zeros(n_rows + 1, dtype=torch.int64, device=device),
+            torch.zeros(0, dtype=torch.int64, device=device))
+
+
+def _topk_dot(user_emb, item_emb, users, exclude: Csr, k: int, block_users: int, block_items: int,
+              adapt_users: bool = False):
+    if adapt_users and user_emb.device.type == "cpu":
+        # give every thread a user block when there are few users
+        threads = max(1, torch.get_num_threads())
+        block_users = max(1, min(block_users, -(-users.numel() // threads)))
+    return torch.ops.mbrec_fast.topk_dot(user_emb, item_emb, users, exclude[0], exclude[1], k, block_users, block_items)
+
+
+def _topk_merge(block_scores, users, item_start: int, exclude: Csr, top_scores, top_ids):
+    return torch.ops.mbrec_fast.topk_merge(block_scores, users, item_start, exclude[0], exclude[1], top_scores, top_ids)
+
+
+def _rank_metrics(top_ids, users, targets: Csr, groups, n_groups: int, ks: List[int]):
+    """Per-user metric values [n_groups + 1, b, len(ks), 5] (float64) and distinct-target counts [n_groups + 1, b]."""
+    return torch.ops.mbrec_fast.rank_metrics(top_ids, users, targets[0], targets[1], groups, n_groups, ks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument handling
+
+def _resolve_group(process_group):
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+    if isinstance(process_group, str):
+        if process_group != "default":
+            raise ValueError(f"process_group must be None, 'default' or a torch.distributed group, got {process_group!r}")
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.group.WORLD
+    return process_group
+
+
+def _check_block(value, name: str, default: int, device=None) -> int:
+    if value is None:
+        if device is not None and torch.device(device).type == "cuda":
+            return DEFAULT_BLOCK_USERS_CUDA if name == "block_users" else DEFAULT_BLOCK_ITEMS_CUDA
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_ks(ks, n_items: int) -> List[int]:
+    if isinstance(ks, int):
+        ks = (ks,)
+    ks = list(ks)
+    if not ks:
+        raise ValueError("ks must contain at least one cutoff")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"ks must hold ints, got {k!r}")
+        if k < 1 or k > n_items:
+            raise ValueError(f"ks: every K must satisfy 1 <= K <= n_items = {n_items}, got {k}")
+    return ks
+
+
+def _check_embeddings(user_emb, item_emb):
+    check_tensor(user_emb, "user_emb", ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor(item_emb, "item_emb", ndim=2, dtypes=_FLOAT_DTYPES, device=user_emb.device)
+    if user_emb.shape[1] != item_emb.shape[1]:
+        raise ValueError(f"user_emb and item_emb must have the same embedding dim, got "
+                         f"{user_emb.shape[1]} and {item_emb.shape[1]}")
+    if user_emb.dtype != item_emb.dtype:
+        raise TypeError(f"user_emb and item_emb must have the same dtype, got {user_emb.dtype} and {item_emb.dtype}")
+    if item_emb.shape[0] < 1:
+        raise ValueError("item_emb must hold at least one item")
+    check_finite(user_emb, "user_emb")
+    check_finite(item_emb, "item_emb")
+
+
+def _check_users(users, n_users: int, device) -> torch.Tensor:
+    if users is None:
+        return torch.arange(n_users, dtype=torch.int64, device=device)
+    check_tensor(users, "users", ndim=1, dtypes=(torch.int64, torch.int32))
+    users = users.to(device=device, dtype=torch.int64).contiguous()
+    if users.numel() and (int(users.min()) < 0 or int(users.max()) >= n_users):
+        raise ValueError(f"users out of range: ids must lie in [0, {n_users}), found "
+                         f"[{int(users.min())}, {int(users.max())}]")
+    return users
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+def topk(user_emb: torch.Tensor, item_emb: torch.Tensor, k: int,
+         exclude: Optional[Csr] = None, *, users: Optional[torch.Tensor] = None,
+         block_users: Optional[int] = None, block_items: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k items by dot product for each user, never building the users x items matrix.
+
+    Returns (scores [U, k] fp32, ids [U, k] int64), best first; equal scores are ordered by lower item
+    id. Items in the user's row of the `exclude` CSR are never returned; when fewer than k items are
+    eligible the tail is padded with score -inf and id -1. `users` restricts (and orders) the rows.
+    fp16/bf16 embeddings are accepted and scored in fp32.
+    """
+    _check_embeddings(user_emb, item_emb)
+    n_users, n_items = user_emb.shape[0], item_emb.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1 or k > n_items:
+        raise ValueError(f"k must satisfy 1 <= k <= n_items = {n_items}, got {k}")
+    device = user_emb.device
+    exclude = _empty_csr(n_users, device) if exclude is None else check_csr(exclude, "exclude", n_users, n_items, device)
+    users = _check_users(users, n_users, device)
+    bu = _check_block(block_users, "block_users", DEFAULT_BLOCK_USERS, device)
+    bi = _check_block(block_items, "block_items", DEFAULT_BLOCK_ITEMS, device)
+    scores, ids = _topk_dot(user_emb.contiguous(), item_emb.contiguous(), users, exclude, k, bu, bi,
+                            adapt_users=block_users is None)
+    _check_no_overflow(scores, ids)
+    return scores, ids
+
+
+def _check_no_overflow(scores: torch.Tensor, ids: torch.Tensor) -> None:
+    """Finite embeddings can still overflow fp32 dot products; an inf score would rank wrongly."""
+    if scores.numel() and not bool(torch.isfinite(scores[ids >= 0]).all()):
+        raise ValueError("user_emb/item_emb: dot products overflow float32 (inf scores); rescale the embeddings")
+
+
+def _topk_score_fn(score_fn: ScoreFn, users: torch.Tensor, n_items: int, exclude: Csr, k: int,
+                   block_items: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over score_fn blocks: each [b, block] score block is merged into the heaps and dropped."""
+    b = users.numel()
+    top_s = torch.full((b, k), -math.inf, dtype=torch.float32, device=device)
+    top_i = torch.full((b, k), -1, dtype=torch.int64, device=device)
+    for start in range(0, n_items, block_items):
+        end = min(n_items, start + block_items)
+        with torch.no_grad():
+            block = score_fn(users, start, end)
+        if not isinstance(block, torch.Tensor):
+            raise TypeError(f"score_fn must return a torch.Tensor, got {type(block).__name__}")
+        if tuple(block.shape) != (b, end - start):
+            raise ValueError(f"score_fn(users, {start}, {end}) must return shape {(b, end - start)}, "
+                             f"got {tuple(block.shape)}")
+        if not block.is_floating_point():
+            raise TypeError(f"score_fn must return floating-point scores, got {block.dtype}")
+        if block.device.type != torch.device(device).type:
+            raise ValueError(f"score_fn returned scores on {block.device}, expected {device}")
+        block = block.detach().to(dtype=torch.float32).contiguous()
+        check_finite(block, "score_fn scores")
+        top_s, top_i = _topk_merge(block, users, start, exclude, top_s, top_i)
+        del block
+    return top_s, top_i
+
+
+def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[torch.Tensor],
+                          exclude: Optional[Csr], targets: Csr,
+                          ks: Sequence[int] = (10, 20, 50, 100), metrics: Sequence[str] = METRICS, *,
+                          score_fn: Optional[ScoreFn] = None, n_items: Optional[int] = None,
+                          users: Optional[torch.Tensor] = None,
+                          target_groups: Optional[torch.Tensor] = None,
+                          group_names: Optional[Sequence[str]] = None,
+                          per_user: bool = False, block_users: Optional[int] = None,
+                          block_items: Optional[int] = None, process_group=None) -> EvalResult:
+    """Full-ranking top-K evaluation with RecBole's metric definitions (see module docstring).
+
+    user_emb [U, d], item_emb [N, d]: score = dot product (fp32/fp16/bf16; scored in fp32). Or pass
+    user_emb = item_emb = None, `score_fn(users, item_start, item_end) -> [b, item_end - item_start]`
+    and `n_items` for any other model.
+    exclude, targets: CSR pairs (indptr [U + 1], indices) by user id with sorted item ids per row;
+    exclude may be None. users: evaluate only these user ids (default all U).
+    target_groups: int64 label per target (aligned with targets.indices), named by group_names;
+    per-group metrics count only that group's targets and skip users with none of them.
+    per_user: also return each evaluated user's metric values.
+    process_group: None (single process), "default", or a torch.distributed group: users are sharded
+    across ranks, sums and counts all-reduced; every rank returns the same result.
+    """
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    for m in metrics:
+        if m not in METRICS:
+            raise ValueError(f"metrics: unknown metric {m!r} (choose from {METRICS})")
+    if not metrics:
+        raise ValueError("metrics must name at least one metric")
+    if not isinstance(targets, (tuple, list)) or len(targets) != 2:
+        raise TypeError("targets must be a CSR pair (indptr, indices)")
+
+    if score_fn is None:
+        if user_emb is None or item_emb is None:
+            raise ValueError("user_emb and item_emb are required unless score_fn is given")
+        _check_embeddings(user_emb, item_emb)
+        n_users, n_items_ = user_emb.shape[0], item_emb.shape[0]
+        if n_items is not None and n_items != n_items_:
+            raise ValueError(f"n_items = {n_items} disagrees with item_emb.shape[0] = {n_items_}")
+        n_items = n_items_
+        device = user_emb.device
+    else:
+        if not callable(score_fn):
+            raise TypeError("score_fn must be callable")
+        if user_emb is not None or item_emb is not None:
+            raise ValueError("pass user_emb = item_emb = None when score_fn is given")
+        if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 1:
+            raise ValueError(f"n_items must be a positive int when score_fn is given, got {n_items!r}")
+        check_tensor(targets[0], "targets.indptr", ndim=1)
+        n_users = targets[0].numel() - 1
+        device = targets[0].device
+    targets = check_csr(targets, "targets", n_users, n_items, device)
+    exclude = _empty_csr(n_users, device) if exclude is None else check_csr(exclude, "exclude", n_users, n_items, device)
+    ks = _check_ks(ks, n_items)
+    users = _check_users(users, n_users, device)
+    bu = _check_block(block_users, "block_users", DEFAULT_BLOCK_USERS, device)
+    bi = _check_block(block_items, "block_items", DEFAULT_BLOCK_ITEMS, device)
+
+    if target_groups is not None:
+        check_tensor(target_groups, "target_groups", ndim=1, dtypes=(torch.int64, torch.int32), device=device)
+        if target_groups.numel() != targets[1].numel():
+            raise ValueError(f"target_groups must have one label per target ({targets[1].numel()}), "
+                             f"got {target_groups.numel()}")
+        target_groups = target_groups.to(torch.int64).contiguous()
+        n_labels = int(target_groups.max()) + 1 if target_groups.numel() else 0
+        if target_groups.numel() and int(target_groups.min()) < 0:
+            raise ValueError("target_groups labels must be >= 0")
+        if group_names is None:
+            group_names = [str(g) for g in range(n_labels)]
+        group_names = [str(g) for g in group_names]
+        if n_labels > len(group_names):
+            raise ValueError(f"target_groups has label {n_labels - 1} but group_names names only {len(group_names)} groups")
+        if len(set(group_names)) != len(group_names):
+            raise ValueError("group_names must be distinct")
+    else:
+        if group_names is not None:
+            raise ValueError("group_names given without target_groups")
+        group_names = []
+        target_groups = torch.zeros(0, dtype=torch.int64, device=device)
+    n_groups = len(group_names)
+
+    pg = _resolve_group(process_group)
+    if pg is not None:
+        import torch.distributed as dist
+        rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+        users = users.tensor_split(world)[rank]
+
+    kmax = max(ks)
+    n_ks, n_m = len(ks), len(METRICS)
+    sums = torch.zeros(n_groups + 1, n_ks, n_m, dtype=torch.float64)
+    n_eval = torch.zeros(n_groups + 1, dtype=torch.int64)
+    n_skip = 0
+    kept_users: List[torch.Tensor] = []
+    kept_values: List[torch.Tensor] = []
+    if score_fn is None:
+        ue, ie = user_emb.contiguous(), item_emb.contiguous()
+    for chunk in users.split(_USER_CHUNK):
+        if score_fn is None:
+            top_scores, top_ids = _topk_dot(ue, ie, chunk, exclude, kmax, bu, bi, adapt_users=block_users is None)
+            _check_no_overflow(top_scores, top_ids)
+        else:
+            _, top_ids = _topk_score_fn(score_fn, chunk, n_items, exclude, kmax, bi, device)
+        values, counts = _rank_metrics(top_ids, chunk, targets, target_groups, n_groups, ks)
+        values, counts = values.cpu(), counts.cpu()
+        valid = counts > 0
+        sums += (values * valid[:, :, None, None]).sum(1)
+        n_eval += valid.sum(1)
+        n_skip += int((~valid[0]).sum())
+        if per_user:
+            kept_users.append(chunk.cpu()[valid[0]])
+            kept_values.append(values[0][valid[0]])
+
+    if pg is not None:
+        import torch.distributed as dist
+        packed = torch.cat([sums.flatten(), n_eval.double(), torch.tensor([float(n_skip)], dtype=torch.float64)])
+        backend_dev = "cuda" if dist.get_backend(pg) == "nccl" else "cpu"
+        packed = packed.to(backend_dev)
+        dist.all_reduce(packed, group=pg)
+        packed = packed.cpu()
+        sums = packed[:sums.numel()].view_as(sums)
+        n_eval = packed[sums.numel():sums.numel() + n_groups + 1].round().to(torch.int64)
+        n_skip = int(round(float(packed[-1])))
+
+    def means(g: int) -> Dict[str, float]:
+        out = {}
+        for j, k in enumerate(ks):
+            for m in metrics:
+                out[f"{m}@{k}"] = float(sums[g, j, METRICS.index(m)] / n_eval[g]) if n_eval[g] else 0.0
+        return out
+
+    result = EvalResult(metrics=means(0), n_users=int(n_eval[0]), n_skipped=n_skip,
+                        groups={name: means(g + 1) for g, name in enumerate(group_names)},
+                        group_users={name: int(n_eval[g + 1]) for g, name in enumerate(group_names)})
+    if per_user:
+        u = torch.cat(kept_users) if kept_users else torch.zeros(0, dtype=torch.int64)
+        v = torch.cat(kept_values) if kept_values else torch.zeros(0, n_ks, n_m, dtype=torch.float64)
+        if pg is not None:
+            import torch.distributed as dist
+            gathered = [None] * dist.get_world_size(pg)
+            dist.all_gather_object(gathered, (u, v), group=pg)
+            u = torch.cat([x[0] for x in gathered])
+            v = torch.cat([x[1] for x in gathered])
+        result.per_user = {"user": u}
+        for j, k in enumerate(ks):
+            for m in metrics:
+                result.per_user[f"{m}@{k}"] = v[:, j, METRICS.index(m)].clone()
+    return result

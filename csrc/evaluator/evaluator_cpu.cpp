@@ -1,0 +1,338 @@
+// CPU kernels of the full-ranking evaluator: blocked GEMM (one single-threaded at::mm per
+// block_users x block_items tile into a thread-local buffer) feeding per-user top-k heaps, with
+// threads over user blocks. Memory: outputs + threads * (block_users * block_items) floats.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "common/csr.h"
+#include "common/rank_metrics.h"
+#include "common/topk_heap.h"
+#include "evaluator/evaluator.h"
+
+namespace mbrec_fast {
+
+namespace {
+
+bool is_float_type(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+void check_csr_args(const at::Tensor& indptr, const at::Tensor& indices, const char* name, const at::Device& device) {
+  TORCH_CHECK(indptr.dim() == 1 && indptr.scalar_type() == at::kLong, name, ".indptr must be a 1-D int64 tensor");
+  TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong, name, ".indices must be a 1-D int64 tensor");
+  TORCH_CHECK(indptr.is_contiguous() && indices.is_contiguous(), name, " tensors must be contiguous");
+  TORCH_CHECK(indptr.device() == device && indices.device() == device, name, " must be on ", device);
+}
+
+void check_users_arg(const at::Tensor& users, const at::Device& device) {
+  TORCH_CHECK(users.dim() == 1 && users.scalar_type() == at::kLong && users.is_contiguous(),
+              "users must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(users.device() == device, "users must be on ", device);
+}
+
+// Rejects user ids outside [0, n_rows) (CPU tensors only; the CUDA kernels clamp-check on device).
+void check_users_range_cpu(const at::Tensor& users, int64_t n_rows) {
+  const int64_t* u = users.data_ptr<int64_t>();
+  for (int64_t r = 0; r < users.numel(); ++r) {
+    TORCH_CHECK(u[r] >= 0 && u[r] < n_rows, "users: id ", u[r], " out of range [0, ", n_rows, ")");
+  }
+}
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Per-user candidate reservoir for the blocked dot-product scan (faiss-style "reservoir top-N"):
+// scores above the threshold are appended; when the buffer holds 4k of them, nth_element keeps
+// the k best and the k-th best becomes the new threshold. Amortized O(1) per accepted candidate
+// instead of a log(k) heap sift, which matters for k ~ 100 over a few thousand items.
+// A candidate is one uint64 key ordered exactly like topk_heap.h's "better" (higher score, then
+// lower id): the score's order-preserving bits on top, the complemented id (ids < 2^32) below.
+struct Reservoir {
+  uint64_t* key;
+  int64_t n;
+  float threshold;
+};
+
+inline uint32_t ordered_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline float from_ordered_bits(uint32_t u) {
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+inline uint64_t candidate_key(float s, int64_t id) {
+  s += 0.0f;  // -0.0 -> +0.0: the two compare equal, so they must tie (then lower id wins)
+  return (static_cast<uint64_t>(ordered_bits(s)) << 32) | (0xffffffffu - static_cast<uint32_t>(id));
+}
+
+// Keeps the k best of the n > k keys and raises the threshold to the k-th best score.
+inline void reservoir_shrink(Reservoir& r, int64_t k) {
+  std::nth_element(r.key, r.key + (k - 1), r.key + r.n, std::greater<uint64_t>());
+  r.n = k;
+  r.threshold = from_ordered_bits(static_cast<uint32_t>(r.key[k - 1] >> 32));
+}
+
+// Scans scores row[0, n) of items item0 + j (ids increasing, so a tie with the threshold loses and
+// the reject test is one compare). A vectorizable pre-filter checks 16 scores at once; a chunk with
+// a candidate is appended branch-free (every key is written, the count advances only for scores
+// above the threshold), so unpredictable accept/reject decisions cost no branch mispredictions.
+// The buffer has kChunk slots of slack beyond `limit`; it is shrunk to k once it holds >= limit.
+constexpr int64_t kChunk = 16;
+
+void reservoir_scan(const float* row, int64_t n, int64_t item0, Reservoir& r, int64_t k, int64_t limit) {
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    const float threshold = r.threshold;
+    int any = 0;
+    for (int64_t t = 0; t < kChunk; ++t) any |= static_cast<int>(row[j + t] > threshold);
+    if (!any) continue;
+    int64_t m = r.n;
+    for (int64_t t = 0; t < kChunk; ++t) {
+      const float s = row[j + t];
+      r.key[m] = candidate_key(s, item0 + j + t);
+      m += static_cast<int64_t>(s > threshold);
+    }
+    r.n = m;
+    if (r.n >= limit) reservoir_shrink(r, k);
+  }
+  for (; j < n; ++j) {
+    const float s = row[j];
+    if (s > r.threshold) {
+      r.key[r.n++] = candidate_key(s, item0 + j);
+      if (r.n >= limit) reservoir_shrink(r, k);
+    }
+  }
+}
+
+// Writes the k best of the reservoir, best first, padded with (-inf, -1).
+void reservoir_finish(Reservoir& r, int64_t k, float* out_s, int64_t* out_i) {
+  if (r.n > k) reservoir_shrink(r, k);
+  std::sort(r.key, r.key + r.n, std::greater<uint64_t>());
+  for (int64_t j = 0; j < k; ++j) {
+    if (j < r.n) {
+      out_s[j] = from_ordered_bits(static_cast<uint32_t>(r.key[j] >> 32));
+      out_i[j] = static_cast<int64_t>(0xffffffffu - static_cast<uint32_t>(r.key[j]));
+    } else {
+      out_s[j] = kNegInf;
+      out_i[j] = -1;
+    }
+  }
+}
+
+}  // namespace
+
+void check_topk_dot_args(const at::Tensor& user_emb, const at::Tensor& item_emb, const at::Tensor& users,
+                         const at::Tensor& excl_indptr, const at::Tensor& excl_indices, int64_t k,
+                         int64_t block_users, int64_t block_items) {
+  TORCH_CHECK(user_emb.dim() == 2 && is_float_type(user_emb), "user_emb must be a 2-D float/half/bfloat16 tensor");
+  TORCH_CHECK(item_emb.dim() == 2 && item_emb.scalar_type() == user_emb.scalar_type(),
+              "item_emb must be 2-D with the dtype of user_emb");
+  TORCH_CHECK(item_emb.size(1) == user_emb.size(1), "item_emb and user_emb must have the same embedding dim");
+  TORCH_CHECK(item_emb.device() == user_emb.device(), "item_emb must be on the device of user_emb");
+  TORCH_CHECK(user_emb.is_contiguous() && item_emb.is_contiguous(), "user_emb and item_emb must be contiguous");
+  check_users_arg(users, user_emb.device());
+  check_csr_args(excl_indptr, excl_indices, "exclude", user_emb.device());
+  TORCH_CHECK(excl_indptr.numel() == user_emb.size(0) + 1, "exclude.indptr must have user_emb.size(0) + 1 entries");
+  TORCH_CHECK(k >= 1 && k <= item_emb.size(0), "k must satisfy 1 <= k <= n_items");
+  TORCH_CHECK(k <= std::numeric_limits<int>::max(), "k too large");
+  TORCH_CHECK(item_emb.size(0) < (int64_t{1} << 32) - 1, "topk_dot supports fewer than 2^32 - 1 items");
+  TORCH_CHECK(block_users >= 1 && block_items >= 1, "block_users and block_items must be >= 1");
+}
+
+void check_topk_merge_args(const at::Tensor& block_scores, const at::Tensor& users, int64_t item_start,
+                           const at::Tensor& excl_indptr, const at::Tensor& excl_indices,
+                           const at::Tensor& top_scores, const at::Tensor& top_ids) {
+  TORCH_CHECK(block_scores.dim() == 2 && block_scores.scalar_type() == at::kFloat && block_scores.is_contiguous(),
+              "block_scores must be a contiguous 2-D float32 tensor");
+  const auto device = block_scores.device();
+  check_users_arg(users, device);
+  check_csr_args(excl_indptr, excl_indices, "exclude", device);
+  TORCH_CHECK(users.size(0) == block_scores.size(0), "users must have one id per row of block_scores");
+  TORCH_CHECK(item_start >= 0, "item_start must be >= 0");
+  TORCH_CHECK(top_scores.dim() == 2 && top_scores.scalar_type() == at::kFloat && top_scores.is_contiguous() &&
+                  top_scores.size(0) == block_scores.size(0) && top_scores.device() == device,
+              "top_scores must be a contiguous float32 [b, k] tensor on the device of block_scores");
+  TORCH_CHECK(top_ids.scalar_type() == at::kLong && top_ids.is_contiguous() && top_ids.sizes() == top_scores.sizes() &&
+                  top_ids.device() == device,
+              "top_ids must be a contiguous int64 tensor shaped like top_scores");
+  TORCH_CHECK(top_scores.size(1) >= 1, "top_scores must have k >= 1 columns");
+}
+
+void check_rank_metrics_args(const at::Tensor& top_ids, const at::Tensor& users, const at::Tensor& tgt_indptr,
+                             const at::Tensor& tgt_indices, const at::Tensor& tgt_groups, int64_t n_groups,
+                             at::IntArrayRef ks) {
+  TORCH_CHECK(top_ids.dim() == 2 && top_ids.scalar_type() == at::kLong && top_ids.is_contiguous(),
+              "top_ids must be a contiguous 2-D int64 tensor");
+  const auto device = top_ids.device();
+  check_users_arg(users, device);
+  TORCH_CHECK(users.size(0) == top_ids.size(0), "users must have one id per row of top_ids");
+  check_csr_args(tgt_indptr, tgt_indices, "targets", device);
+  TORCH_CHECK(n_groups >= 0, "n_groups must be >= 0");
+  TORCH_CHECK(tgt_groups.dim() == 1 && tgt_groups.scalar_type() == at::kLong && tgt_groups.is_contiguous() &&
+                  tgt_groups.device() == device,
+              "target_groups must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(n_groups == 0 || tgt_groups.numel() == tgt_indices.numel(),
+              "target_groups must have one label per target when n_groups > 0");
+  TORCH_CHECK(!ks.empty(), "ks must not be empty");
+  for (const int64_t k : ks) {
+    TORCH_CHECK(k >= 1 && k <= top_ids.size(1), "ks: every K must satisfy 1 <= K <= top_ids.size(1)");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_dot_cpu(const at::Tensor& user_emb, const at::Tensor& item_emb,
+                                                const at::Tensor& users, const at::Tensor& excl_indptr,
+                                                const at::Tensor& excl_indices, int64_t k, int64_t block_users,
+                                                int64_t block_items) {
+  check_topk_dot_args(user_emb, item_emb, users, excl_indptr, excl_indices, k, block_users, block_items);
+  check_users_range_cpu(users, user_emb.size(0));
+  const int64_t b = users.size(0), n_items = item_emb.size(0), d = item_emb.size(1);
+  auto top_scores = at::empty({b, k}, user_emb.options().dtype(at::kFloat));
+  auto top_ids = at::empty({b, k}, user_emb.options().dtype(at::kLong));
+  if (b == 0) return {top_scores, top_ids};
+  const int64_t bu = std::min(block_users, b), bi = std::min(block_items, n_items);
+  const bool convert = user_emb.scalar_type() != at::kFloat;
+  const int64_t* uid = users.data_ptr<int64_t>();
+  const int64_t* ex_ptr = excl_indptr.data_ptr<int64_t>();
+  const int64_t* ex_idx = excl_indices.data_ptr<int64_t>();
+  float* out_s = top_scores.data_ptr<float>();
+  int64_t* out_i = top_ids.data_ptr<int64_t>();
+  const int64_t n_blocks = (b + bu - 1) / bu;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    // Thread-local buffers: the user tile, the score tile, a converted item tile (half inputs).
+    std::vector<float> score_buf(bu * bi);
+    at::Tensor user_tile = at::empty({bu, d}, f32);
+    at::Tensor item_tile = convert ? at::empty({bi, d}, f32) : at::Tensor();
+    const at::Tensor item_f32 = convert ? at::Tensor() : item_emb;
+    std::vector<int64_t> cursor(bu), cursor_end(bu);
+    const int64_t limit = 4 * k, cap = limit + kChunk;
+    std::vector<uint64_t> res_keys(bu * cap);
+    std::vector<Reservoir> res(bu);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t u0 = blk * bu, nu = std::min(bu, b - u0);
+      at::Tensor rows = users.narrow(0, u0, nu);
+      at::Tensor users_f = user_tile.narrow(0, 0, nu);
+      users_f.copy_(user_emb.index_select(0, rows));
+      for (int64_t r = 0; r < nu; ++r) {
+        res[r] = Reservoir{res_keys.data() + r * cap, 0, kNegInf};
+        cursor[r] = ex_ptr[uid[u0 + r]];
+        cursor_end[r] = ex_ptr[uid[u0 + r] + 1];
+      }
+      for (int64_t i0 = 0; i0 < n_items; i0 += bi) {
+        const int64_t ni = std::min(bi, n_items - i0);
+        at::Tensor items_f;
+        if (convert) {
+          items_f = item_tile.narrow(0, 0, ni);
+          items_f.copy_(item_emb.narrow(0, i0, ni));
+        } else {
+          items_f = item_f32.narrow(0, i0, ni);
+        }
+        at::Tensor scores = at::from_blob(score_buf.data(), {nu, ni}, f32);
+        at::mm_out(scores, users_f, items_f.t());
+        const int64_t i1 = i0 + ni;
+        for (int64_t r = 0; r < nu; ++r) {
+          float* row = score_buf.data() + r * ni;
+          // Walk the sorted exclude row alongside the item block.
+          int64_t c = cursor[r];
+          const int64_t c_end = cursor_end[r];
+          while (c < c_end && ex_idx[c] < i1) {
+            if (ex_idx[c] >= i0) row[ex_idx[c] - i0] = kNegInf;
+            ++c;
+          }
+          cursor[r] = c;
+          reservoir_scan(row, ni, i0, res[r], k, limit);
+        }
+      }
+      for (int64_t r = 0; r < nu; ++r) reservoir_finish(res[r], k, out_s + (u0 + r) * k, out_i + (u0 + r) * k);
+    }
+  });
+  return {top_scores, top_ids};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(const at::Tensor& block_scores, const at::Tensor& users,
+                                                  int64_t item_start, const at::Tensor& excl_indptr,
+                                                  const at::Tensor& excl_indices, const at::Tensor& top_scores,
+                                                  const at::Tensor& top_ids) {
+  check_topk_merge_args(block_scores, users, item_start, excl_indptr, excl_indices, top_scores, top_ids);
+  check_users_range_cpu(users, excl_indptr.numel() - 1);
+  const int64_t b = block_scores.size(0), w = block_scores.size(1), k = top_scores.size(1);
+  auto new_s = at::empty_like(top_scores);
+  auto new_i = at::empty_like(top_ids);
+  const float* bs = block_scores.data_ptr<float>();
+  const int64_t* uid = users.data_ptr<int64_t>();
+  const int64_t* ex_ptr = excl_indptr.data_ptr<int64_t>();
+  const int64_t* ex_idx = excl_indices.data_ptr<int64_t>();
+  const float* old_s = top_scores.data_ptr<float>();
+  const int64_t* old_i = top_ids.data_ptr<int64_t>();
+  float* hs_all = new_s.data_ptr<float>();
+  int64_t* hi_all = new_i.data_ptr<int64_t>();
+  const int kk = static_cast<int>(k);
+  at::parallel_for(0, b, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* hs = hs_all + r * k;
+      int64_t* hi = hi_all + r * k;
+      mbrec::topk_heap_load_sorted(old_s + r * k, old_i + r * k, hs, hi, kk);
+      const float* row = bs + r * w;
+      const int64_t lo = ex_ptr[uid[r]], hi_ex = ex_ptr[uid[r] + 1];
+      for (int64_t j = 0; j < w; ++j) {
+        const float s = row[j];
+        if (!(s >= hs[0])) continue;  // threshold reject (a tie is settled by id below)
+        const int64_t id = item_start + j;
+        if (lo < hi_ex && mbrec::contains(ex_idx, lo, hi_ex, id)) continue;
+        mbrec::topk_heap_offer(hs, hi, kk, s, id);
+      }
+      mbrec::topk_heap_finalize(hs, hi, kk);
+    }
+  });
+  return {new_s, new_i};
+}
+
+std::tuple<at::Tensor, at::Tensor> rank_metrics_cpu(const at::Tensor& top_ids, const at::Tensor& users,
+                                                    const at::Tensor& tgt_indptr, const at::Tensor& tgt_indices,
+                                                    const at::Tensor& tgt_groups, int64_t n_groups,
+                                                    at::IntArrayRef ks) {
+  check_rank_metrics_args(top_ids, users, tgt_indptr, tgt_indices, tgt_groups, n_groups, ks);
+  check_users_range_cpu(users, tgt_indptr.numel() - 1);
+  const int64_t b = top_ids.size(0), kmax = top_ids.size(1), n_ks = static_cast<int64_t>(ks.size());
+  auto values = at::zeros({n_groups + 1, b, n_ks, mbrec::kNumRankMetrics}, top_ids.options().dtype(at::kDouble));
+  auto counts = at::zeros({n_groups + 1, b}, top_ids.options().dtype(at::kLong));
+  const int64_t* top = top_ids.data_ptr<int64_t>();
+  const int64_t* uid = users.data_ptr<int64_t>();
+  const int64_t* ptr = tgt_indptr.data_ptr<int64_t>();
+  const int64_t* tgt = tgt_indices.data_ptr<int64_t>();
+  const int64_t* labels = n_groups > 0 ? tgt_groups.data_ptr<int64_t>() : nullptr;
+  double* val = values.data_ptr<double>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  const std::vector<int64_t> cutoffs(ks.begin(), ks.end());
+  at::parallel_for(0, b, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t lo = ptr[uid[r]], hi = ptr[uid[r] + 1];
+      for (int64_t g = -1; g < n_groups; ++g) {
+        const int64_t slot = (g + 1) * b + r;
+        const int64_t n = mbrec::count_distinct_targets(tgt, labels, lo, hi, g);
+        cnt[slot] = n;
+        if (n == 0) continue;
+        for (int64_t j = 0; j < n_ks; ++j) {
+          mbrec::rank_metrics_at(top + r * kmax, static_cast<int>(cutoffs[j]), tgt, labels, lo, hi, g, n,
+                                 val + (slot * n_ks + j) * mbrec::kNumRankMetrics);
+        }
+      }
+    }
+  });
+  return {values, counts};
+}
+
+}  // namespace mbrec_fast
