@@ -4,7 +4,9 @@ The (sample, slot) pairs are sorted by expert with torch (stable argsort + binco
 `offsets`); each program owns one BLOCK_M row tile of one expert's group (tile -> expert found from the per-expert
 tile counts), gathers its x rows through `order` (no padded copy of x), multiplies by that expert's weight, adds
 bias, LayerNorm, activation, stores the fp32 pre-activation (sorted) and atomically adds the route-weighted
-result into the fp32 output row of the sample. Programs past the last tile exit at once.
+result into the fp32 output row of the sample. Programs past the last tile exit at once. The backward
+(`mbrec_fast::routed_experts_bwd`) is three launches over the same sorted rows: fused elementwise (route-weight
+gradient, d(pre) through activation and LayerNorm), grouped dX (atomic scatter to samples), grouped dW/db.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .gated_experts import ACT_CODES, _activate
+from .gated_experts import ACT_CODES, _activate, _activate_grad
 
-__all__ = ["routed_experts_fwd_triton"]
+__all__ = ["routed_experts_fwd_triton", "routed_experts_bwd_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -115,3 +117,191 @@ def routed_experts_fwd_triton(x, weight, bias, route, route_weight, ln_weight, l
             HAS_LNB=ln_bias is not None, LN=ln, ACT=ACT_CODES[activation],
             IEEE=x.dtype in (torch.float32, torch.float64), BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd)
     return out32.to(x.dtype), pre, order, offsets
+
+
+# ------------------------------------------------------------------------------------------------------ backward
+@triton.jit
+def _routed_experts_bwd_elem_kernel(
+        pre_ptr, go_ptr, route_ptr, rw_ptr, lnw_ptr, lnb_ptr, order_ptr, dpre_ptr, drw_ptr, dlnw_ptr, dlnb_ptr,
+        N, H, K, ln_eps, s_gob, s_goh,
+        HAS_RW: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, LN: tl.constexpr, ACT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One BLOCK_M tile of sorted (sample, slot) rows: recompute LN/activation from the saved pre-activation, the
+    route-weight gradient <grad_out[b], a> (stored at the pair's own index), then d(pre) through the activation and
+    LayerNorm (stored fp32, sorted); LN parameter gradients: one atomic row add per expert present in the tile."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_m = rows < N
+    mask_h = offs_h < H
+    mask_mh = mask_m[:, None] & mask_h[None, :]
+    pairs = tl.load(order_ptr + rows, mask=mask_m, other=0)
+    sample = pairs // K
+    expert = tl.load(route_ptr + pairs, mask=mask_m, other=0)
+    p_ptrs = rows[:, None] * H + offs_h[None, :]
+    eh = expert[:, None] * H + offs_h[None, :]
+    y = tl.load(pre_ptr + p_ptrs, mask=mask_mh, other=0.0)
+    if LN:
+        mean = tl.sum(y, axis=1) / H
+        cen = tl.where(mask_mh, y - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(cen * cen, axis=1) / H + ln_eps)
+        xhat = cen * rstd[:, None]
+        y = xhat
+        if HAS_LNW:
+            lnw = tl.load(lnw_ptr + eh, mask=mask_mh, other=0.0).to(tl.float32)
+            y = y * lnw
+        if HAS_LNB:
+            y = y + tl.load(lnb_ptr + eh, mask=mask_mh, other=0.0).to(tl.float32)
+        y = tl.where(mask_mh, y, 0.0)
+    go = tl.load(go_ptr + sample[:, None] * s_gob + offs_h[None, :] * s_goh, mask=mask_mh, other=0.0).to(tl.float32)
+    if HAS_RW:
+        a = _activate(y, ACT)
+        tl.store(drw_ptr + pairs, tl.sum(go * a, axis=1), mask=mask_m)
+        go = go * tl.load(rw_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    dy = go * _activate_grad(y, ACT)
+    if LN:
+        # rows are sorted by expert, so a tile spans few experts: one [BLOCK_H] atomic per expert present
+        e_first = tl.min(tl.where(mask_m, expert, 2147483647), axis=0)
+        e_last = tl.max(tl.where(mask_m, expert, -1), axis=0)
+        for e in range(e_first, e_last + 1):
+            in_e = (mask_m & (expert == e))[:, None]
+            if HAS_LNW:
+                tl.atomic_add(dlnw_ptr + e * H + offs_h, tl.sum(tl.where(in_e, dy * xhat, 0.0), axis=0), mask=mask_h)
+            if HAS_LNB:
+                tl.atomic_add(dlnb_ptr + e * H + offs_h, tl.sum(tl.where(in_e, dy, 0.0), axis=0), mask=mask_h)
+        if HAS_LNW:
+            dxhat = dy * lnw
+        else:
+            dxhat = dy
+        m1 = tl.sum(dxhat, axis=1) / H
+        m2 = tl.sum(dxhat * xhat, axis=1) / H
+        dy = rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])
+    tl.store(dpre_ptr + p_ptrs, dy, mask=mask_mh)
+
+
+@triton.jit
+def _routed_experts_dx_kernel(
+        dpre_ptr, w_ptr, order_ptr, offsets_ptr, tile_off_ptr, dx_ptr, D, H, E, K,
+        s_we, s_wd, s_wh, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grouped dX: each program owns one BLOCK_M row tile of one expert's group, d(pre)[rows] · W[e]ᵀ, atomically
+    added into the fp32 dX rows of the samples."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    n_tiles = tl.load(tile_off_ptr + E)
+    if pid < n_tiles:
+        expert = 0
+        for e in range(E):
+            expert += (pid >= tl.load(tile_off_ptr + e + 1)).to(tl.int32)
+        tile_in_group = pid - tl.load(tile_off_ptr + expert)
+        row_end = tl.load(offsets_ptr + expert + 1)
+        rows = tl.load(offsets_ptr + expert) + tile_in_group * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = rows < row_end
+        sample = tl.load(order_ptr + rows, mask=mask_m, other=0) // K
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_d = offs_d < D
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_K):
+            hh = h0 + offs_k
+            dp = tl.load(dpre_ptr + rows[:, None] * H + hh[None, :], mask=mask_m[:, None] & (hh[None, :] < H),
+                         other=0.0)
+            wt = tl.load(w_ptr + expert * s_we + hh[:, None] * s_wh + offs_d[None, :] * s_wd,
+                         mask=(hh[:, None] < H) & mask_d[None, :], other=0.0).to(tl.float32)
+            if IEEE:
+                acc = tl.dot(dp, wt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(dp, wt, acc)
+        tl.atomic_add(dx_ptr + sample[:, None] * D + offs_d[None, :], acc, mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _routed_experts_dw_kernel(
+        x_ptr, dpre_ptr, order_ptr, offsets_ptr, dw_ptr, db_ptr, D, H, K, s_xb, s_xd,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dW[e] = X[group e]ᵀ · d(pre)[group e] over the expert's sorted rows (x gathered through `order`); an empty
+    group stores zeros. db[e] from the programs of d-tile 0."""
+    pid_d = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    e = tl.program_id(2)
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < D
+    mask_h = offs_h < H
+    acc = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)
+    bsum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        rows = r0 + offs_k
+        mask_k = rows < end
+        sample = tl.load(order_ptr + rows, mask=mask_k, other=0) // K
+        xt = tl.load(x_ptr + offs_d[:, None] * s_xd + sample[None, :] * s_xb,
+                     mask=mask_d[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        dp = tl.load(dpre_ptr + rows[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(xt, dp, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, dp, acc)
+        if HAS_BIAS:
+            bsum += tl.sum(dp, axis=0)
+    tl.store(dw_ptr + e * D * H + offs_d[:, None] * H + offs_h[None, :], acc, mask=mask_d[:, None] & mask_h[None, :])
+    if HAS_BIAS:
+        if pid_d == 0:
+            tl.store(db_ptr + e * H + offs_h, bsum, mask=mask_h)
+
+
+def routed_experts_bwd_triton(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation,
+                              pre, order, offsets, block_m=None, tile=None, tile_k=None):
+    """Same contract as `torch.ops.mbrec_fast.routed_experts_bwd`: [dx, dw, db, droute_weight, dln_weight, dln_bias]
+    (empty where absent). Three launches over the sorted rows saved by the forward: fused elementwise (route-weight
+    gradient, d(pre) through activation and LayerNorm), grouped dX (atomic scatter to samples), grouped dW/db."""
+    if x.dtype == torch.float64:  # fp64 (gradcheck): the kernels accumulate in fp32, use the torch path
+        from mbrec_fast._experts_ops import _routed_experts_bwd_torch
+        return _routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps,
+                                         activation, pre, order, offsets)
+    E, D, H = weight.shape
+    B, k = route.shape
+    N = B * k
+    dev = x.device
+    ln_weight, ln_bias = (None if t is None else t.contiguous() for t in (ln_weight, ln_bias))
+    ln = ln_weight is not None or ln_bias is not None
+    bh = max(16, triton.next_power_of_2(H))
+    if _INTERPRET:
+        bm, bt, bk = 16, 16, 16
+    else:
+        bm, bt, bk = (32 if bh <= 256 else 16), 64, 32
+    bm, bt, bk = block_m or bm, tile or bt, tile_k or bk
+    go = grad_out.contiguous()
+    dpre = torch.empty_like(pre)
+    drw = torch.zeros(N, dtype=torch.float32, device=dev) if route_weight is not None else None
+    dlnw = torch.zeros((E, H), dtype=torch.float32, device=dev) if ln_weight is not None else None
+    dlnb = torch.zeros((E, H), dtype=torch.float32, device=dev) if ln_bias is not None else None
+    dx = torch.zeros((B, D), dtype=torch.float32, device=dev)
+    dw = torch.zeros((E, D, H), dtype=torch.float32, device=dev)
+    db = torch.zeros((E, H), dtype=torch.float32, device=dev) if bias is not None else None
+    ieee = x.dtype in (torch.float32, torch.float64)
+    if N > 0:
+        _routed_experts_bwd_elem_kernel[(triton.cdiv(N, bm),)](
+            pre, go, route.contiguous().reshape(-1),
+            route_weight.contiguous() if route_weight is not None else dpre,
+            ln_weight if ln_weight is not None else dpre, ln_bias if ln_bias is not None else dpre, order,
+            dpre, drw if drw is not None else dpre, dlnw if dlnw is not None else dpre,
+            dlnb if dlnb is not None else dpre, N, H, k, float(ln_eps), go.stride(0), go.stride(1),
+            HAS_RW=route_weight is not None, HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, LN=ln,
+            ACT=ACT_CODES[activation], BLOCK_M=bm, BLOCK_H=bh)
+        counts = offsets[1:] - offsets[:-1]
+        tile_off = torch.zeros(E + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(torch.div(counts + bt - 1, bt, rounding_mode="floor"), 0, out=tile_off[1:])
+        _routed_experts_dx_kernel[(triton.cdiv(N, bt) + E, triton.cdiv(D, bt))](
+            dpre, weight, order, offsets, tile_off, dx, D, H, E, k, *weight.stride(), IEEE=ieee,
+            BLOCK_M=bt, BLOCK_D=bt, BLOCK_K=bk)
+        _routed_experts_dw_kernel[(triton.cdiv(D, bt), triton.cdiv(H, bt), E)](
+            x, dpre, order, offsets, dw, db if db is not None else dw, D, H, k, x.stride(0), x.stride(1),
+            HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_D=bt, BLOCK_H=bt, BLOCK_K=bk)
+    empty = x.new_empty((0,))
+    return [dx.to(x.dtype), dw.to(weight.dtype), empty if db is None else db.to(bias.dtype),
+            empty if drw is None else drw.view(B, k).to(route_weight.dtype),
+            empty if dlnw is None else dlnw.to(ln_weight.dtype), empty if dlnb is None else dlnb.to(ln_bias.dtype)]
