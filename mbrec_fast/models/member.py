@@ -1,0 +1,511 @@
+"""MEMBER: a self-supervised mixture of experts for multi-behavior recommendation (Kim et al., CIKM'25).
+
+A target item is *visited* for a user when the user touched it under an auxiliary (non-target) behavior
+in training, *unvisited* otherwise. Two experts with no shared parameters score the two kinds:
+
+* each expert has a global part (its own user/item tables propagated by LightGCN over the union graph of
+  all behaviors) and a local part (one table propagated by a separate LightGCN over each behavior graph,
+  results averaged); score_e(u, i) = lambda_e <g_u, g_i> + (1 - lambda_e) <l_u, l_i>;
+* hard gating: score(u, i) = score_visited(u, i) if i is in u's auxiliary row, else score_unvisited(u, i).
+  Membership comes from the sorted auxiliary CSR (binary search on flattened user * n_items + item
+  keys) - never from a dense users x items mask, in training and inside the evaluator's score_fn.
+
+Losses (weights are constructor arguments, defaults from the paper / authors' run scripts):
+* BPR on the gated score: per training purchase, `neg_ratio` uniform negatives outside the user's
+  purchases (sampler mode "exclusive" at the target), which also calibrates the two experts' scales
+  against each other; plus (`pool_weight`) in-pool BPR terms: the visited expert ranks a visited
+  purchase above an item the user touched but did not buy (sampler mode "visited"), the unvisited
+  expert ranks a purchase above an item the user never touched (mode "unvisited");
+* InfoNCE for the visited expert between its local embeddings and its local table propagated over an
+  augmented graph of purchases preceded by an auxiliary behavior; for the unvisited expert between its
+  global embeddings and its global table propagated over an augmented graph of the other purchases.
+  Augmentation = edge dropout (exact-size subset, no replacement), rebuilt per epoch from (seed, epoch);
+* generative loss: each lower behavior's edges predicted from the next higher behavior's local
+  embeddings of each expert (BCE, uniform item negatives).
+
+`single_expert=True` is the ablation: one expert scores every item (same losses, no gating).
+Propagated embeddings are recomputed at every optimizer step; `scorer()` computes them once under no_grad.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._batches import PairBatches, epoch_seed
+from .base import MultiBehaviorModel, Scorer
+from .lightgcn import BipartiteAdjacency, check_model_kwargs, csr_to_edges, drop_edges, lightgcn_propagate
+
+__all__ = ["MEMBER", "KeyedCsr", "gated_scores_dense_reference", "pool_restricted_scorer", "evaluate_by_pool",
+           "EXCLUDED_SCORE"]
+
+Csr = Tuple[torch.Tensor, torch.Tensor]
+
+
+class KeyedCsr:
+    """A sorted CSR as flattened keys user * n_items + item, for vectorized membership tests."""
+
+    def __init__(self, csr: Csr, n_items: int):
+        rows, cols = csr_to_edges(tuple(t.cpu() for t in csr))
+        self.n_items = int(n_items)
+        self.indptr = csr[0].cpu().long()
+        self.indices = cols
+        self.keys = rows * n_items + cols
+        if self.keys.numel() > 1 and not bool((self.keys[1:] > self.keys[:-1]).all()):
+            raise ValueError("CSR rows must hold sorted, distinct item ids")
+        self._dev: Dict[str, torch.Tensor] = {}
+
+    def keys_on(self, device) -> torch.Tensor:
+        key = str(torch.device(device))
+        if key not in self._dev:
+            self._dev[key] = self.keys.to(device)
+        return self._dev[key]
+
+    def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Bool tensor (shape of items): is (users, items) an entry? users broadcasts against items."""
+        keys = self.keys_on(items.device)
+        q = users.long() * self.n_items + items.long()
+        if keys.numel() == 0:
+            return torch.zeros(q.shape, dtype=torch.bool, device=q.device)
+        pos = torch.searchsorted(keys, q.reshape(-1)).clamp_(max=keys.numel() - 1)
+        return (keys[pos] == q.reshape(-1)).view(q.shape)
+
+    def block_entries(self, users: torch.Tensor, item_start: int, item_end: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(row positions into `users`, item ids) of every entry with item in [item_start, item_end)."""
+        keys = self.keys_on(users.device)
+        base = users.long() * self.n_items
+        lo = torch.searchsorted(keys, base + item_start)
+        hi = torch.searchsorted(keys, base + item_end)
+        count = hi - lo
+        rows = torch.repeat_interleave(torch.arange(users.numel(), device=users.device), count)
+        first = torch.cumsum(count, 0) - count
+        pos = torch.arange(rows.numel(), device=users.device) - first[rows] + lo[rows]
+        return rows, keys[pos] - base[rows]
+
+
+def gated_scores_dense_reference(user_v, item_v, user_n, item_n, aux_csr: Csr, n_items: int) -> torch.Tensor:
+    """Brute-force reference of the gated score matrix with a dense users x items mask (tests only)."""
+    rows, cols = csr_to_edges(aux_csr)
+    mask = torch.zeros(user_v.shape[0], n_items, dtype=torch.bool)
+    mask[rows, cols] = True
+    return torch.where(mask, user_v @ item_v.T, user_n @ item_n.T)
+
+
+#: score given to items outside the candidate pool: finite (the evaluator rejects inf), below any real
+#: score, so those items rank after every candidate and never change HR/NDCG of the pool's targets
+EXCLUDED_SCORE = -1e30
+
+
+def pool_restricted_scorer(scorer: Scorer, aux_csr: Csr, n_items: int, pool: str) -> Scorer:
+    """A scorer that ranks only the user's visited items (pool="visited") or only the others
+    ("unvisited"), for the paper's per-pool protocol; works for any model's scorer.
+
+    Items outside the pool get EXCLUDED_SCORE. Pool membership per [users x item range] block comes
+    from the auxiliary CSR by binary search; the only mask is the block's own [b, block] one.
+    """
+    if pool not in ("visited", "unvisited"):
+        raise ValueError(f"pool must be 'visited' or 'unvisited', got {pool!r}")
+    keyed = KeyedCsr(aux_csr, n_items)
+
+    def score_fn(users: torch.Tensor, item_start: int, item_end: int) -> torch.Tensor:
+        if scorer.score_fn is not None:
+            s = scorer.score_fn(users, item_start, item_end).float()
+        else:
+            s = scorer.user_emb[users].float() @ scorer.item_emb[item_start:item_end].float().T
+        rows, items = keyed.block_entries(users.to(s.device), item_start, item_end)
+        in_pool = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+        in_pool[rows, items - item_start] = True
+        return s.masked_fill(~in_pool if pool == "visited" else in_pool, EXCLUDED_SCORE)
+
+    return Scorer(score_fn=score_fn, n_items=n_items)
+
+
+def evaluate_by_pool(model, data, split: str = "test", ks: Sequence[int] = (10, 20), device="cpu") -> Dict[str, float]:
+    """HR/NDCG@K of visited targets ranked among the user's visited items only, and of unvisited
+    targets ranked among the other items only (keys "visited_pool_hr@10", "unvisited_pool_ndcg@20", ...).
+    The full-ranking protocol (every item a candidate) is `mbrec_fast.training.multibehavior.evaluate_model`."""
+    from ..evaluator import evaluate_full_ranking
+    targets, labels = data.split(split)
+    aux = tuple(t.to(device) for t in data.aux_csr())
+    out: Dict[str, float] = {}
+    with torch.no_grad():
+        base = model.scorer()
+        for pool, group in (("visited", "visited"), ("unvisited", "unvisited")):
+            sc = pool_restricted_scorer(base, aux, data.n_items, pool)
+            res = evaluate_full_ranking(None, None, exclude=tuple(t.to(device) for t in data.exclude(split)),
+                                        targets=tuple(t.to(device) for t in targets), ks=list(ks),
+                                        metrics=("hr", "ndcg"), score_fn=sc.score_fn, n_items=data.n_items,
+                                        users=data.eval_users(split).to(device), target_groups=labels.to(device),
+                                        group_names=["unvisited", "visited"])
+            out.update({f"{pool}_pool_{k}": v for k, v in res.groups[group].items()})
+            out[f"{pool}_pool_users"] = float(res.group_users[group])
+    return out
+
+
+class _Expert(nn.Module):
+    """Global and local embedding tables of one expert."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int):
+        super().__init__()
+        self.glo_user, self.glo_item = nn.Embedding(n_users, dim), nn.Embedding(n_items, dim)
+        self.loc_user, self.loc_item = nn.Embedding(n_users, dim), nn.Embedding(n_items, dim)
+        for emb in (self.glo_user, self.glo_item, self.loc_user, self.loc_item):
+            nn.init.normal_(emb.weight, std=0.1)
+
+
+def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with in-batch negatives: row j of `a` should match row j of `b` (cosine / temperature)."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.T / temperature
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
+class MEMBER(MultiBehaviorModel):
+    """Visited / unvisited experts with hard gating from the auxiliary CSR (see the module docstring).
+
+    behavior_csrs: per-behavior training CSRs in cascade order (target last; at least 2 behaviors).
+    lambda_visited / lambda_unvisited: global-vs-local mix per expert. con_visited / con_unvisited and
+    temp_*: InfoNCE weights and temperatures. gen_weight, gen_batch, gen_neg: generative loss weight,
+    edges per batch per behavior pair, uniform negatives per edge. cl_nodes: users and items per batch in
+    each InfoNCE (the first distinct ones of the shuffled batch). pool_weight: weight of the two
+    in-pool BPR terms (0 disables them). unvisited_all_purchases: the unvisited expert's in-pool term
+    uses every purchase as a positive (True) or only unvisited purchases (False; on data where every
+    training purchase is visited, e.g. Beibei, that expert then never sees a positive).
+    reg: L2 on the layer-0 rows of the batch. single_expert: the ablation (one expert, no gating).
+    """
+
+    name = "member"
+
+    def __init__(self, n_users: int, n_items: int, behavior_csrs: Sequence[Csr], dim: int = 32, n_layers: int = 2,
+                 lambda_visited: float = 0.5, lambda_unvisited: float = 0.5, con_visited: float = 0.1,
+                 con_unvisited: float = 0.1, temp_visited: float = 0.6, temp_unvisited: float = 0.7,
+                 gen_weight: float = 0.1, gen_batch: int = 1024, gen_neg: int = 1, edge_dropout: float = 0.2,
+                 cl_nodes: int = 1024, pool_weight: float = 1.0, neg_ratio: int = 1, reg: float = 1e-4,
+                 single_expert: bool = False, unvisited_all_purchases: bool = True):
+        super().__init__()
+        R = len(behavior_csrs)
+        if R < 2:
+            raise ValueError("MEMBER needs at least one auxiliary behavior besides the target (got 1 behavior)")
+        for name, v in (("lambda_visited", lambda_visited), ("lambda_unvisited", lambda_unvisited)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}")
+        if dim < 1 or neg_ratio < 1 or n_layers < 0 or gen_batch < 1 or gen_neg < 1 or cl_nodes < 2:
+            raise ValueError("dim, neg_ratio, gen_batch, gen_neg must be >= 1, cl_nodes >= 2 and n_layers >= 0")
+        if not 0.0 <= edge_dropout < 1.0:
+            raise ValueError(f"edge_dropout must lie in [0, 1), got {edge_dropout}")
+        self.n_users, self.n_items, self.n_behaviors, self.dim, self.n_layers = n_users, n_items, R, dim, n_layers
+        self.lambdas = (float(lambda_visited), float(lambda_unvisited))
+        self.con = (float(con_visited), float(con_unvisited))
+        self.temps = (float(temp_visited), float(temp_unvisited))
+        self.gen_weight, self.gen_batch, self.gen_neg = float(gen_weight), int(gen_batch), int(gen_neg)
+        self.edge_dropout, self.cl_nodes, self.pool_weight = float(edge_dropout), int(cl_nodes), float(pool_weight)
+        self.neg_ratio, self.reg, self.single_expert = int(neg_ratio), float(reg), bool(single_expert)
+        self.unvisited_all_purchases = bool(unvisited_all_purchases)
+
+        csrs = [tuple(t.cpu().long() for t in c) for c in behavior_csrs]
+        self.local_adj = [BipartiteAdjacency.from_csr(c, n_items) for c in csrs]
+        edges = [csr_to_edges(c) for c in csrs]
+        self.behavior_edges = edges
+        all_u = torch.cat([e[0] for e in edges])
+        all_i = torch.cat([e[1] for e in edges])
+        self.union_adj = BipartiteAdjacency(all_u, all_i, n_users, n_items)
+        aux_u = torch.cat([e[0] for e in edges[:-1]])
+        aux_i = torch.cat([e[1] for e in edges[:-1]])
+        aux_key = torch.unique(aux_u * n_items + aux_i)
+        aux_indptr = torch.zeros(n_users + 1, dtype=torch.long)
+        aux_indptr[1:] = torch.cumsum(torch.bincount(aux_key // n_items, minlength=n_users), 0)
+        self.aux = KeyedCsr((aux_indptr, aux_key % n_items), n_items)
+        self.target = KeyedCsr(csrs[-1], n_items)
+        union_key = torch.unique(all_u * n_items + all_i)
+        union_indptr = torch.zeros(n_users + 1, dtype=torch.long)
+        union_indptr[1:] = torch.cumsum(torch.bincount(union_key // n_items, minlength=n_users), 0)
+        self.union = KeyedCsr((union_indptr, union_key % n_items), n_items)
+        tu, ti = edges[-1]
+        visited = self.aux.contains(tu, ti)
+        self.visited_purchases = (tu[visited], ti[visited])
+        self.other_purchases = (tu[~visited], ti[~visited])
+        self._aug: Optional[Tuple[BipartiteAdjacency, BipartiteAdjacency]] = None
+        self._aug_key: Optional[Tuple[int, int]] = None
+
+        self.experts = nn.ModuleList([_Expert(n_users, n_items, dim) for _ in range(1 if single_expert else 2)])
+
+    @classmethod
+    def from_data(cls, data, dim: int = 32, reg: float = 1e-4, neg_ratio: int = 1, **kwargs) -> "MEMBER":
+        """Model on `data`'s per-behavior training graphs (extra kwargs go to the constructor)."""
+        check_model_kwargs(cls, kwargs)
+        csrs = [data.behavior_csr(r) for r in range(data.n_behaviors)]
+        return cls(data.n_users, data.n_items, csrs, dim=dim, reg=reg, neg_ratio=neg_ratio, **kwargs)
+
+    # ------------------------------------------------------------------------------ experts
+    def expert(self, role: int) -> _Expert:
+        """Expert for role 0 = visited, 1 = unvisited (the same one in the single-expert ablation)."""
+        return self.experts[0 if self.single_expert else role]
+
+    def _lambda(self, role: int) -> float:
+        return self.lambdas[0 if self.single_expert else role]
+
+    def propagate_expert(self, expert: _Expert) -> Dict[str, object]:
+        """Global and local propagated embeddings of one expert (autograd on)."""
+        gu, gi = lightgcn_propagate(self.union_adj, expert.glo_user.weight, expert.glo_item.weight, self.n_layers)
+        per_behavior = [lightgcn_propagate(adj, expert.loc_user.weight, expert.loc_item.weight, self.n_layers)
+                        for adj in self.local_adj]
+        lu = torch.stack([p[0] for p in per_behavior]).mean(0)
+        li = torch.stack([p[1] for p in per_behavior]).mean(0)
+        return {"glo": (gu, gi), "loc": (lu, li), "per_behavior": per_behavior}
+
+    def _all_embeddings(self) -> List[Dict[str, object]]:
+        return [self.propagate_expert(e) for e in self.experts]
+
+    @staticmethod
+    def _expert_score(emb: Dict[str, object], lam: float, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        gu, gi = emb["glo"]
+        lu, li = emb["loc"]
+        u = users.unsqueeze(-1).expand_as(items) if items.dim() > users.dim() else users
+        return lam * (gu[u] * gi[items]).sum(-1) + (1.0 - lam) * (lu[u] * li[items]).sum(-1)
+
+    def _gated(self, embs: List[Dict[str, object]], users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Gated scores of (users, items); items may be [B] or [B, k] (users [B] broadcast)."""
+        if self.single_expert:
+            return self._expert_score(embs[0], self.lambdas[0], users, items)
+        u = users.unsqueeze(-1).expand_as(items) if items.dim() > users.dim() else users
+        vis = self.aux.contains(u, items)
+        s_v = self._expert_score(embs[0], self.lambdas[0], users, items)
+        s_n = self._expert_score(embs[1], self.lambdas[1], users, items)
+        return torch.where(vis, s_v, s_n)
+
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Training-time gated scores of (users[j], items[j]) from a fresh propagation."""
+        dev = self.experts[0].glo_user.weight.device
+        return self._gated(self._all_embeddings(), users.to(dev).long(), items.to(dev).long())
+
+    def is_visited(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Bool: did the user touch the item under an auxiliary behavior in training?"""
+        return self.aux.contains(users, items)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _concat(self, emb: Dict[str, object], lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(user [U, 2d], item [I, 2d]) whose dot product is the expert's score."""
+        (gu, gi), (lu, li) = emb["glo"], emb["loc"]
+        return torch.cat([lam * gu, (1.0 - lam) * lu], 1), torch.cat([gi, li], 1)
+
+    def scorer(self) -> Scorer:
+        with torch.no_grad():
+            embs = self._all_embeddings()
+            if self.single_expert:
+                ue, ie = self._concat(embs[0], self.lambdas[0])
+                return Scorer(user_emb=ue.contiguous(), item_emb=ie.contiguous())
+            uv, iv = self._concat(embs[0], self.lambdas[0])
+            un, in_ = self._concat(embs[1], self.lambdas[1])
+        aux = self.aux
+
+        def score_fn(users: torch.Tensor, item_start: int, item_end: int) -> torch.Tensor:
+            users = users.to(un.device).long()
+            out = un[users] @ in_[item_start:item_end].T              # unvisited expert everywhere ...
+            rows, items = aux.block_entries(users, item_start, item_end)
+            if rows.numel():                                            # ... visited expert on the aux entries
+                out[rows, items - item_start] = (uv[users[rows]] * iv[items]).sum(-1)
+            return out
+
+        return Scorer(score_fn=score_fn, n_items=self.n_items)
+
+    # ------------------------------------------------------------------------------ augmentation
+    def on_epoch_start(self, data, epoch: int, seed: int) -> None:
+        """Rebuilds the two augmented purchase graphs with edge dropout seeded by (seed, epoch)."""
+        self._build_augmented(epoch, seed)
+
+    def _build_augmented(self, epoch: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, 7))
+        vu, vi = drop_edges(*self.visited_purchases, self.edge_dropout, gen)
+        ou, oi = drop_edges(*self.other_purchases, self.edge_dropout, gen)
+        self._aug = (BipartiteAdjacency(vu, vi, self.n_users, self.n_items),
+                     BipartiteAdjacency(ou, oi, self.n_users, self.n_items))
+        self._aug_key = (epoch, seed)
+
+    # ------------------------------------------------------------------------------ training
+    def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
+        return _MemberBatches(self, data, epoch, batch_size, seed)
+
+    def pool_negatives(self, users: torch.Tensor, pos: torch.Tensor, generator: torch.Generator,
+                       rounds: int = 16, graph=None, seed: int = 0, offset: int = 0) -> torch.Tensor:
+        """Pool negatives [B, 2] (-1 where there is none).
+
+        Column 0, rows with a visited positive: uniform over the user's auxiliary items not bought
+        (visited pool). Column 1: uniform over the items the user never touched (unvisited pool), for
+        every row when `unvisited_all_purchases`, else only for rows with an unvisited positive.
+        With `graph` (a `mbrec_fast.InteractionGraph` whose sampler kernel is built) the package sampler
+        draws them (modes "visited" / "unvisited", keyed by seed/offset); otherwise a vectorized
+        rejection sampler with `generator` (a row not hit in `rounds` tries gets -1 like an empty pool).
+        """
+        users, pos = users.cpu().long(), pos.cpu().long()
+        out = torch.full((users.numel(), 2), -1, dtype=torch.long)
+        vis = self.aux.contains(users, pos)
+        want_unvisited = torch.ones_like(vis) if self.unvisited_all_purchases else ~vis
+        if graph is not None:
+            from ..sampler import sample_negatives
+            for col, mode, sel in ((0, "visited", vis), (1, "unvisited", want_unvisited)):
+                idx = torch.nonzero(sel).flatten()
+                if idx.numel():
+                    draw = sample_negatives(graph, users[idx], 1, mode=mode, seed=(seed + col) & ((1 << 62) - 1),
+                                            offset=offset, on_empty="sentinel")
+                    out[idx, col] = draw[:, 0].cpu().long()
+            return out
+        # visited pool: rejection on the user's auxiliary row
+        start = self.aux.indptr[users]
+        length = self.aux.indptr[users + 1] - start
+        todo = torch.nonzero(vis & (length > 0)).flatten()
+        for _ in range(rounds):
+            if todo.numel() == 0:
+                break
+            pick = start[todo] + (torch.rand(todo.numel(), generator=generator) * length[todo]).long().clamp_max(length[todo] - 1)
+            cand = self.aux.indices[pick]
+            bad = self.target.contains(users[todo], cand)
+            out[todo[~bad], 0] = cand[~bad]
+            todo = todo[bad]
+        # unvisited pool: rejection on all items
+        todo = torch.nonzero(want_unvisited).flatten()
+        for _ in range(rounds):
+            if todo.numel() == 0:
+                break
+            cand = torch.randint(0, self.n_items, (todo.numel(),), generator=generator)
+            bad = self.union.contains(users[todo], cand)
+            out[todo[~bad], 1] = cand[~bad]
+            todo = todo[bad]
+        return out
+
+    def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        dev = self.experts[0].glo_user.weight.device
+        if self._aug is None:
+            self._build_augmented(0, 0)
+        u, p, n = batch["users"].to(dev).long(), batch["pos"].to(dev).long(), batch["neg"].to(dev).long()
+        embs = self._all_embeddings()
+        s_pos = self._gated(embs, u, p)
+        s_neg = self._gated(embs, u, n)
+        bpr = F.softplus(s_neg - s_pos.unsqueeze(-1)).mean()
+        total = bpr
+        parts = {"bpr": float(bpr.detach())}
+        if self.pool_weight and "pool_neg" in batch:
+            # each expert ranks purchases above its own pool: the visited expert inside the visited pool
+            # (visited purchases only), the unvisited expert above never-touched items
+            pn = batch["pool_neg"].to(dev).long()
+            vis = self.aux.contains(u, p)
+            for role, ok in ((0, (pn[:, 0] >= 0) & vis), (1, pn[:, 1] >= 0)):
+                key = "bpr_pool_visited" if role == 0 else "bpr_pool_unvisited"
+                parts[key] = 0.0
+                if not bool(ok.any()):
+                    continue
+                emb, lam = embs[0 if self.single_expert else role], self._lambda(role)
+                s_p = self._expert_score(emb, lam, u[ok], p[ok])
+                s_n = self._expert_score(emb, lam, u[ok], pn[ok, role])
+                term = F.softplus(s_n - s_p).mean()
+                total = total + self.pool_weight * term
+                parts[key] = float(term.detach())
+
+        # contrastive: visited expert's local view vs its augmented visited-purchase view, unvisited
+        # expert's global view vs its augmented other-purchase view
+        cu = _first_distinct(u, self.cl_nodes)
+        ci = _first_distinct(p, self.cl_nodes)
+        for role, aug in ((0, self._aug[0]), (1, self._aug[1])):
+            if not self.con[role]:
+                continue
+            ex = self.expert(role)
+            emb = embs[0 if self.single_expert else role]
+            if role == 0:
+                (zu, zi), tables = emb["loc"], (ex.loc_user.weight, ex.loc_item.weight)
+            else:
+                (zu, zi), tables = emb["glo"], (ex.glo_user.weight, ex.glo_item.weight)
+            au, ai = lightgcn_propagate(aug, tables[0], tables[1], self.n_layers)
+            t = self.temps[role]
+            cl = 0.5 * (_info_nce(zu[cu], au[cu], t) + _info_nce(zi[ci], ai[ci], t))
+            total = total + self.con[role] * cl
+            parts["cl_visited" if role == 0 else "cl_unvisited"] = float(cl.detach())
+
+        # generative: behavior r's edges from behavior r + 1's local embeddings, in every expert
+        if self.gen_weight:
+            gen_terms = []
+            for r in range(self.n_behaviors - 1):
+                key = f"gen_users_{r}"
+                if key not in batch:
+                    continue
+                gu, gi, gn = (batch[f"gen_{k}_{r}"].to(dev).long() for k in ("users", "items", "neg"))
+                for emb in embs:
+                    hu, hi = emb["per_behavior"][r + 1]
+                    pos_logit = (hu[gu] * hi[gi]).sum(-1)
+                    neg_logit = (hu[gu].unsqueeze(1) * hi[gn]).sum(-1)
+                    logits = torch.cat([pos_logit, neg_logit.reshape(-1)])
+                    labels = torch.cat([torch.ones_like(pos_logit), torch.zeros(neg_logit.numel(), device=dev)])
+                    gen_terms.append(F.binary_cross_entropy_with_logits(logits, labels))
+            if gen_terms:
+                gen = torch.stack(gen_terms).mean()
+                total = total + self.gen_weight * gen
+                parts["gen"] = float(gen.detach())
+
+        if self.reg:
+            l2 = 0.0
+            for ex in self.experts:
+                for tab_u, tab_i in ((ex.glo_user, ex.glo_item), (ex.loc_user, ex.loc_item)):
+                    l2 = l2 + tab_u(u).pow(2).sum() + tab_i(p).pow(2).sum() + tab_i(n).pow(2).sum() / n.shape[1]
+            total = total + self.reg * l2 / u.numel()
+        parts["loss"] = float(total.detach())
+        return total, parts
+
+
+def _fused_sampler_available(graph) -> bool:
+    """True when `graph` is the package's InteractionGraph and the compiled sampler kernel is present
+    (the sampler's pure-Python reference backend is far too slow for training)."""
+    try:
+        from ..sampler import InteractionGraph
+    except ImportError:
+        return False
+    return isinstance(graph, InteractionGraph) and hasattr(torch.ops.mbrec_fast, "sample_negatives")
+
+
+def _first_distinct(x: torch.Tensor, limit: int) -> torch.Tensor:
+    """The first `limit` distinct values of x in order of first appearance (deterministic)."""
+    uniq, inverse = torch.unique(x, return_inverse=True)
+    first = torch.full((uniq.numel(),), x.numel(), dtype=torch.long, device=x.device)
+    first.scatter_reduce_(0, inverse, torch.arange(x.numel(), device=x.device), reduce="amin")
+    order = torch.argsort(first)[:limit]
+    return uniq[order]
+
+
+class _MemberBatches:
+    """Epoch batches of MEMBER: purchases with uniform negatives (package sampler), pool negatives
+    [B, 2] (visited pool, unvisited pool) per purchase and, per lower behavior r, `gen_batch` edges of r (a per-epoch permutation of r's edges
+    walked in order, so edges are drawn without replacement) with uniform item negatives.
+    Every draw is seeded by (seed, epoch, batch index)."""
+
+    def __init__(self, model: MEMBER, data, epoch: int, batch_size: int, seed: int):
+        u, i = data.pairs(data.target)
+        self.model = model
+        self.pairs = PairBatches(data.train, u, i, torch.full_like(u, data.target), batch_size=batch_size,
+                                 num_neg=model.neg_ratio, seed=seed, epoch=epoch, mode="exclusive")
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        m = self.model
+        perms = []
+        for r in range(m.n_behaviors - 1):
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 10 + r))
+            perms.append(torch.randperm(m.behavior_edges[r][0].numel(), generator=g))
+        base = epoch_seed(self.seed, self.epoch, 2)
+        graph = self.pairs.graph if _fused_sampler_available(self.pairs.graph) else None
+        for b, batch in enumerate(self.pairs):
+            gen = torch.Generator().manual_seed((base + b) & ((1 << 62) - 1))
+            if m.pool_weight:
+                batch["pool_neg"] = m.pool_negatives(batch["users"], batch["pos"], gen, graph=graph,
+                                                     seed=base, offset=b * self.pairs.batch_size)
+            if m.gen_weight:
+                for r, perm in enumerate(perms):
+                    n_e = perm.numel()
+                    if n_e == 0:
+                        continue
+                    idx = perm[(torch.arange(m.gen_batch) + b * m.gen_batch) % n_e]
+                    batch[f"gen_users_{r}"] = m.behavior_edges[r][0][idx]
+                    batch[f"gen_items_{r}"] = m.behavior_edges[r][1][idx]
+                    batch[f"gen_neg_{r}"] = torch.randint(0, m.n_items, (m.gen_batch, m.gen_neg), generator=gen)
+            yield batch

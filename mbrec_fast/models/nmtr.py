@@ -1,0 +1,234 @@
+"""NMTR: neural multi-task recommendation over cascaded behaviors (Gao et al., ICDE'19 / TKDE).
+
+One user and one item embedding table shared by every behavior; one NCF interaction unit per behavior
+r (GMF, MLP or NeuMF); cascaded logits along the behavior order (weakest first)
+
+    out^0 = f^0(p, q) + b_i^0,    out^r = out^{r-1} + f^r(p, q) + b_i^r,    y^r = sigmoid(out^r)
+
+and a lambda-weighted sum of per-behavior pointwise log losses. Each training interaction (u, i, r) is a
+positive at behavior r with `neg_ratio` negatives from the sampler at behavior r: mode "exclusive"
+(the paper: any item u did not do at r, so an item u only viewed is a negative for "buy" - the
+cascade-aware part) or "cascade" (a level mixture, see `mbrec_fast.models._batches.default_level_probs`).
+
+The per-behavior MLP towers are routed experts: every (example, head s <= r) pair is one row routed to
+expert s, so an example at behavior r runs exactly the r + 1 heads its cascaded logit needs. By default
+each layer is either the package's fused `mbrec_fast.routed_experts` op or a grouped GEMM in PyTorch
+(rows grouped by head, one GEMM per head; same math). `fused_experts=None` (default) picks the fused op
+on CUDA and the PyTorch path on CPU, where the two measured within noise of each other. Evaluation does not route:
+for a [users x items] block every head is needed, and the first layer splits into a user half and an
+item half (one broadcast add instead of a [b * n, 2d] GEMM), which routed rows cannot express.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._batches import PairBatches, default_level_probs
+from .base import MultiBehaviorModel, Scorer
+from .lightgcn import check_model_kwargs
+
+__all__ = ["NMTR", "INTERACTIONS"]
+
+INTERACTIONS = ("gmf", "mlp", "neumf")
+
+
+def _routed_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, route: torch.Tensor,
+                         relu: bool) -> torch.Tensor:
+    """out[j] = act(x[j] @ weight[route[j]] + bias[route[j]]): rows grouped by expert, one GEMM each."""
+    out = x.new_empty(x.shape[0], weight.shape[2])
+    for e in range(weight.shape[0]):
+        sel = torch.nonzero(route == e).flatten()
+        if sel.numel():
+            out = out.index_copy(0, sel, torch.addmm(bias[e], x.index_select(0, sel), weight[e]))
+    return torch.relu(out) if relu else out
+
+
+def _routed_linear_fused(x, weight, bias, route, relu: bool) -> torch.Tensor:
+    from ..experts import routed_experts
+    return routed_experts(x, weight, bias, route, activation="relu" if relu else "none")
+
+
+class NMTR(MultiBehaviorModel):
+    """Neural multi-task recommendation with cascaded per-behavior NCF units.
+
+    n_behaviors: behaviors in cascade order (last = target). interaction: "gmf" | "mlp" | "neumf"
+    (NeuMF here shares the embeddings between its GMF and MLP parts, as in the paper).
+    mlp_layers: tower depth (paper's best: 3), widths 2d -> d -> d/2 -> ... (halving, at least 1).
+    loss_weights: lambda_r per behavior (normalized to sum 1; default equal). The batch loss is
+    R * mean_j(lambda_{r_j} * BCE_j), i.e. the plain mean BCE when the weights are equal.
+    neg_mode: sampler mode "exclusive" (paper) or "cascade" with `level_probs` [R, R].
+    fused_experts: True / False forces the fused routed-experts op / the PyTorch path for the towers.
+    reg: L2 on the embedding rows of a batch (per example).
+    """
+
+    name = "nmtr"
+    ddp_find_unused_parameters = True  # a batch without some behavior leaves that head unused
+
+    def __init__(self, n_users: int, n_items: int, n_behaviors: int, dim: int = 64, interaction: str = "neumf",
+                 mlp_layers: int = 3, loss_weights: Optional[Sequence[float]] = None, neg_ratio: int = 4,
+                 reg: float = 0.0, neg_mode: str = "exclusive", level_probs=None, eval_user_block: int = 64,
+                 fused_experts: Optional[bool] = None):
+        super().__init__()
+        if interaction not in INTERACTIONS:
+            raise ValueError(f"interaction must be one of {INTERACTIONS}, got {interaction!r}")
+        if n_behaviors < 1:
+            raise ValueError(f"n_behaviors must be >= 1, got {n_behaviors}")
+        if dim < 1 or neg_ratio < 1 or mlp_layers < 1:
+            raise ValueError(f"dim, neg_ratio and mlp_layers must be >= 1, got {dim}, {neg_ratio}, {mlp_layers}")
+        if neg_mode not in ("exclusive", "cascade"):
+            raise ValueError(f"neg_mode must be 'exclusive' or 'cascade', got {neg_mode!r}")
+        weights = torch.full((n_behaviors,), 1.0 / n_behaviors, dtype=torch.float64) if loss_weights is None \
+            else torch.as_tensor(list(loss_weights), dtype=torch.float64)
+        if weights.numel() != n_behaviors or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+            raise ValueError(f"loss_weights must be {n_behaviors} non-negative numbers with a positive sum, "
+                             f"got {list(loss_weights)}")
+        self.n_users, self.n_items, self.n_behaviors, self.dim = n_users, n_items, n_behaviors, dim
+        self.interaction, self.neg_ratio, self.reg, self.neg_mode = interaction, neg_ratio, reg, neg_mode
+        self.eval_user_block, self.fused_experts = eval_user_block, fused_experts
+        self.register_buffer("loss_weights", (weights / weights.sum()).float(), persistent=False)
+        self.level_probs = None
+        if neg_mode == "cascade":
+            table = default_level_probs(n_behaviors) if level_probs is None else torch.as_tensor(level_probs, dtype=torch.float64)
+            if tuple(table.shape) != (n_behaviors, n_behaviors):
+                raise ValueError(f"level_probs must have shape ({n_behaviors}, {n_behaviors}), got {tuple(table.shape)}")
+            self.level_probs = table
+
+        R = n_behaviors
+        self.user_emb = nn.Embedding(n_users, dim)
+        self.item_emb = nn.Embedding(n_items, dim)
+        nn.init.normal_(self.user_emb.weight, std=0.01)
+        nn.init.normal_(self.item_emb.weight, std=0.01)
+        self.item_bias = nn.Parameter(torch.zeros(R, n_items))           # b_i^r
+        self.use_gmf = interaction in ("gmf", "neumf")
+        self.use_mlp = interaction in ("mlp", "neumf")
+        if self.use_gmf:
+            self.gmf_h = nn.Parameter(torch.empty(R, dim))
+            nn.init.uniform_(self.gmf_h, -math.sqrt(3.0 / dim), math.sqrt(3.0 / dim))
+        widths = [2 * dim] + [max(dim // (2 ** k), 1) for k in range(mlp_layers)]
+        self.mlp_widths = widths
+        self.mlp_weight = nn.ParameterList()
+        self.mlp_bias = nn.ParameterList()
+        if self.use_mlp:
+            for a, b in zip(widths[:-1], widths[1:]):
+                w = torch.empty(R, a, b)
+                for r in range(R):  # He initialization (the paper's [17]) per head
+                    nn.init.kaiming_uniform_(w[r].T, nonlinearity="relu")
+                self.mlp_weight.append(nn.Parameter(w))
+                self.mlp_bias.append(nn.Parameter(torch.zeros(R, b)))
+            self.mlp_h = nn.Parameter(torch.empty(R, widths[-1]))
+            nn.init.uniform_(self.mlp_h, -math.sqrt(3.0 / widths[-1]), math.sqrt(3.0 / widths[-1]))
+
+    @classmethod
+    def from_data(cls, data, dim: int = 64, reg: float = 0.0, neg_ratio: int = 4, **kwargs) -> "NMTR":
+        """Model for `data`'s behaviors (extra kwargs go to the constructor)."""
+        check_model_kwargs(cls, kwargs)
+        return cls(data.n_users, data.n_items, data.n_behaviors, dim=dim, reg=reg, neg_ratio=neg_ratio, **kwargs)
+
+    # ------------------------------------------------------------------------------ scores
+    def _tower(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        fused = self.fused_experts if self.fused_experts is not None else x.is_cuda
+        layer = _routed_linear_fused if fused else _routed_linear_torch
+        for w, b in zip(self.mlp_weight, self.mlp_bias):
+            x = layer(x, w, b, route, True)
+        return x
+
+    def logits(self, users: torch.Tensor, items: torch.Tensor, behaviors) -> torch.Tensor:
+        """Cascaded logits out^r(u, i) of (users[j], items[j]) at behaviors[j] (int or tensor)."""
+        dev = self.user_emb.weight.device
+        users, items = users.to(dev).long(), items.to(dev).long()
+        beh = torch.as_tensor(behaviors, dtype=torch.long, device=dev).expand(users.shape).reshape(-1)
+        users, items = users.reshape(-1), items.reshape(-1)
+        if beh.numel() and (int(beh.min()) < 0 or int(beh.max()) >= self.n_behaviors):
+            raise ValueError(f"behaviors must lie in [0, {self.n_behaviors})")
+        p, q = self.user_emb(users), self.item_emb(items)
+        # one row per (example, head s <= r): heads 0..r of example j
+        n_heads = beh + 1
+        ex = torch.repeat_interleave(torch.arange(users.numel(), device=dev), n_heads)
+        starts = torch.cumsum(n_heads, 0) - n_heads
+        head = torch.arange(ex.numel(), device=dev) - starts[ex]
+        f_rows = torch.zeros(ex.numel(), device=dev, dtype=p.dtype)
+        if self.use_gmf:
+            f_rows = f_rows + ((p * q)[ex] * self.gmf_h[head]).sum(-1)
+        if self.use_mlp:
+            z = self._tower(torch.cat([p, q], -1)[ex], head)
+            f_rows = f_rows + (z * self.mlp_h[head]).sum(-1)
+        f = torch.zeros(users.numel(), device=dev, dtype=p.dtype).index_add(0, ex, f_rows)
+        cum_bias = self.item_bias.cumsum(0)                               # [R, I]: sum_{s<=r} b_i^s
+        return f + cum_bias[beh, items]
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, behavior: Optional[int] = None) -> torch.Tensor:
+        """Cascaded logits at `behavior` (default: the target)."""
+        return self.logits(users, items, self.n_behaviors - 1 if behavior is None else behavior)
+
+    def score_block(self, users: torch.Tensor, item_start: int, item_end: int) -> torch.Tensor:
+        """Target-behavior logits [len(users), item_end - item_start] (the evaluator's score_fn)."""
+        dev = self.user_emb.weight.device
+        items = torch.arange(item_start, item_end, device=dev)
+        R, d = self.n_behaviors, self.dim
+        q = self.item_emb(items)                                          # [n, d]
+        bias = self.item_bias.sum(0)[items]                               # out^R sums every head's bias
+        if self.use_mlp:
+            w1 = self.mlp_weight[0]                                       # [R, 2d, h1]
+            item_half = torch.einsum("nd,rdh->rnh", q, w1[:, d:])       # [R, n, h1]
+        out = []
+        for ub in users.to(dev).long().split(self.eval_user_block):
+            p = self.user_emb(ub)                                         # [b, d]
+            s = bias.expand(ub.numel(), -1).clone()
+            if self.use_gmf:
+                s = s + (p * self.gmf_h.sum(0)) @ q.T                    # sum_s h_s^T (p * q)
+            if self.use_mlp:
+                user_half = torch.einsum("bd,rdh->rbh", p, w1[:, :d]) + self.mlp_bias[0][:, None, :]
+                for r in range(R):
+                    z = torch.relu(user_half[r][:, None, :] + item_half[r][None, :, :])   # [b, n, h1]
+                    for w, b in zip(list(self.mlp_weight)[1:], list(self.mlp_bias)[1:]):
+                        z = torch.relu(z @ w[r] + b[r])
+                    s = s + z @ self.mlp_h[r]
+            out.append(s)
+        return torch.cat(out) if out else torch.zeros(0, items.numel(), device=dev)
+
+    def scorer(self) -> Scorer:
+        """GMF: the target logit is a dot product once the summed head weights go to the user side and the
+        summed item biases become one more coordinate ([p * sum_s h_s, 1] . [q, sum_s b^s]), so the
+        evaluator's fused dot-product path serves it. MLP / NeuMF: the blocked `score_block`."""
+        if self.interaction == "gmf":
+            with torch.no_grad():
+                p = self.user_emb.weight * self.gmf_h.sum(0)
+                ue = torch.cat([p, torch.ones_like(p[:, :1])], 1)
+                ie = torch.cat([self.item_emb.weight, self.item_bias.sum(0)[:, None]], 1)
+            return Scorer(user_emb=ue.contiguous(), item_emb=ie.contiguous())
+        return Scorer(score_fn=self.score_block, n_items=self.n_items)
+
+    # ------------------------------------------------------------------------------ training
+    def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
+        """Every training (u, i, r) once per epoch as a positive at r, with `neg_ratio` negatives at r."""
+        us, its, bs = [], [], []
+        for r in range(data.n_behaviors):
+            u, i = data.pairs(r)
+            us.append(u)
+            its.append(i)
+            bs.append(torch.full_like(u, r))
+        return PairBatches(data.train, torch.cat(us), torch.cat(its), torch.cat(bs), batch_size=batch_size,
+                           num_neg=self.neg_ratio, seed=seed, epoch=epoch, mode=self.neg_mode,
+                           level_probs=self.level_probs)
+
+    def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        dev = self.user_emb.weight.device
+        u, p, n = batch["users"].to(dev), batch["pos"].to(dev), batch["neg"].to(dev)
+        beh = batch["behavior"].to(dev).long()
+        k = n.shape[1]
+        users = torch.cat([u, u.repeat_interleave(k)])
+        items = torch.cat([p, n.reshape(-1)])
+        behs = torch.cat([beh, beh.repeat_interleave(k)])
+        labels = torch.cat([torch.ones(u.numel(), device=dev), torch.zeros(n.numel(), device=dev)])
+        logits = self.logits(users, items, behs)
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        weighted = (bce * self.loss_weights[behs]).mean() * self.n_behaviors
+        total = weighted
+        if self.reg:
+            l2 = (self.user_emb(users).pow(2).sum() + self.item_emb(items).pow(2).sum()) / users.numel()
+            total = total + self.reg * l2
+        return total, {"loss": float(total.detach()), "bce": float(bce.mean().detach())}

@@ -1,0 +1,376 @@
+"""NMTR, MEMBER and LightGCN: graph helpers against dense references, overfitting, gradients, determinism,
+MEMBER's sparse gating against a dense-mask reference, evaluation score == training score."""
+import numpy as np
+import pytest
+import torch
+
+from mbrec_fast.data.multibehavior import from_arrays, synthetic_multibehavior
+from mbrec_fast.models.lightgcn import BipartiteAdjacency, LightGCN, drop_edges, lightgcn_propagate
+from mbrec_fast.models.member import (EXCLUDED_SCORE, MEMBER, KeyedCsr, evaluate_by_pool,
+                                      gated_scores_dense_reference)
+from mbrec_fast.models.nmtr import NMTR
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """60 users, 40 items, view -> cart -> buy, with direct purchases (so some held-out items are unvisited)."""
+    return synthetic_multibehavior(60, 40, interactions_per_user=8, direct_target_rate=0.5, seed=3)
+
+
+def _build(kind, data, **kw):
+    torch.manual_seed(0)
+    if kind == "lightgcn":
+        return LightGCN.from_data(data, dim=16, **kw)
+    if kind.startswith("nmtr"):
+        return NMTR.from_data(data, dim=16, interaction=kind.split("-")[1], **kw)
+    if kind == "member":
+        return MEMBER.from_data(data, dim=16, cl_nodes=64, gen_batch=64, **kw)
+    if kind == "member-single":
+        return MEMBER.from_data(data, dim=16, cl_nodes=64, gen_batch=64, single_expert=True, **kw)
+    raise AssertionError(kind)
+
+
+def _full_scores(model):
+    """Dense [U, I] scores from the model's evaluation scorer."""
+    with torch.no_grad():
+        sc = model.scorer()
+        if sc.score_fn is None:
+            return sc.user_emb @ sc.item_emb.T
+        users = torch.arange(model.n_users)
+        # odd block boundaries on purpose: item ranges that split users' rows
+        bounds = sorted({b for b in (0, 7, 8, 23) if b < model.n_items} | {model.n_items})
+        return torch.cat([sc.score_fn(users, a, b) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+
+
+def _train(model, data, epochs, lr, batch_size=64, seed=0):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    for epoch in range(epochs):
+        model.on_epoch_start(data, epoch, seed)
+        sums, n = {}, 0
+        for batch in model.training_batches(data, epoch, batch_size, seed):
+            opt.zero_grad()
+            loss, parts = model.loss(batch)
+            loss.backward()
+            opt.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        history.append({k: v / n for k, v in sums.items()})
+    return history
+
+
+def _train_auc(model, data):
+    """AUC of training purchases against items the user never bought, from the evaluation scores."""
+    scores = _full_scores(model)
+    indptr, indices = data.target_csr()
+    pos = torch.zeros(model.n_users, model.n_items, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(model.n_users), indptr.diff())
+    pos[rows, indices] = True
+    aucs = []
+    for u in range(model.n_users):
+        p, n = scores[u][pos[u]], scores[u][~pos[u]]
+        if p.numel() and n.numel():
+            aucs.append(float((p[:, None] > n[None, :]).float().mean()))
+    return float(np.mean(aucs))
+
+
+# ---------------------------------------------------------------------------------------------- graph helpers
+def _dense_norm_adj(users, items, n_users, n_items):
+    a = torch.zeros(n_users, n_items, dtype=torch.float64)
+    a[users, items] = 1.0
+    du, di = a.sum(1), a.sum(0)
+    with np.errstate(divide="ignore"):
+        su = torch.where(du > 0, du.rsqrt(), torch.zeros_like(du))
+        si = torch.where(di > 0, di.rsqrt(), torch.zeros_like(di))
+    return su[:, None] * a * si[None, :]
+
+
+@pytest.mark.parametrize("n_layers", [0, 1, 3])  # 0 = identity, 1 = one hop, 3 = the LightGCN default
+def test_propagation_matches_dense_reference(n_layers):
+    g = torch.Generator().manual_seed(1)
+    users = torch.randint(0, 9, (30,), generator=g)
+    items = torch.randint(0, 7, (30,), generator=g)
+    users = torch.cat([users, users[:5]])  # duplicate edges count once
+    items = torch.cat([items, items[:5]])
+    adj = BipartiteAdjacency(users, items, 10, 8)   # user 9 (and maybe item 7) have no edges
+    eu = torch.randn(10, 4, dtype=torch.float64, generator=g)
+    ei = torch.randn(8, 4, dtype=torch.float64, generator=g)
+    a = _dense_norm_adj(users, items, 10, 8)
+    ru, ri, cu, ci = eu, ei, eu, ei
+    for _ in range(n_layers):
+        cu, ci = a @ ci, a.T @ cu
+        ru, ri = ru + cu, ri + ci
+    ou, oi = lightgcn_propagate(adj, eu, ei, n_layers)
+    torch.testing.assert_close(ou, ru / (n_layers + 1))
+    torch.testing.assert_close(oi, ri / (n_layers + 1))
+
+
+def test_propagation_gradient_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    adj = BipartiteAdjacency(torch.randint(0, 6, (15,), generator=g), torch.randint(0, 5, (15,), generator=g), 6, 5)
+    eu = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    ei = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: lightgcn_propagate(adj, a, b, 2), (eu, ei))
+
+
+def test_adjacency_rejects_bad_ids():
+    with pytest.raises(ValueError, match="users"):
+        BipartiteAdjacency(torch.tensor([0, 5]), torch.tensor([0, 1]), 5, 3)
+    with pytest.raises(ValueError, match="items"):
+        BipartiteAdjacency(torch.tensor([0, 1]), torch.tensor([0, -1]), 5, 3)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.9])  # no-op, the paper's rate, nearly everything dropped
+def test_drop_edges_is_exact_subset_without_replacement(rate):
+    u = torch.arange(100)
+    i = torch.arange(100) % 7
+    ku, ki = drop_edges(u, i, rate, torch.Generator().manual_seed(0))
+    assert ku.numel() == round((1 - rate) * 100)
+    assert torch.unique(ku).numel() == ku.numel()               # distinct edges: no replacement
+    assert torch.equal(ki, ku % 7)                              # kept pairs are original edges
+    ku2, _ = drop_edges(u, i, rate, torch.Generator().manual_seed(0))
+    assert torch.equal(ku, ku2)
+    with pytest.raises(ValueError, match="rate"):
+        drop_edges(u, i, 1.0, torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------- training
+MODELS = ["lightgcn", "nmtr-gmf", "nmtr-mlp", "nmtr-neumf", "member", "member-single"]
+
+
+@pytest.mark.parametrize("kind", MODELS)  # every model and NMTR unit, MEMBER and its ablation
+def test_overfits_tiny_data(tiny, kind):
+    model = _build(kind, tiny, reg=0.0)
+    before = _train_auc(model, tiny)
+    history = _train(model, tiny, epochs=25, lr=0.03)
+    after = _train_auc(model, tiny)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert after > 0.93 and after >= before, (before, after)  # random scores give 0.5
+
+
+@pytest.mark.parametrize("kind", MODELS)  # incl. both MEMBER experts' four tables and every NMTR head
+def test_gradients_reach_every_parameter(tiny, kind):
+    model = _build(kind, tiny)
+    batch = next(iter(model.training_batches(tiny, 0, 512, seed=0)))
+    loss, _ = model.loss(batch)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+@pytest.mark.parametrize("kind", ["lightgcn", "nmtr-neumf", "member"])  # MEMBER: extra per-batch draws, aug graphs
+def test_deterministic_with_seed(tiny, kind):
+    def run(seed, epoch):
+        model = _build(kind, tiny)
+        batches = list(model.training_batches(tiny, epoch, 128, seed))
+        model.on_epoch_start(tiny, epoch, seed)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        for b in batches[:3]:
+            opt.zero_grad()
+            model.loss(b)[0].backward()
+            opt.step()
+        return batches, [p.detach().clone() for p in model.parameters()]
+
+    b1, p1 = run(5, 1)
+    b2, p2 = run(5, 1)
+    b3, _ = run(5, 2)
+    assert len(b1) == len(b2)
+    for x, y in zip(b1, b2):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert not torch.equal(b1[0]["users"], b3[0]["users"])   # another epoch, another order
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+@pytest.mark.parametrize("kind", MODELS)  # dot-product scorers and score_fn scorers (NMTR MLP/NeuMF, gated MEMBER)
+def test_eval_scores_equal_training_scores(tiny, kind):
+    model = _build(kind, tiny)
+    _train(model, tiny, epochs=1, lr=0.01)   # move away from the initialization (non-zero biases etc.)
+    full = _full_scores(model)
+    g = torch.Generator().manual_seed(0)
+    users = torch.randint(0, tiny.n_users, (200,), generator=g)
+    items = torch.randint(0, tiny.n_items, (200,), generator=g)
+    aux_rows = torch.repeat_interleave(torch.arange(tiny.n_users), tiny.aux_csr()[0].diff())
+    users = torch.cat([users, aux_rows[:50]])                  # make sure visited pairs are in
+    items = torch.cat([items, tiny.aux_csr()[1][:50]])
+    with torch.no_grad():
+        if kind.startswith("nmtr"):
+            train_scores = model.logits(users, items, tiny.target)
+        else:
+            train_scores = model.score_pairs(users, items)
+    torch.testing.assert_close(full[users, items], train_scores, rtol=1e-5, atol=1e-5)
+    if kind.startswith("nmtr"):  # the blocked score_fn too (GMF's scorer takes the dot-product path instead)
+        with torch.no_grad():
+            block = model.score_block(torch.arange(tiny.n_users), 0, tiny.n_items)
+        torch.testing.assert_close(block, full, rtol=1e-5, atol=1e-5)
+
+
+def test_member_gating_equals_dense_mask_reference(tiny):
+    model = _build("member", tiny)
+    _train(model, tiny, epochs=1, lr=0.01)
+    with torch.no_grad():
+        embs = model._all_embeddings()
+        uv, iv = model._concat(embs[0], model.lambdas[0])
+        un, in_ = model._concat(embs[1], model.lambdas[1])
+        dense = gated_scores_dense_reference(uv, iv, un, in_, tiny.aux_csr(), tiny.n_items)
+        score_fn = model.scorer().score_fn
+        users = torch.tensor([5, 0, 59, 5, 17])                 # unsorted, with a repeat
+        for a, b in [(0, tiny.n_items), (0, 1), (13, 14), (3, 29), (39, 40)]:  # whole range, single items, tails
+            torch.testing.assert_close(score_fn(users, a, b), dense[users, a:b], rtol=1e-5, atol=1e-6)
+    # the case is not trivial: the tested users have visited items and the two experts disagree there
+    aux_deg = tiny.aux_csr()[0].diff()
+    assert int(aux_deg[users].min()) > 0
+    assert not torch.allclose(uv @ iv.T, un @ in_.T)
+
+
+@pytest.mark.parametrize("kind", ["member", "lightgcn"])  # score_fn scorer and dot-product scorer
+def test_evaluate_by_pool_matches_brute_force(tiny, kind):
+    """Visited targets ranked among the user's visited items only, unvisited ones among the rest."""
+    model = _build(kind, tiny)
+    _train(model, tiny, epochs=1, lr=0.01)
+    got = evaluate_by_pool(model, tiny, "test", ks=[5])
+    scores = _full_scores(model)
+    targets, labels = tiny.split("test")
+    aux, excl = tiny.aux_csr(), tiny.exclude("test")
+    for pool, flag in (("visited", 1), ("unvisited", 0)):
+        hits = []
+        for u in range(tiny.n_users):
+            t = targets[1][targets[0][u]:targets[0][u + 1]]
+            g = labels[targets[0][u]:targets[0][u + 1]]
+            t = t[g == flag]
+            if t.numel() == 0:
+                continue
+            cand = torch.zeros(tiny.n_items, dtype=torch.bool)
+            cand[aux[1][aux[0][u]:aux[0][u + 1]]] = True
+            if pool == "unvisited":
+                cand = ~cand
+            cand[excl[1][excl[0][u]:excl[0][u + 1]]] = False
+            s = scores[u].clone()
+            s[~cand] = -float("inf")
+            top = torch.topk(s, min(5, int(cand.sum())) if int(cand.sum()) else 0).indices
+            hits.append(float(bool(np.isin(top.numpy(), t.numpy()).any())))
+        assert got[f"{pool}_pool_users"] == len(hits)
+        assert got[f"{pool}_pool_hr@5"] == pytest.approx(float(np.mean(hits)), abs=1e-9), pool
+    assert EXCLUDED_SCORE < -1e29
+
+
+def test_keyed_csr_block_entries_and_contains():
+    indptr = torch.tensor([0, 2, 2, 5])
+    indices = torch.tensor([1, 4, 0, 2, 3])
+    k = KeyedCsr((indptr, indices), 6)
+    rows, items = k.block_entries(torch.tensor([2, 1, 0]), 1, 4)
+    assert sorted(zip(rows.tolist(), items.tolist())) == [(0, 2), (0, 3), (2, 1)]
+    assert k.contains(torch.tensor([0, 0, 1, 2]), torch.tensor([4, 5, 0, 0])).tolist() == [True, False, False, True]
+    with pytest.raises(ValueError, match="sorted"):
+        KeyedCsr((torch.tensor([0, 2]), torch.tensor([3, 1])), 6)
+
+
+@pytest.mark.parametrize("use_sampler", [False, True])  # own rejection sampler / the package sampler's pools
+def test_member_pool_negatives_come_from_the_right_pool(tiny, use_sampler):
+    model = _build("member", tiny)
+    u, i = tiny.pairs(tiny.target)
+    graph = tiny.train if use_sampler else None
+    if use_sampler and not hasattr(torch.ops.mbrec_fast, "sample_negatives"):
+        pytest.skip("sampler kernel not built")
+    neg = model.pool_negatives(u, i, torch.Generator().manual_seed(0), graph=graph, seed=3)
+    vis = model.is_visited(u, i)
+    v_ok, n_ok = neg[:, 0] >= 0, neg[:, 1] >= 0
+    assert bool(v_ok[vis].float().mean() > 0.5) and not bool(v_ok[~vis].any())   # only visited positives
+    assert bool(n_ok.all())                                                       # every purchase (default)
+    assert bool(model.aux.contains(u[v_ok], neg[v_ok, 0]).all())                  # touched at an auxiliary behavior
+    assert not bool(model.target.contains(u[v_ok], neg[v_ok, 0]).any())           # ... but never bought
+    assert not bool(model.union.contains(u, neg[:, 1]).any())                     # never touched at all
+
+
+def test_member_self_supervised_losses_finite_and_decrease(tiny):
+    model = _build("member", tiny)
+    history = _train(model, tiny, epochs=12, lr=0.03)
+    for key in ("cl_visited", "cl_unvisited", "gen", "bpr", "bpr_pool_visited", "bpr_pool_unvisited"):
+        values = [h[key] for h in history]
+        assert all(np.isfinite(values)), key
+        assert values[-1] < values[0], (key, values)
+
+
+def test_member_single_expert_ablation_uses_dot_product_path(tiny):
+    two, one = _build("member", tiny), _build("member-single", tiny)
+    assert sum(p.numel() for p in two.parameters()) == 2 * sum(p.numel() for p in one.parameters())
+    sc = one.scorer()
+    assert sc.score_fn is None and sc.user_emb.shape == (tiny.n_users, 32)
+
+
+def test_member_augmented_graphs_depend_on_seed_and_epoch(tiny):
+    model = _build("member", tiny)
+    model.on_epoch_start(tiny, 0, 0)
+    a = [adj._parts["ui"][1].clone() for adj in model._aug]
+    model.on_epoch_start(tiny, 0, 0)
+    assert all(torch.equal(x, adj._parts["ui"][1]) for x, adj in zip(a, model._aug))
+    model.on_epoch_start(tiny, 1, 0)
+    assert any(not torch.equal(x, adj._parts["ui"][1]) for x, adj in zip(a, model._aug))
+    n_vis = model.visited_purchases[0].numel()
+    assert model._aug[0].n_edges == round(0.8 * n_vis)
+
+
+def test_nmtr_cascade_structure(tiny):
+    """out^r = out^{r-1} + f^r + b^r: the difference between adjacent behaviors is head r alone."""
+    model = _build("nmtr-neumf", tiny)
+    with torch.no_grad():
+        model.item_bias.normal_()
+        u, i = torch.arange(10), torch.arange(10)
+        l0, l1, l2 = (model.logits(u, i, r) for r in range(3))
+        mixed = model.logits(u, i, torch.tensor([0, 1, 2] * 3 + [2]))
+        expected = torch.stack([l0, l1, l2])[torch.tensor([0, 1, 2] * 3 + [2]), torch.arange(10)]
+        torch.testing.assert_close(mixed, expected)
+        # zeroing head 2's output weights leaves only its bias between behaviors 1 and 2
+        model.gmf_h[2].zero_()
+        model.mlp_h[2].zero_()
+        torch.testing.assert_close(model.logits(u, i, 2) - model.logits(u, i, 1), model.item_bias[2, i])
+
+
+def test_nmtr_fused_expert_op_matches_torch_path(tiny):
+    """The towers through the package's routed-experts op == the PyTorch grouped-GEMM path, values and grads."""
+    model = _build("nmtr-mlp", tiny)
+    u, i = torch.arange(30), torch.arange(30) % tiny.n_items
+    beh = torch.arange(30) % 3                      # rows with 1, 2 and 3 heads
+    results = []
+    for fused in (False, True):
+        model.fused_experts = fused
+        model.zero_grad()
+        out = model.logits(u, i, beh)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for g_fused, g_torch in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g_fused, g_torch, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_arguments_raise_clear_errors(tiny):
+    with pytest.raises(ValueError, match="interaction"):
+        NMTR(10, 10, 3, interaction="dot")
+    with pytest.raises(ValueError, match="loss_weights"):
+        NMTR(10, 10, 3, loss_weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="behaviors"):
+        NMTR(10, 10, 2).logits(torch.tensor([0]), torch.tensor([0]), 2)
+    with pytest.raises(ValueError, match="auxiliary"):
+        MEMBER(10, 10, [tiny.target_csr()])
+    with pytest.raises(ValueError, match="lambda_visited"):
+        MEMBER.from_data(tiny, lambda_visited=1.5)
+    with pytest.raises(ValueError, match="edge_dropout"):
+        MEMBER.from_data(tiny, edge_dropout=1.0)
+    for cls in (NMTR, MEMBER, LightGCN):  # a misspelt hyper-parameter is named, not swallowed
+        with pytest.raises(TypeError, match="no argument 'depth'"):
+            cls.from_data(tiny, depth=3)
+
+
+def test_models_work_on_hand_built_data_with_empty_rows():
+    """A user with no interactions at all and an item nobody touched: finite scores everywhere."""
+    users = np.array([0, 0, 1, 1, 2, 0, 1, 2, 3])
+    items = np.array([0, 1, 1, 2, 3, 1, 2, 3, 0])
+    behs = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    data = from_arrays(users, items, behs, 5, 6, ["cart", "buy"], test=(np.array([0]), np.array([2])), valid="none")
+    for kind in ("lightgcn", "nmtr-neumf", "member"):
+        model = _build(kind, data)
+        _train(model, data, epochs=2, lr=0.01, batch_size=4)
+        assert torch.isfinite(_full_scores(model)).all(), kind
