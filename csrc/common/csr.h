@@ -4,18 +4,19 @@
 
 namespace mbrec {
 
-// First position p in [lo, hi) with col[p] >= key (hi if none).
+// First position p in [lo, hi) with col[p] >= key (hi if none). Branch-free halving (the compare
+// becomes a conditional move), which avoids mispredictions on the short rows that sampling probes.
 template <typename IdxT, typename KeyT>
 MBREC_HD int64_t lower_bound(const IdxT* col, int64_t lo, int64_t hi, KeyT key) {
-  while (lo < hi) {
-    const int64_t mid = lo + ((hi - lo) >> 1);
-    if (static_cast<KeyT>(col[mid]) < key) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
+  int64_t len = hi - lo;
+  if (len <= 0) return lo;
+  const IdxT* base = col + lo;
+  while (len > 1) {
+    const int64_t half = len >> 1;
+    base = (static_cast<KeyT>(base[half]) < key) ? base + half : base;
+    len -= half;
   }
-  return lo;
+  return (base - col) + (static_cast<KeyT>(*base) < key ? 1 : 0);
 }
 
 // True when key occurs in the sorted slice col[lo, hi).
