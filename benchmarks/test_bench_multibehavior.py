@@ -1,0 +1,119 @@
+"""Epoch time and full-ranking evaluation time of the multi-behavior models: mbrec_fast's pipeline
+(vectorized/fused negative sampler, fused top-K evaluator) against the same models run the plain
+PyTorch way (Python-set negatives, dense scores + torch.topk), same hyper-parameters, in one run.
+
+Default: a synthetic 1,500 x 1,000 data set (quick under --benchmark-disable).
+MBREC_FAST_BENCH_FULL=1: Beibei (21,716 users x 7,977 items) from the data root.
+
+    nice -n 5 mbrec-fast bench multibehavior --full
+    MBREC_FAST_BENCH_FULL=1 nice -n 5 python -m pytest benchmarks/test_bench_multibehavior.py
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+from mbrec_fast.models._batches import default_level_probs
+from mbrec_fast.reference.multibehavior import PythonSetSampler, dense_topk_evaluate, plain_epoch
+from mbrec_fast.training.multibehavior import MODELS, build_model, evaluate_model, load_data
+
+FULL = os.environ.get("MBREC_FAST_BENCH_FULL") == "1"
+DATA = "beibei" if FULL else "synthetic:1500x1000"
+KS = (10, 20, 50, 100)
+# the same hyper-parameters on both sides; NeuMF with its paper's 4 negatives
+SETTINGS = {"bpr": dict(dim=64, reg=1e-4, neg_ratio=1), "mcbpr": dict(dim=64, reg=1e-4, neg_ratio=1),
+            "neumf": dict(dim=64, reg=0.0, neg_ratio=4), "nmtr": dict(dim=64, reg=0.0, neg_ratio=4),
+            "lightgcn": dict(dim=64, reg=1e-4, neg_ratio=1), "member": dict(dim=32, reg=1e-4, neg_ratio=1)}
+BATCH = 4096
+BASELINE_MODELS = ["bpr", "mcbpr", "neumf"]
+
+
+def _available(name):
+    try:
+        importlib.import_module(MODELS[name][0])
+        return True
+    except ImportError:
+        return False
+
+
+ALL_MODELS = [m for m in ("bpr", "mcbpr", "neumf", "lightgcn", "nmtr", "member") if _available(m)]
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(int(os.environ.get("MBREC_FAST_BENCH_THREADS", "2")))
+    return load_data(DATA)
+
+
+@pytest.fixture(scope="module")
+def set_sampler(data):
+    return PythonSetSampler(data.train, default_level_probs(data.n_behaviors))
+
+
+def _model(name, data):
+    torch.manual_seed(0)
+    return build_model(name, data, **SETTINGS[name])
+
+
+def _case(data):
+    return f"{data.name} {data.n_users}x{data.n_items}"
+
+
+@pytest.mark.parametrize("name", BASELINE_MODELS)
+@pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
+def test_epoch(benchmark, record, data, set_sampler, name, impl):
+    model = _model(name, data)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if impl == "mbrec_fast":
+        def run():
+            for batch in model.training_batches(data, 0, BATCH, 0):
+                opt.zero_grad()
+                loss, _ = model.loss(batch)
+                loss.backward()
+                opt.step()
+    else:
+        positives = (model._positives(data) if hasattr(model, "_positives") else
+                     (*data.pairs(data.target), torch.full_like(data.pairs(data.target)[0], data.target)))
+        mode = "cascade" if name == "mcbpr" else "exclusive"
+
+        def run():
+            plain_epoch(model, positives, set_sampler, opt, batch_size=BATCH, num_neg=model.neg_ratio, mode=mode)
+    n_pos = len(model.training_batches(data, 0, BATCH, 0))
+    record(op="multibehavior", case=f"{name} epoch {_case(data)}", impl=impl, model=name, batches=n_pos,
+           batch_size=BATCH)
+    benchmark.group = f"multibehavior: {name} epoch {_case(data)}"
+    benchmark.pedantic(run, rounds=1 if FULL else 2, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
+def test_full_ranking_eval(benchmark, record, data, name, impl):
+    model = _model(name, data).eval()
+    with torch.no_grad():
+        if hasattr(model, "on_epoch_start"):
+            model.on_epoch_start(data, 0, 0)
+    labels = data.test_visited
+
+    if impl == "mbrec_fast":
+        def run():
+            with torch.no_grad():
+                return evaluate_model(model, data, "test", KS)
+    else:
+        def run():
+            with torch.no_grad():
+                scorer = model.scorer()
+                if scorer.score_fn is None:
+                    rows = lambda u: scorer.user_emb[u] @ scorer.item_emb.T  # noqa: E731
+                else:
+                    rows = lambda u: scorer.score_fn(u, 0, data.n_items)  # noqa: E731
+                return dense_topk_evaluate(rows, data.n_users, data.n_items, data.exclude("test"), data.test, KS,
+                                           target_groups=labels, group_names=["unvisited", "visited"],
+                                           batch_users=256)
+    record(op="multibehavior", case=f"{name} eval {_case(data)}", impl=impl, model=name,
+           users=int(data.eval_users("test").numel()), items=data.n_items)
+    benchmark.group = f"multibehavior: {name} eval {_case(data)}"
+    result = benchmark.pedantic(run, rounds=1 if FULL else 2, iterations=1, warmup_rounds=0)
+    overall = result if impl == "mbrec_fast" else result["all"]
+    assert 0.0 <= overall["ndcg@10"] <= 1.0
+    benchmark.extra_info["ndcg@10"] = overall["ndcg@10"]

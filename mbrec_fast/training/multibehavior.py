@@ -1,0 +1,386 @@
+"""`mbrec-fast train|evaluate` for the multi-behavior models: bpr (alias mf), neumf, mcbpr, lightgcn,
+nmtr, member.
+
+    mbrec-fast train --model nmtr --data beibei --epochs 10 --device cpu --out runs/nmtr
+    mbrec-fast evaluate --checkpoint runs/nmtr/best.pt
+    torchrun --nproc_per_node 2 -m mbrec_fast.cli train --model bpr --data beibei --epochs 5
+
+Training goes through the shared `Trainer` (progress bars, validation every --eval-every epochs,
+early stopping on --monitor, checkpoints with exact resume, metrics.json / history.json / curves.png
+in --out). Evaluation ranks every item with `mbrec_fast.evaluate_full_ranking`, masking the user's
+training purchases (and validation items at test time), and reports HR/NDCG@K overall and on
+visited / unvisited held-out items. Under torchrun the model is wrapped in DistributedDataParallel,
+each global batch is split across ranks and the evaluator shards users across ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .common import Trainer, format_table, init_distributed, is_main_process, log, seed_everything, world
+
+__all__ = ["train_main", "evaluate_main", "build_parser", "build_model", "load_data", "evaluate_model", "results_markdown",
+           "metrics_table", "MODELS"]
+
+# name -> (module, class name); the first three live in baselines.py, the rest in their own modules
+MODELS = {
+    "bpr": ("mbrec_fast.models.baselines", "BPRMF"),
+    "mf": ("mbrec_fast.models.baselines", "BPRMF"),
+    "neumf": ("mbrec_fast.models.baselines", "NeuMF"),
+    "mcbpr": ("mbrec_fast.models.baselines", "MCBPR"),
+    "lightgcn": ("mbrec_fast.models.lightgcn", "LightGCN"),
+    "nmtr": ("mbrec_fast.models.nmtr", "NMTR"),
+    "member": ("mbrec_fast.models.member", "MEMBER"),
+}
+# defaults that differ by model (the papers' settings); anything else falls back to the parser's
+MODEL_DEFAULTS = {
+    "neumf": {"neg_ratio": 4, "reg": 0.0},
+    "nmtr": {"neg_ratio": 4, "reg": 0.0},
+    "member": {"dim": 32},
+}
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a multi-behavior recommender with full-ranking evaluation.")
+    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--data", default="beibei",
+                   help="data set name under the data root, a folder in the canonical layout, a CSV/TSV/Parquet "
+                        "table (user,item,behavior[,timestamp]), or synthetic:USERSxITEMS")
+    p.add_argument("--behaviors", default=None, help="comma-separated cascade order for a table (weakest first)")
+    p.add_argument("--valid", default="leave-one-out", choices=["leave-one-out", "none"])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dim", type=int, default=None, help="embedding size (default 64; MEMBER 32)")
+    p.add_argument("--neg-ratio", type=int, default=None, help="negatives per positive (default 1; NeuMF/NMTR 4)")
+    p.add_argument("--reg", type=float, default=None, help="L2 on the embedding rows of a batch (default 1e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping; 0 = never")
+    p.add_argument("--monitor", default="ndcg@10")
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>-<data>)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a checkpoint (no value: <out>/checkpoint.pt)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50, 100])
+    p.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra constructor argument of the model (VALUE parsed as JSON when it can be), repeatable")
+    # model-specific shortcuts (also reachable through --model-arg)
+    p.add_argument("--layers", type=int, default=None, help="LightGCN/MEMBER propagation layers; NMTR MLP tower depth")
+    p.add_argument("--loss-weights", default=None, help="NMTR per-behavior loss weights, comma-separated")
+    p.add_argument("--interaction", default=None, help="NMTR interaction function: gmf, mlp or neumf")
+    return p
+
+
+def _model_kwargs(args) -> Dict[str, Any]:
+    extra: Dict[str, Any] = {}
+    for item in args.model_arg:
+        if "=" not in item:
+            raise SystemExit(f"--model-arg expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            extra[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key.replace("-", "_")] = value
+    if args.layers is not None:
+        extra.setdefault("mlp_layers" if args.model == "nmtr" else "n_layers", args.layers)
+    if args.loss_weights is not None:
+        extra.setdefault("loss_weights", [float(x) for x in args.loss_weights.split(",")])
+    if args.interaction is not None:
+        extra.setdefault("interaction", args.interaction)
+    return extra
+
+
+def _fill_defaults(args) -> None:
+    defaults = {"dim": 64, "neg_ratio": 1, "reg": 1e-4}
+    defaults.update(MODEL_DEFAULTS.get(args.model, {}))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+# ------------------------------------------------------------------------------------------ data / model
+def load_data(spec: str, valid: str = "leave-one-out", seed: int = 0, behaviors: Optional[str] = None):
+    """A `MultiBehaviorData` from a name, a folder, a table file or "synthetic:UxI"."""
+    from ..data.multibehavior import from_table, load_dataset, synthetic_multibehavior
+    if spec.startswith("synthetic:"):
+        size = spec.split(":", 1)[1].lower().replace(",", "x")
+        try:
+            n_users, n_items = (int(x) for x in size.split("x"))
+        except ValueError:
+            raise SystemExit(f"--data synthetic:USERSxITEMS expected, got {spec!r}")
+        return synthetic_multibehavior(n_users, n_items, valid=valid, seed=seed)
+    if os.path.isfile(spec):
+        order = behaviors.split(",") if behaviors else None
+        return from_table(spec, order, valid=valid, seed=seed)
+    return load_dataset(spec, valid=valid, seed=seed)
+
+
+def build_model(name: str, data, *, dim: int, reg: float, neg_ratio: int, **extra) -> nn.Module:
+    """Constructs model `name` for `data`, passing the arguments its constructor accepts."""
+    module_name, class_name = MODELS[name]
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"model {name!r} is not available ({module_name}.{class_name}: {exc})")
+    if hasattr(cls, "from_data"):
+        return cls.from_data(data, dim=dim, reg=reg, neg_ratio=neg_ratio, **extra)
+    offered = {"n_users": data.n_users, "n_items": data.n_items, "n_behaviors": data.n_behaviors,
+               "dim": dim, "embedding_dim": dim, "reg": reg, "neg_ratio": neg_ratio, "data": data,
+               "graph": data.train, "behavior_names": data.behavior_names}
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if k in params}
+    for key, value in extra.items():
+        if key not in params and not takes_any:
+            raise SystemExit(f"model {name!r} has no argument {key!r} (accepts: {', '.join(p for p in params if p != 'self')})")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+class _LossModule(nn.Module):
+    """Makes `model.loss(batch)` the forward of a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+def _shard_batch(batch: Dict[str, Any], rank: int, world_size: int) -> Dict[str, Any]:
+    """This rank's part of a global batch: every tensor whose first dimension is the batch size is split."""
+    if world_size == 1:
+        return batch
+    size = batch["users"].shape[0] if "users" in batch else next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
+    return {k: (v.tensor_split(world_size)[rank] if torch.is_tensor(v) and v.dim() and v.shape[0] == size else v)
+            for k, v in batch.items()}
+
+
+def _to_device(csr, device):
+    return tuple(t.to(device) for t in csr)
+
+
+def evaluate_model(model: nn.Module, data, split: str, ks=(10, 20, 50, 100), device="cpu",
+                   distributed: bool = False) -> Dict[str, float]:
+    """Full-ranking HR/NDCG@K on `split`, overall and on visited / unvisited held-out items (flat dict)."""
+    from ..evaluator import evaluate_full_ranking
+    targets, labels = data.split(split)
+    ks = [k for k in ks if k <= data.n_items]
+    scorer = model.scorer()
+    res = evaluate_full_ranking(**scorer.evaluator_kwargs(), exclude=_to_device(data.exclude(split), device),
+                                targets=_to_device(targets, device), ks=ks, metrics=("hr", "ndcg"),
+                                users=data.eval_users(split).to(device), target_groups=labels.to(device),
+                                group_names=["unvisited", "visited"],
+                                process_group="default" if distributed else None)
+    out = dict(res.metrics)
+    out["users"] = float(res.n_users)
+    for group in ("visited", "unvisited"):
+        out.update({f"{group}_{k}": v for k, v in res.groups[group].items()})
+        out[f"{group}_users"] = float(res.group_users[group])
+    return out
+
+
+def metrics_table(metrics: Dict[str, float], ks) -> str:
+    """Rows overall / visited / unvisited, columns HR@K and NDCG@K."""
+    rows = []
+    for group, prefix in (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_")):
+        n = metrics.get(f"{prefix}users")
+        if not n:  # absent, or no held-out item of this kind (e.g. Retail Rocket has no visited ones)
+            continue
+        row: Dict[str, Any] = {"targets": group, "users": int(n)}
+        for k in ks:
+            for m in ("hr", "ndcg"):
+                if f"{prefix}{m}@{k}" in metrics:
+                    row[f"{m.upper()}@{k}"] = float(metrics[f"{prefix}{m}@{k}"])
+        rows.append(row)
+    return format_table(rows)
+
+
+def _timing_lines(timings: Dict[str, float], load_s: float, epochs: int) -> str:
+    wall = timings.get("wall", 0.0)
+    parts = [("load data", load_s), ("sampling / batches", timings.get("data", 0.0)),
+             ("forward + backward + step", timings.get("step", 0.0)), ("evaluation", timings.get("eval", 0.0)),
+             ("checkpoints", timings.get("checkpoint", 0.0))]
+    other = max(wall - sum(v for _, v in parts[1:]), 0.0)
+    parts.append(("other", other))
+    total = wall + load_s
+    lines = [f"where the time went ({epochs} epoch(s), {total:.1f}s in all):"]
+    lines += [f"  {name:<27}{v:8.2f}s  {100 * v / max(total, 1e-9):5.1f}%" for name, v in parts]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def train_main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _fill_defaults(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    distributed = init_distributed(args.device)
+    rank, world_size = world()
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    seed_everything(args.seed)
+
+    t0 = time.perf_counter()
+    data = load_data(args.data, valid=args.valid, seed=args.seed, behaviors=args.behaviors)
+    load_s = time.perf_counter() - t0
+    log(data.summary() + f"  (loaded in {load_s:.1f}s)")
+
+    seed_everything(args.seed)
+    model = build_model(args.model, data, dim=args.dim, reg=args.reg, neg_ratio=args.neg_ratio,
+                        **_model_kwargs(args)).to(device)
+    model.name = args.model
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                           weight_decay=args.weight_decay)
+    forward: nn.Module = _LossModule(model)
+    if distributed:
+        forward = nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(model, "ddp_find_unused_parameters", False)))
+    log(f"{args.model}: {n_params:,} parameters, device {device}, world size {world_size}")
+
+    def step(batch):
+        batch = _shard_batch(batch, rank, world_size)
+        opt.zero_grad(set_to_none=True)
+        loss, parts = forward(batch)
+        loss.backward()
+        opt.step()
+        return parts
+
+    has_valid = data.valid is not None
+
+    def evaluate(split):
+        if split == "valid" and not has_valid:
+            return None
+        return evaluate_model(model, data, split, args.ks, device, distributed)
+
+    run_dir = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(str(args.data).rstrip('/'))}")
+    resume = args.resume
+    if resume == "auto":
+        resume = os.path.join(run_dir, "checkpoint.pt")
+        if not os.path.isfile(resume):
+            log(f"--resume: no checkpoint at {resume}, starting fresh")
+            resume = None
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "max_steps")}
+    trainer = Trainer(model, {"main": opt}, run_dir, epochs=args.epochs, eval_every=args.eval_every,
+                      patience=args.patience or None, monitor=args.monitor, model_name=args.model, config=config,
+                      progress=False if args.no_progress else None, max_steps=args.max_steps)
+    result = trainer.fit(batches=lambda epoch: model.training_batches(data, epoch, args.batch_size, args.seed),
+                         step=step, evaluate=evaluate,
+                         on_epoch_start=lambda epoch: model.on_epoch_start(data, epoch, args.seed), resume=resume)
+    if result.interrupted:
+        log(f"interrupted; resume with: mbrec-fast train {' '.join(argv or [])} --resume")
+        return 0
+    if is_main_process():
+        path = os.path.join(run_dir, "metrics.json")
+        summary = json.load(open(path))
+        summary.update({"dataset": data.name, "n_params": n_params, "load_s": load_s, "world_size": world_size})
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1, default=float)
+    if result.best_epoch is not None:
+        log(f"best validation {args.monitor} = {result.best_valid[args.monitor]:.4f} at epoch {result.best_epoch}")
+    log(f"test ({data.name}, full ranking over {data.n_items:,} items):")
+    log(metrics_table(result.test, args.ks))
+    log(_timing_lines(result.timings, load_s, result.epochs_run))
+    log(f"outputs in {run_dir}: metrics.json, history.json, curves.png, checkpoint.pt" +
+        (", best.pt" if result.best_epoch is not None else ""))
+    return 0
+
+
+def evaluate_main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="mbrec-fast evaluate", description="Full-ranking evaluation of a checkpoint.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
+    p.add_argument("--split", default="test", choices=["test", "valid"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ks", type=int, nargs="+", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = dict(ckpt.get("config") or {})
+    name = ckpt["model_name"]
+    if name not in MODELS:
+        raise SystemExit(f"{args.checkpoint}: model {name!r} is not a multi-behavior model")
+    cfg.setdefault("model", name)
+    train_args = build_parser().parse_args(["--model", name])
+    for key, value in cfg.items():
+        setattr(train_args, key, value)
+    _fill_defaults(train_args)
+    data_spec = args.data or cfg.get("data", "beibei")
+    t0 = time.perf_counter()
+    data = load_data(data_spec, valid=cfg.get("valid", "leave-one-out"), seed=cfg.get("seed", 0),
+                     behaviors=cfg.get("behaviors"))
+    load_s = time.perf_counter() - t0
+    model = build_model(name, data, dim=train_args.dim, reg=train_args.reg, neg_ratio=train_args.neg_ratio,
+                        **_model_kwargs(train_args))
+    model.load_state_dict(ckpt["model"])
+    device = torch.device(args.device)
+    model.to(device).eval()
+    ks = args.ks or cfg.get("ks") or [10, 20, 50, 100]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        metrics = evaluate_model(model, data, args.split, ks, device)
+    eval_s = time.perf_counter() - t0
+    print(f"{name} on {data.name} ({args.split}, full ranking over {data.n_items:,} items; "
+          f"data {load_s:.1f}s, evaluation {eval_s:.1f}s)")
+    print(metrics_table(metrics, ks))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": name, "split": args.split, "metrics": metrics, "eval_s": eval_s}, f, indent=1)
+    return 0
+
+
+def results_markdown(run_dirs: List[str], ks=(10, 20, 50, 100)) -> str:
+    """A markdown results table (one row per run and target group) from runs' metrics.json files."""
+    header = ["model", "data", "targets"] + [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + ["epochs", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for d in run_dirs:
+        path = os.path.join(d, "metrics.json")
+        if not os.path.isfile(path):
+            continue
+        s = json.load(open(path))
+        test = s.get("test") or {}
+        cfg = s.get("config") or {}
+        variant = list(cfg.get("model_arg") or []) + [f"{k}={cfg[k]}" for k in ("interaction", "layers", "loss_weights")
+                                                      if cfg.get(k) is not None]
+        label = str(s.get("model")) + (f" ({', '.join(variant)})" if variant else "")
+        for group, prefix in (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_")):
+            if not test.get(f"{prefix}users"):
+                continue
+            vals = [f"{test.get(f'{prefix}{m}@{k}', float('nan')):.4f}" for k in ks for m in ("hr", "ndcg")]
+            best = s.get("best_epoch")
+            epochs = f"{s.get('epochs_run')}" + (f" (best {best})" if best else "")
+            lines.append("| " + " | ".join([label, str(s.get("dataset", "")), f"{group} ({int(test[f'{prefix}users'])})"]
+                                            + vals + [epochs, f"{s['timings_s']['wall'] + s.get('load_s', 0):.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m mbrec_fast.training.multibehavior table RUN_DIR...
+    import sys
+    if len(sys.argv) > 1 and sys.argv[1] == "table":
+        print(results_markdown(sys.argv[2:]))
+    else:
+        raise SystemExit(train_main(sys.argv[1:]))

@@ -1,0 +1,238 @@
+"""Multi-behavior baselines and the train/evaluate CLI: overfitting, gradients, determinism, exact
+resume, CLI smoke runs on the bundled data, and DistributedDataParallel with 2 gloo CPU processes."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from mbrec_fast import evaluate_full_ranking
+from mbrec_fast.cli import main as cli_main
+from mbrec_fast.data.multibehavior import synthetic_multibehavior
+from mbrec_fast.models._batches import fallback_negatives
+from mbrec_fast.models.baselines import BPRMF, MCBPR, NeuMF
+from mbrec_fast.training.checkpoint import load_checkpoint
+from mbrec_fast.training.multibehavior import build_model, evaluate_model, train_main
+
+BASELINES = ["bpr", "mcbpr", "neumf"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """60 users x 80 items, three behaviors: small enough to memorize."""
+    return synthetic_multibehavior(60, 80, interactions_per_user=8, seed=1)
+
+
+def _train(model, data, epochs, lr, batch_size=256, seed=0):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for epoch in range(epochs):
+        for batch in model.training_batches(data, epoch, batch_size, seed):
+            opt.zero_grad()
+            loss, _ = model.loss(batch)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+# ----------------------------------------------------------------------------------------- models
+@pytest.mark.parametrize("name", BASELINES)  # each baseline on its own
+def test_baseline_overfits_tiny_data(tiny, name):
+    torch.manual_seed(0)
+    model = build_model(name, tiny, dim=32, reg=0.0, neg_ratio=4 if name == "neumf" else 1)
+    losses = _train(model, tiny, epochs=150, lr=0.02)
+    assert losses[-1] < 0.25 * losses[0]
+    # training purchases must rank at the top once memorized (nothing excluded)
+    model.eval()
+    with torch.no_grad():
+        res = evaluate_full_ranking(**model.scorer().evaluator_kwargs(), exclude=None, targets=tiny.target_csr(),
+                                    ks=[10], metrics=["recall"])
+    assert res.metrics["recall@10"] > (0.6 if name == "mcbpr" else 0.9), res.metrics
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_gradients_reach_every_parameter(tiny, name):
+    torch.manual_seed(0)
+    model = build_model(name, tiny, dim=8, reg=1e-4, neg_ratio=2)
+    batch = next(iter(model.training_batches(tiny, 0, 64, 0)))
+    loss, parts = model.loss(batch)
+    loss.backward()
+    assert "loss" in parts and torch.isfinite(loss)
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, pname
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_training_is_deterministic_with_a_seed(tiny, name):
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        model = build_model(name, tiny, dim=8, reg=1e-4, neg_ratio=2)
+        _train(model, tiny, epochs=2, lr=0.01, batch_size=64, seed=7)
+        weights.append(model.state_dict())
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_batches_depend_on_seed_and_epoch_only(tiny):
+    model = BPRMF(tiny.n_users, tiny.n_items, dim=4)
+    a = list(model.training_batches(tiny, 3, 50, 11))
+    b = list(model.training_batches(tiny, 3, 50, 11))
+    c = list(model.training_batches(tiny, 4, 50, 11))
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    assert not torch.equal(a[0]["pos"], c[0]["pos"])
+    pos_total = sum(x["pos"].numel() for x in a)
+    assert pos_total == tiny.target_csr()[1].numel() and len(a) == len(model.training_batches(tiny, 3, 50, 11))
+
+
+def test_negatives_respect_their_mode(tiny):
+    """Exclusive negatives are never done at the positive's behavior; cascade lower-level draws are."""
+    graph = tiny.train
+    users = torch.arange(tiny.n_users).repeat(20)
+    target = tiny.target
+    rows = lambda r: [set(graph.csr(r)[1][graph.csr(r)[0][u]:graph.csr(r)[0][u + 1]].tolist())  # noqa: E731
+                      for u in range(tiny.n_users)]
+    bought = rows(target)
+    neg = fallback_negatives(graph, users, 3, target, "exclusive", seed=1)
+    assert all(int(i) not in bought[int(u)] for u, row in zip(users, neg) for i in row)
+    neg = fallback_negatives(graph, users, 3, target, "cascade", seed=2)
+    viewed = rows(0)
+    assert all(int(i) not in bought[int(u)] for u, row in zip(users, neg) for i in row)
+    from_lower = sum(int(i) in viewed[int(u)] for u, row in zip(users, neg) for i in row)
+    assert from_lower > 0.2 * neg.numel()  # the default table puts half the mass on lower levels
+
+
+def test_neumf_score_block_matches_pairwise_scores(tiny):
+    torch.manual_seed(0)
+    model = NeuMF(tiny.n_users, tiny.n_items, dim=8, eval_user_block=7)
+    users = torch.tensor([0, 5, 59, 3])
+    block = model.score_block(users, 10, 30)
+    pairs = model(users.repeat_interleave(20), torch.arange(10, 30).repeat(4)).view(4, 20)
+    torch.testing.assert_close(block, pairs, rtol=1e-5, atol=1e-5)
+
+
+def test_mcbpr_rejects_bad_level_table():
+    with pytest.raises(ValueError, match="level_probs"):
+        MCBPR(3, 4, n_behaviors=3, level_probs=torch.ones(2, 2))
+
+
+# ----------------------------------------------------------------------------------------- CLI + resume
+def _args(run_dir, model="bpr", extra=()):
+    return ["--model", model, "--data", "synthetic:200x150", "--epochs", "3", "--batch-size", "128",
+            "--lr", "0.01", "--dim", "8", "--out", str(run_dir), "--no-progress", "--patience", "0", *extra]
+
+
+@pytest.mark.parametrize("name, stop_after", [
+    ("bpr", 5),      # exactly at the end of epoch 1 (5 batches per epoch)
+    ("neumf", 7),    # mid-epoch 2, several negatives per positive, score_fn evaluation
+    ("mcbpr", 3),    # early in epoch 1 (36 batches), cascade sampling over all behaviors
+])
+def test_resume_is_bit_exact(tmp_path, name, stop_after):
+    assert train_main(_args(tmp_path / "full", name)) == 0
+    assert train_main(_args(tmp_path / "cut", name, ["--max-steps", str(stop_after)])) == 0
+    cut = load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    assert cut["global_step"] == stop_after
+    assert train_main(_args(tmp_path / "cut", name, ["--resume"])) == 0
+    full = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
+    resumed = load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
+
+
+def test_checkpoint_round_trip_through_evaluate(tmp_path, capsys):
+    assert train_main(_args(tmp_path, "neumf")) == 0
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    out_json = tmp_path / "eval.json"
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--json", str(out_json)]) == 0
+    again = json.loads(out_json.read_text())["metrics"]
+    for key, value in summary["test"].items():
+        assert again[key] == pytest.approx(value, abs=1e-12), key
+    assert "visited" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["bpr", "mcbpr"])  # target-only and multi-behavior sampling on real data
+def test_cli_smoke_on_bundled_data(tmp_path, data_dir, model, capsys):
+    rc = cli_main(["train", "--model", model, "--data", str(data_dir / "beibei"), "--epochs", "1",
+                   "--batch-size", "2048", "--lr", "0.05", "--dim", "16",
+                   "--out", str(tmp_path), "--no-progress", "--ks", "10", "100"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for word in ("overall", "visited", "unvisited", "where the time went", "HR@100"):
+        assert word in out
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["test"]["users"] == 21716 and summary["test"]["visited_users"] == 13525
+    assert summary["test"]["hr@100"] > 0.05  # far above random (100 / 7977 = 0.0125)
+    for name in ("checkpoint.pt", "best.pt", "history.json", "curves.png"):
+        assert (tmp_path / name).is_file()
+
+
+@pytest.mark.parametrize("model", ["nmtr", "member", "lightgcn"])  # the other models through the same CLI
+def test_cli_smoke_seed_models(tmp_path, model):
+    pytest.importorskip(f"mbrec_fast.models.{model}")
+    assert train_main(["--model", model, "--data", "synthetic:100x80", "--epochs", "1", "--batch-size", "256",
+                       "--dim", "8", "--out", str(tmp_path), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= summary["test"]["ndcg@10"] <= 1.0 and summary["test"]["users"] > 0
+
+
+def test_cli_rejects_unknown_model_argument(tmp_path):
+    with pytest.raises(SystemExit, match="no argument 'depth'"):
+        train_main(_args(tmp_path, extra=["--model-arg", "depth=3"]))
+
+
+# ----------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, argv):
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    try:
+        train_main(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    """2 ranks, each with half of every global batch, gradients averaged: the same model as one
+    process on the whole batch (up to float summation order), and a sharded evaluation equal to a
+    single-process evaluation of those weights."""
+    import torch.multiprocessing as mp
+    argv = lambda d: ["--model", "bpr", "--data", "synthetic:300x200", "--epochs", "2", "--batch-size", "128",  # noqa: E731
+                      "--lr", "0.01", "--dim", "8", "--out", str(d), "--no-progress", "--patience", "0"]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), argv(tmp_path / "ddp")), nprocs=2, join=True)
+    assert train_main(argv(tmp_path / "single")) == 0
+    ddp = load_checkpoint(str(tmp_path / "ddp" / "checkpoint.pt"))
+    single = load_checkpoint(str(tmp_path / "single" / "checkpoint.pt"))
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-3, atol=1e-4)
+    # evaluation sharded over the 2 ranks == one process evaluating the same (best) weights
+    from mbrec_fast.training.multibehavior import load_data
+    data = load_data("synthetic:300x200")
+    model = build_model("bpr", data, dim=8, reg=1e-4, neg_ratio=1)
+    model.load_state_dict(load_checkpoint(str(tmp_path / "ddp" / "best.pt"))["model"])
+    with torch.no_grad():
+        expected = evaluate_model(model, data, "test")
+    got = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert got["world_size"] == 2
+    for key, value in expected.items():
+        assert got["test"][key] == pytest.approx(value, abs=1e-9), key
