@@ -189,7 +189,7 @@ def _gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate
     pre_beh = pre if shared else pre.permute(1, 0, 2)  # [B, E, H]
     with_ln = _has_ln(ln_weight, ln_bias)
     if with_ln:
-        xhat, rstd = _layer_norm_stats(pre_beh, ln_eps)
+        xhat, ln_mean, rstd = torch.native_layer_norm(pre_beh, [H], None, None, ln_eps)
         y = xhat * ln_weight.to(_cdt(x)) if ln_weight is not None else xhat
         if ln_bias is not None:
             y = y + ln_bias.to(_cdt(x))
@@ -213,7 +213,9 @@ def _gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate
             dxhat = dy
         if ln_bias is not None:
             d_lnb = dy.sum(0).to(ln_bias.dtype)
-        dpre = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        # one fused pass (the loop's F.layer_norm backward uses the same kernel)
+        dpre = torch.ops.aten.native_layer_norm_backward(dxhat, pre_beh, [H], ln_mean, rstd, None, None,
+                                                         [True, False, False])[0]
     else:
         dpre = dy
     if shared:
@@ -378,7 +380,7 @@ def _routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln
     go = grad_out.to(_cdt(x)).index_select(0, rows)  # [N, H]
     with_ln = _has_ln(ln_weight, ln_bias)
     if with_ln:
-        xhat, rstd = _layer_norm_stats(pre, ln_eps)
+        xhat, ln_mean, rstd = torch.native_layer_norm(pre, [H], None, None, ln_eps)
         lnw_rows = _row_ln_params(ln_weight, sorted_expert)
         y = xhat * lnw_rows if ln_weight is not None else xhat
         if ln_bias is not None:
@@ -404,7 +406,9 @@ def _routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln
             dxhat = dy
         if ln_bias is not None:
             d_lnb = torch.zeros(E, H, dtype=_cdt(x), device=x.device).index_add_(0, sorted_expert, dy).to(ln_bias.dtype)
-        dpre = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        # one fused pass (the loop's F.layer_norm backward uses the same kernel)
+        dpre = torch.ops.aten.native_layer_norm_backward(dxhat, pre, [H], ln_mean, rstd, None, None,
+                                                         [True, False, False])[0]
     else:
         dpre = dy
     xs = x.to(_cdt(x)).index_select(0, rows)

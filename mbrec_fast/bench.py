@@ -98,7 +98,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--full", action="store_true", help="the full shape grid (MBREC_FAST_BENCH_FULL=1)")
     parser.add_argument("--out", default="bench_results", help="folder for the JSON report and PNG plot")
     parser.add_argument("-k", default=None, help="pytest -k expression to select cases")
+    parser.add_argument("--report", default=None, metavar="JSON",
+                        help="tabulate an existing pytest-benchmark JSON instead of running anything")
     args = parser.parse_args(argv)
+    if args.report:
+        if not os.path.isfile(args.report):
+            raise SystemExit(f"mbrec-fast bench: --report {args.report!r} is not a file")
+        with open(args.report) as f:
+            print(format_report(summarize(json.load(f))))
+        return 0
 
     root = benchmarks_dir()
     available = sorted(p.stem[len("test_bench_"):] for p in root.glob("test_bench_*.py"))

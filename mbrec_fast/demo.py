@@ -117,6 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seed-model", default="nmtr", choices=["nmtr", "member", "none"],
                         help="seed system trained after the MF part (none: skip)")
     parser.add_argument("--seed-model-epochs", type=int, default=1)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/demo"),
+                        help="run directory of the seed model (metrics.json, curves.png, checkpoints)")
     args = parser.parse_args(argv)
 
     folder = _resolve_dataset(args.data or _default_data_root(), args.dataset)
@@ -182,17 +184,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _seed_model_part(folder: pathlib.Path, args) -> None:
     """Trains a seed system (NMTR by default) for a short schedule through `mbrec-fast train` and prints
     its full-ranking metrics (overall / visited / unvisited) and where the time went."""
-    import tempfile
-
     from .training.multibehavior import train_main
     # NMTR with GMF heads (one of the paper's NCF units): its full-ranking score is a GEMM per head.
     settings = {"nmtr": ["--dim", "32", "--interaction", "gmf", "--batch-size", "16384", "--lr", "0.005"],
                 "member": ["--batch-size", "8192", "--lr", "0.005"]}[args.seed_model]
     print(f"\n{args.seed_model.upper()} on {folder.name}: {args.seed_model_epochs} epoch(s), full-ranking test")
-    with tempfile.TemporaryDirectory(prefix="mbrec-demo-") as run_dir:
-        train_main(["--model", args.seed_model, "--data", str(folder), "--epochs", str(args.seed_model_epochs),
-                    "--seed", str(args.seed), "--out", run_dir, "--no-progress", "--valid", "none",
-                    "--ks", *[str(k) for k in args.ks], *settings])
+    run_dir = args.out / f"{args.seed_model}-{folder.name}"
+    train_main(["--model", args.seed_model, "--data", str(folder), "--epochs", str(args.seed_model_epochs),
+                "--seed", str(args.seed), "--out", str(run_dir), "--no-progress", "--valid", "none",
+                "--ks", *[str(k) for k in args.ks], *settings])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,3 +25,17 @@ def test_table_and_plot(tmp_path):
     assert "[evaluator] a" in text and "4.00x ours" in text
     plot(rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_report_of_an_existing_json(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from mbrec_fast.bench import main
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_report()))
+    assert main(["--report", str(path)]) == 0
+    assert "4.00x ours" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--report"):
+        main(["--report", str(tmp_path / "missing.json")])
