@@ -25,6 +25,7 @@ export MBREC_FAST_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-2}
 OUTDIR=${MBREC_FAST_CUDA_BUILD:-build/cuda-check}
 mkdir -p "$OUTDIR"
+rm -f "$OUTDIR"/lib/mbrec_fast/_C*.so  # a failed build must not pass on an older library
 PATH="$VENV/bin:/usr/local/cuda/bin:$PATH" "$VENV/bin/python" setup.py -q build_ext \
   --build-lib "$OUTDIR/lib" --build-temp "$OUTDIR/tmp" 2>&1 | grep -v -E "^(running|copying|creating)" || true
 SO=$(ls "$OUTDIR"/lib/mbrec_fast/_C*.so)
