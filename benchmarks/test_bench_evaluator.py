@@ -267,6 +267,16 @@ def test_bench_100k_users_1m_items(record, benchmark):
 # subprocess entry points (peak RSS must be measured in a fresh process)
 
 def _maxrss_mb() -> float:
+    """Peak RSS of this process (MiB). VmHWM belongs to the process image and starts afresh at exec, whereas
+    getrusage's ru_maxrss carries over the parent's peak through fork + exec (a large pytest parent would hide the
+    child's own peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

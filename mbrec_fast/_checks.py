@@ -22,10 +22,22 @@ def check_tensor(x, name: str, *, ndim: Optional[int] = None, dtypes: Optional[S
     return x
 
 
+_FINITE_CHUNK = 1 << 20
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """Rejects NaN/inf values (one reduction; cheap next to the op that follows)."""
-    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    """Rejects NaN/inf values without temporaries the size of `x` (a 1M x 64 item table must not cost
+    another copy of itself): a NaN or inf makes the sum non-finite, so a finite sum proves every value
+    finite; only when the sum is not finite (a NaN/inf, or finite values overflowing) are the values
+    checked exactly, chunk by chunk."""
+    if not x.is_floating_point() or not x.numel():
+        return
+    if bool(torch.isfinite(x.sum())):
+        return
+    flat = x.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        if not bool(torch.isfinite(flat[start:start + _FINITE_CHUNK]).all()):
+            raise ValueError(f"{name} contains NaN or inf")
 
 
 def check_csr(csr, name: str, n_rows: int, n_cols: int, device: Optional[torch.device] = None) -> Csr:
