@@ -1,5 +1,5 @@
 """Epoch time and full-ranking evaluation time of the multi-behavior models: mbrec_fast's pipeline
-(vectorized/fused negative sampler, fused top-K evaluator) against the same models run the plain
+(fused negative sampler, fused top-K evaluator) against the same models run the plain
 PyTorch way (Python-set negatives, dense scores + torch.topk), same hyper-parameters, in one run.
 
 Default: a synthetic 1,500 x 1,000 data set (quick under --benchmark-disable).

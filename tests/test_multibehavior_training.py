@@ -10,7 +10,7 @@ import torch
 from mbrec_fast import evaluate_full_ranking
 from mbrec_fast.cli import main as cli_main
 from mbrec_fast.data.multibehavior import synthetic_multibehavior
-from mbrec_fast.models._batches import fallback_negatives
+from mbrec_fast.models._batches import default_level_probs, negatives
 from mbrec_fast.models.baselines import BPRMF, MCBPR, NeuMF
 from mbrec_fast.training.checkpoint import load_checkpoint
 from mbrec_fast.training.multibehavior import build_model, evaluate_model, train_main
@@ -103,9 +103,10 @@ def test_negatives_respect_their_mode(tiny):
     rows = lambda r: [set(graph.csr(r)[1][graph.csr(r)[0][u]:graph.csr(r)[0][u + 1]].tolist())  # noqa: E731
                       for u in range(tiny.n_users)]
     bought = rows(target)
-    neg = fallback_negatives(graph, users, 3, target, "exclusive", seed=1)
+    neg = negatives(graph, users, 3, target, "exclusive", seed=1)
     assert all(int(i) not in bought[int(u)] for u, row in zip(users, neg) for i in row)
-    neg = fallback_negatives(graph, users, 3, target, "cascade", seed=2)
+    neg = negatives(graph, users, 3, torch.full_like(users, target), "cascade",
+                    level_probs=default_level_probs(tiny.n_behaviors), seed=2)
     viewed = rows(0)
     assert all(int(i) not in bought[int(u)] for u, row in zip(users, neg) for i in row)
     from_lower = sum(int(i) in viewed[int(u)] for u, row in zip(users, neg) for i in row)
