@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mbrec_fast.models._batches import default_level_probs
-from mbrec_fast.reference.multibehavior import PythonSetSampler, dense_topk_evaluate, plain_epoch
+from mbrec_fast.reference.multibehavior import PythonSetSampler, dense_topk_evaluate, plain_epoch, plain_member_epoch
 from mbrec_fast.training.multibehavior import MODELS, build_model, evaluate_model, load_data
 
 FULL = os.environ.get("MBREC_FAST_BENCH_FULL") == "1"
@@ -26,9 +26,7 @@ SETTINGS = {"bpr": dict(dim=64, reg=1e-4, neg_ratio=1), "mcbpr": dict(dim=64, re
             "neumf": dict(dim=64, reg=0.0, neg_ratio=4), "nmtr": dict(dim=64, reg=0.0, neg_ratio=4),
             "lightgcn": dict(dim=64, reg=1e-4, neg_ratio=1), "member": dict(dim=32, reg=1e-4, neg_ratio=1)}
 BATCH = 4096
-# epoch comparison: every model whose batches are plain (user, positive, negatives, behavior) rows; MEMBER's
-# batches also carry pool negatives and generative-loss edges, which the plain sampler does not produce
-EPOCH_MODELS = ["bpr", "mcbpr", "neumf", "lightgcn", "nmtr"]
+EPOCH_MODELS = ["bpr", "mcbpr", "neumf", "lightgcn", "nmtr", "member"]
 
 
 def _available(name):
@@ -84,6 +82,9 @@ def test_epoch(benchmark, record, data, set_sampler, name, impl):
                 loss, _ = model.loss(batch)
                 loss.backward()
                 opt.step()
+    elif name == "member":  # pool negatives and generative-loss edges drawn from Python sets too
+        def run():
+            plain_member_epoch(model, data, set_sampler, opt, batch_size=BATCH)
     else:
         positives = _positive_rows(model, data)
         mode = "cascade" if name == "mcbpr" else "exclusive"

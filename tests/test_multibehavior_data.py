@@ -1,6 +1,5 @@
 """Multi-behavior data: canonical loaders, table loader, splits, visited labels, synthetic generator."""
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -191,11 +190,15 @@ def test_synthetic_funnel_popularity_and_unvisited():
     assert 0 < int(data.test_visited.sum()) < data.test_visited.numel()  # both visited and unvisited targets
 
 
-def test_synthetic_scales_linearly():
-    t0 = time.perf_counter()
+def test_synthetic_at_scale_is_consistent():
+    """50k users x 20k items (~1e6 events, the vectorized path): sizes and CSR invariants hold at scale
+    (its speed is the benchmarks' business, not a test's)."""
     data = synthetic_multibehavior(50_000, 20_000, interactions_per_user=10, seed=0)
     assert data.n_users == 50_000 and data.test[1].numel() > 30_000
-    assert time.perf_counter() - t0 < 30  # vectorized: about 1e6 events in a few seconds
+    for r in range(data.n_behaviors):
+        indptr, indices = data.behavior_csr(r)
+        assert indptr.numel() == data.n_users + 1 and int(indptr[-1]) == indices.numel()
+        assert 0 <= int(indices.min()) and int(indices.max()) < data.n_items
 
 
 def test_synthetic_bad_funnel():

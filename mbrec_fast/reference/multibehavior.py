@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["PythonSetSampler", "plain_epoch", "dense_topk_evaluate"]
+__all__ = ["PythonSetSampler", "plain_epoch", "plain_member_epoch", "dense_topk_evaluate"]
 
 
 class PythonSetSampler:
@@ -82,6 +82,59 @@ def plain_epoch(model, positives, sampler: PythonSetSampler, optimizer, *, batch
         neg = [draw(u, r, num_neg, rnd) for u, r in zip(bu, bb)]
         batch = {"users": torch.tensor(bu), "pos": torch.tensor([items[j] for j in idx]),
                  "neg": torch.tensor(neg), "behavior": torch.tensor(bb)}
+        optimizer.zero_grad()
+        loss, _ = model.loss(batch)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+    return total / max(steps, 1)
+
+
+def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, batch_size: int, seed: int = 0,
+                       rounds: int = 16) -> float:
+    """One MEMBER epoch with every draw from Python sets: per purchase `neg_ratio` exclusive negatives, a
+    visited-pool negative (an auxiliary item not bought, for visited positives) and an unvisited-pool negative
+    (a never-touched item, `rounds` rejection tries, -1 when none), plus `gen_batch` random edges of each lower
+    behavior with `gen_neg` uniform negatives; then `model.loss`, Adam step. Returns the mean loss."""
+    target = data.target
+    users, items = (t.tolist() for t in data.pairs(target))
+    aux_sets = [set().union(*(sampler.sets[r][u] for r in range(target))) for u in range(len(sampler.touched))]
+    aux_rows = [sorted(row) for row in aux_sets]
+    edges = [(eu.tolist(), ei.tolist()) for eu, ei in model.behavior_edges[:target]]
+    rnd = random.Random(seed)
+    order = list(range(len(users)))
+    rnd.shuffle(order)
+    total, steps = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        bu, bp = [users[j] for j in idx], [items[j] for j in idx]
+        batch = {"users": torch.tensor(bu), "pos": torch.tensor(bp),
+                 "neg": torch.tensor([sampler.exclusive(u, target, model.neg_ratio, rnd) for u in bu]),
+                 "behavior": torch.full((len(bu),), target)}
+        if model.pool_weight:
+            pool = []
+            for u, i in zip(bu, bp):
+                bought, visited = sampler.sets[target][u], i in aux_sets[u]
+                cand = [j for j in aux_rows[u] if j not in bought] if visited else []
+                row = [rnd.choice(cand) if cand else -1, -1]
+                if model.unvisited_all_purchases or not visited:
+                    for _ in range(rounds):
+                        j = rnd.randrange(sampler.n_items)
+                        if j not in sampler.touched[u]:
+                            row[1] = j
+                            break
+                pool.append(row)
+            batch["pool_neg"] = torch.tensor(pool)
+        if model.gen_weight:
+            for r, (eu, ei) in enumerate(edges):
+                if not eu:
+                    continue
+                pick = [rnd.randrange(len(eu)) for _ in range(model.gen_batch)]
+                batch[f"gen_users_{r}"] = torch.tensor([eu[j] for j in pick])
+                batch[f"gen_items_{r}"] = torch.tensor([ei[j] for j in pick])
+                batch[f"gen_neg_{r}"] = torch.tensor([[rnd.randrange(sampler.n_items) for _ in range(model.gen_neg)]
+                                                      for _ in pick])
         optimizer.zero_grad()
         loss, _ = model.loss(batch)
         loss.backward()
