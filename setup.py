@@ -48,7 +48,10 @@ def _sources(pattern: str):
 
 def build_extension():
     with_cuda = _want_cuda()
-    cxx = ["-O3", "-fopenmp", "-std=c++20", "-fno-math-errno", "-DNDEBUG"]
+    # -fvisibility=hidden: only PyInit__C (marked by PyMODINIT_FUNC) needs exporting; the inline host/device
+    # helpers then bind locally instead of through the PLT.
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-fno-math-errno", "-DNDEBUG", "-fvisibility=hidden",
+           "-fvisibility-inlines-hidden"]
     if os.environ.get("MBREC_FAST_NATIVE", "1") != "0" and _cpu_has_avx2_fma():
         cxx += ["-mavx2", "-mfma"]
     sources = _sources("*.cpp")

@@ -107,7 +107,8 @@ def test_bench_exclusive(benchmark, record, name, make, impl):
         fn()
         once = time.perf_counter() - t
         benchmark.group = f"sampler: {name} exclusive num_neg={NUM_NEG}"
-        benchmark.pedantic(fn, rounds=3 if impl != "recbole_style" else 1, iterations=1)
+        benchmark.pedantic(fn, rounds=10 if impl != "recbole_style" else 1, iterations=1,
+                           warmup_rounds=1 if impl != "recbole_style" else 0)
     finally:
         torch.set_num_threads(before)
     stats = benchmark.stats.stats if benchmark.stats else None

@@ -21,7 +21,7 @@ TORCH_LIBRARY(mbrec_fast, m) {
 
 extern "C" {
 // Importing mbrec_fast._C loads this shared object, which runs the static op registrations above.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {  // PyMODINIT_FUNC: exported under -fvisibility=hidden
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }

@@ -37,7 +37,20 @@ struct Prev {
   int64_t n;
 };
 
-MBREC_HD bool in_span(Span s, int64_t x) { return s.n > 0 && contains(s.p, 0, s.n, x); }
+// Rows up to this length are scanned instead of searched: a branch-free compare over every entry has no
+// chain of dependent loads (a binary search step waits for the previous one) and vectorizes on the CPU.
+constexpr int64_t kScanRowMax = 32;
+
+MBREC_HD bool in_span(Span s, int64_t x) {
+  if (s.n <= 0) return false;
+  if (s.n <= kScanRowMax) {
+    const int32_t key = static_cast<int32_t>(x);  // item ids fit int32 (the graph stores them so)
+    int hit = 0;
+    for (int64_t i = 0; i < s.n; ++i) hit |= (s.p[i] == key);
+    return hit != 0;
+  }
+  return contains(s.p, 0, s.n, x);
+}
 MBREC_HD bool in_prev(Prev s, int64_t x) { return s.n > 0 && contains(s.p, 0, s.n, x); }
 
 // Popularity weights: Vose alias table (thr[k] out of 2^32, alias[k]) and the same weights quantized to
