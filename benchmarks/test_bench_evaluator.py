@@ -62,7 +62,6 @@ def _random_csr(n_rows, n_cols, per_row, gen):
 def make_problem(case: str):
     """(user_emb, item_emb, exclude, targets) for a case; deterministic (subprocesses rebuild it)."""
     n_users, n_items = CASES[case]
-    gen = torch.Generator().manual_seed(0)
     if case.startswith("beibei"):
         from mbrec_fast.demo import _csr, load_multibehavior, train_bpr_mf
         folder = DATA_DIR / "beibei"
@@ -77,6 +76,13 @@ def make_problem(case: str):
         n = nu if n_users is None else n_users
         return (ue[:n].contiguous(), ie, (exclude[0][:n + 1], exclude[1][:int(exclude[0][n])]),
                 (targets[0][:n + 1], targets[1][:int(targets[0][n])]))
+    return random_problem(n_users, n_items)
+
+
+def random_problem(n_users: int, n_items: int):
+    """Synthetic (user_emb, item_emb, exclude, targets): Gaussian embeddings, 20 excluded and 3 target items
+    per user; seeded, so a subprocess rebuilds exactly the same problem."""
+    gen = torch.Generator().manual_seed(0)
     ue = torch.randn(n_users, D, generator=gen)
     ie = torch.randn(n_items, D, generator=gen)
     return ue, ie, _random_csr(n_users, n_items, 20, gen), _random_csr(n_users, n_items, 3, gen)
@@ -291,19 +297,13 @@ def _main(argv):
         print(json.dumps({"peak_mem_mb": _maxrss_mb() - before}))
     elif argv[0] == "--peak-topk":
         n_users, n_items = int(argv[1]), int(argv[2])
-        gen = torch.Generator().manual_seed(0)
-        ue, ie = torch.randn(n_users, D, generator=gen), torch.randn(n_items, D, generator=gen)
-        exclude = _random_csr(n_users, n_items, 20, gen)
-        targets = _random_csr(n_users, n_items, 3, gen)
+        ue, ie, exclude, targets = random_problem(n_users, n_items)
         before = _maxrss_mb()
         run_mbrec_fast(ue, ie, exclude, targets)
         print(json.dumps({"peak_mem_mb": _maxrss_mb() - before}))
     elif argv[0] == "--scale":
         n_users, n_items = int(argv[1]), int(argv[2])
-        gen = torch.Generator().manual_seed(0)
-        ue, ie = torch.randn(n_users, D, generator=gen), torch.randn(n_items, D, generator=gen)
-        exclude = _random_csr(n_users, n_items, 20, gen)
-        targets = _random_csr(n_users, n_items, 3, gen)
+        ue, ie, exclude, targets = random_problem(n_users, n_items)
         before = _maxrss_mb()
         t = time.perf_counter()
         metrics = run_mbrec_fast(ue, ie, exclude, targets)

@@ -65,23 +65,14 @@ class PythonSetSampler:
         return out
 
 
-def plain_epoch(model, positives, sampler: PythonSetSampler, optimizer, *, batch_size: int, num_neg: int,
-                mode: str = "exclusive", seed: int = 0) -> float:
-    """One epoch: shuffle positives (users, items, behaviors), Python-set negatives, model.loss, Adam step.
-    Returns the mean loss."""
-    users, items, behaviors = (t.tolist() for t in positives)
-    rnd = random.Random(seed)
-    order = list(range(len(users)))
+def _run_epoch(model, optimizer, n_rows: int, batch_size: int, rnd: random.Random, make_batch) -> float:
+    """Shuffles the row indices with `rnd`, then per mini-batch: make_batch(indices) -> batch dict,
+    `model.loss`, backward, optimizer step. Returns the mean loss."""
+    order = list(range(n_rows))
     rnd.shuffle(order)
-    draw = sampler.cascade if mode == "cascade" else sampler.exclusive
     total, steps = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        bu = [users[j] for j in idx]
-        bb = [behaviors[j] for j in idx]
-        neg = [draw(u, r, num_neg, rnd) for u, r in zip(bu, bb)]
-        batch = {"users": torch.tensor(bu), "pos": torch.tensor([items[j] for j in idx]),
-                 "neg": torch.tensor(neg), "behavior": torch.tensor(bb)}
+    for start in range(0, n_rows, batch_size):
+        batch = make_batch(order[start:start + batch_size])
         optimizer.zero_grad()
         loss, _ = model.loss(batch)
         loss.backward()
@@ -89,6 +80,23 @@ def plain_epoch(model, positives, sampler: PythonSetSampler, optimizer, *, batch
         total += float(loss.detach())
         steps += 1
     return total / max(steps, 1)
+
+
+def plain_epoch(model, positives, sampler: PythonSetSampler, optimizer, *, batch_size: int, num_neg: int,
+                mode: str = "exclusive", seed: int = 0) -> float:
+    """One epoch: shuffle positives (users, items, behaviors), Python-set negatives, model.loss, Adam step.
+    Returns the mean loss."""
+    users, items, behaviors = (t.tolist() for t in positives)
+    rnd = random.Random(seed)
+    draw = sampler.cascade if mode == "cascade" else sampler.exclusive
+
+    def make_batch(idx):
+        bu = [users[j] for j in idx]
+        bb = [behaviors[j] for j in idx]
+        neg = [draw(u, r, num_neg, rnd) for u, r in zip(bu, bb)]
+        return {"users": torch.tensor(bu), "pos": torch.tensor([items[j] for j in idx]),
+                "neg": torch.tensor(neg), "behavior": torch.tensor(bb)}
+    return _run_epoch(model, optimizer, len(users), batch_size, rnd, make_batch)
 
 
 def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, batch_size: int, seed: int = 0,
@@ -103,11 +111,8 @@ def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, bat
     aux_rows = [sorted(row) for row in aux_sets]
     edges = [(eu.tolist(), ei.tolist()) for eu, ei in model.behavior_edges[:target]]
     rnd = random.Random(seed)
-    order = list(range(len(users)))
-    rnd.shuffle(order)
-    total, steps = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+
+    def make_batch(idx):
         bu, bp = [users[j] for j in idx], [items[j] for j in idx]
         batch = {"users": torch.tensor(bu), "pos": torch.tensor(bp),
                  "neg": torch.tensor([sampler.exclusive(u, target, model.neg_ratio, rnd) for u in bu]),
@@ -135,13 +140,8 @@ def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, bat
                 batch[f"gen_items_{r}"] = torch.tensor([ei[j] for j in pick])
                 batch[f"gen_neg_{r}"] = torch.tensor([[rnd.randrange(sampler.n_items) for _ in range(model.gen_neg)]
                                                       for _ in pick])
-        optimizer.zero_grad()
-        loss, _ = model.loss(batch)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
-        steps += 1
-    return total / max(steps, 1)
+        return batch
+    return _run_epoch(model, optimizer, len(users), batch_size, rnd, make_batch)
 
 
 def dense_topk_evaluate(score_rows, n_users: int, n_items: int, exclude, targets, ks: Sequence[int] = (10, 20, 50, 100),
