@@ -51,4 +51,22 @@ MBREC_HD void rank_metrics_at(const int64_t* top, int k, const int64_t* tgt, con
   out[kMRR] = first_rank ? 1.0 / static_cast<double>(first_rank) : 0.0;
 }
 
+// Every metric of row r (ranked ids top_row[0, kmax)) whose targets are tgt[lo, hi): for the whole row
+// (group -1) and each label group, the distinct target count goes to cnt[slot] and, when non-zero, the
+// metrics at each cutoff to val[(slot * n_ks + j) * kNumRankMetrics], with slot = (group + 1) * b + r.
+MBREC_HD void rank_metrics_row(const int64_t* top_row, int64_t r, int64_t b, const int64_t* tgt,
+                               const int64_t* labels, int64_t lo, int64_t hi, int64_t n_groups,
+                               const int64_t* cutoffs, int64_t n_ks, double* val, int64_t* cnt) {
+  for (int64_t g = -1; g < n_groups; ++g) {
+    const int64_t slot = (g + 1) * b + r;
+    const int64_t n = count_distinct_targets(tgt, labels, lo, hi, g);
+    cnt[slot] = n;
+    if (n == 0) continue;
+    for (int64_t j = 0; j < n_ks; ++j) {
+      rank_metrics_at(top_row, static_cast<int>(cutoffs[j]), tgt, labels, lo, hi, g, n,
+                      val + (slot * n_ks + j) * kNumRankMetrics);
+    }
+  }
+}
+
 }  // namespace mbrec

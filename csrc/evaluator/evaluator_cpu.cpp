@@ -319,17 +319,8 @@ std::tuple<at::Tensor, at::Tensor> rank_metrics_cpu(const at::Tensor& top_ids, c
   const std::vector<int64_t> cutoffs(ks.begin(), ks.end());
   at::parallel_for(0, b, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t lo = ptr[uid[r]], hi = ptr[uid[r] + 1];
-      for (int64_t g = -1; g < n_groups; ++g) {
-        const int64_t slot = (g + 1) * b + r;
-        const int64_t n = mbrec::count_distinct_targets(tgt, labels, lo, hi, g);
-        cnt[slot] = n;
-        if (n == 0) continue;
-        for (int64_t j = 0; j < n_ks; ++j) {
-          mbrec::rank_metrics_at(top + r * kmax, static_cast<int>(cutoffs[j]), tgt, labels, lo, hi, g, n,
-                                 val + (slot * n_ks + j) * mbrec::kNumRankMetrics);
-        }
-      }
+      mbrec::rank_metrics_row(top + r * kmax, r, b, tgt, labels, ptr[uid[r]], ptr[uid[r] + 1], n_groups,
+                              cutoffs.data(), n_ks, val, cnt);
     }
   });
   return {values, counts};

@@ -90,17 +90,8 @@ __global__ void rank_metrics_kernel(const int64_t* __restrict__ top, int64_t b, 
                                     double* val, int64_t* cnt) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= b) return;
-  const int64_t lo = ptr[users[r]], hi = ptr[users[r] + 1];
-  for (int64_t g = -1; g < n_groups; ++g) {
-    const int64_t slot = (g + 1) * b + r;
-    const int64_t n = mbrec::count_distinct_targets(tgt, labels, lo, hi, g);
-    cnt[slot] = n;
-    if (n == 0) continue;
-    for (int64_t j = 0; j < n_ks; ++j) {
-      mbrec::rank_metrics_at(top + r * kmax, static_cast<int>(cutoffs[j]), tgt, labels, lo, hi, g, n,
-                             val + (slot * n_ks + j) * mbrec::kNumRankMetrics);
-    }
-  }
+  mbrec::rank_metrics_row(top + r * kmax, r, b, tgt, labels, ptr[users[r]], ptr[users[r] + 1], n_groups, cutoffs,
+                          n_ks, val, cnt);
 }
 
 void check_users_range_cuda(const at::Tensor& users, int64_t n_rows) {
