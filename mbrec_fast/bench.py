@@ -47,11 +47,20 @@ def summarize(report: dict) -> List[dict]:
             "extra": {k: v for k, v in info.items() if k not in _SKIP_FIELDS and isinstance(v, (int, float))
                       and not isinstance(v, bool)},
         })
-    ours: Dict[tuple, float] = {(r["op"], r["case"]): r["median_s"] for r in rows if r["impl"] == OURS and r["median_s"]}
+    ours: Dict[tuple, dict] = {(r["op"], r["case"]): r for r in rows if r["impl"] == OURS and r["median_s"]}
     for r in rows:
         base = ours.get((r["op"], r["case"]))
-        r["x_slower_than_ours"] = (r["median_s"] / base) if (base and r["median_s"]) else None
+        r["x_slower_than_ours"] = _slowdown(r, base) if base else None
     return rows
+
+
+def _slowdown(r: dict, ours: dict) -> Optional[float]:
+    """Times slower than ours. A baseline may run a smaller slice of the case (a slow Python loop on part of
+    the rows), so a throughput figure both report (a `*_per_s` extra) is compared first; else median times."""
+    rates = [k for k in r["extra"] if k.endswith("_per_s") and ours["extra"].get(k)]
+    if rates and r["extra"][rates[0]]:
+        return ours["extra"][rates[0]] / r["extra"][rates[0]]
+    return r["median_s"] / ours["median_s"] if r["median_s"] else None
 
 
 def format_report(rows: List[dict]) -> str:

@@ -69,6 +69,15 @@ class InteractionGraph:
             raise ValueError(f"behavior_names must have {self.n_behaviors} entries, got {len(names)}")
         self.behavior_names = names
         self._degree_cache: Dict[int, torch.Tensor] = {}
+        self._max_touched: Optional[int] = None
+
+    def max_touched_len(self) -> int:
+        """The largest number of distinct items one user touched (cached): every pool of the complement
+        modes keeps at least n_items minus this many items."""
+        if self._max_touched is None:
+            row = self._indptr[self.n_behaviors]
+            self._max_touched = int((row[1:] - row[:-1]).max()) if self.n_users else 0
+        return self._max_touched
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -477,7 +486,11 @@ def sample_negatives(graph: InteractionGraph, users, num_neg: int, *, behavior=N
         pop = None if alias is None else alias.weights_q.to(torch.float64).numpy()
         out = sample_negatives_reference(graph, users, behaviors, num_neg, mode, table.numpy(), replacement,
                                          pop, seed=int(seed) * 1_000_003 + int(offset)).to(device)
-    if on_empty == "error" and n and bool((out < 0).any()):
+    # A row can lack allowed items only in the visited mode, with zero popularity weights, or when a user
+    # touched nearly every item; otherwise the scan of the output is skipped.
+    can_run_short = (mode == "visited" or alias is not None
+                     or graph.max_touched_len() + (1 if replacement else num_neg) > graph.n_items)
+    if on_empty == "error" and n and can_run_short and int(out.min()) < 0:
         row = int(torch.nonzero((out < 0).any(1))[0, 0])
         raise ValueError(
             f"users[{row}] = {int(users[row])} (behavior {int(behaviors[row])}) has "

@@ -19,6 +19,18 @@ def test_ratios_are_baseline_over_ours():
     assert rows[("a", "mbrec_fast")]["extra"] == {"users_per_s": 10.0}  # env facts are not figures
 
 
+def test_ratio_by_rate_when_a_baseline_runs_a_slice_of_the_case():
+    def bench(impl, median, rows):
+        return {"name": impl, "group": "g", "stats": {"median": median},
+                "extra_info": {"op": "sampler", "case": "c", "impl": impl, "rows": rows,
+                               "neg_per_s": rows / median}}
+    # the slow baseline drew 1/10 of the rows in 2x the time: 20x slower per negative, not 2x
+    rows = {r["impl"]: r for r in summarize({"benchmarks": [bench("mbrec_fast", 0.1, 1000),
+                                                            bench("python_sets", 0.2, 100)]})}
+    assert abs(rows["python_sets"]["x_slower_than_ours"] - 20.0) < 1e-9
+    assert rows["mbrec_fast"]["x_slower_than_ours"] == 1.0
+
+
 def test_table_and_plot(tmp_path):
     rows = summarize(_report())
     text = format_report(rows)

@@ -50,7 +50,7 @@ class PhiloxStream {
         k1_(static_cast<uint32_t>(seed >> 32) ^ (static_cast<uint32_t>(offset >> 32) * 0x9E3779B9u)),
         index_(index), offset_(offset), block_(0), used_(4) {}
 
-  MBREC_HD uint32_t next_u32() {
+  MBREC_HOT uint32_t next_u32() {
     if (used_ == 4) {
       Philox4 ctr;
       ctr.v[0] = static_cast<uint32_t>(index_);
@@ -65,7 +65,7 @@ class PhiloxStream {
   }
 
   // Uniform integer in [0, n) for n >= 1, without modulo bias (Lemire's method with rejection).
-  MBREC_HD uint64_t uniform_below(uint64_t n) {
+  MBREC_HOT uint64_t uniform_below(uint64_t n) {
     if (n <= 0xFFFFFFFFull) {
       const uint32_t n32 = static_cast<uint32_t>(n);
       uint64_t m = static_cast<uint64_t>(next_u32()) * n32;

@@ -39,19 +39,30 @@ struct Prev {
 
 // Rows up to this length are scanned instead of searched: a branch-free compare over every entry has no
 // chain of dependent loads (a binary search step waits for the previous one) and vectorizes on the CPU.
-constexpr int64_t kScanRowMax = 32;
+constexpr int64_t kScanRowMax = 64;
 
-MBREC_HD bool in_span(Span s, int64_t x) {
+MBREC_HOT bool in_span(Span s, int64_t x) {
   if (s.n <= 0) return false;
-  if (s.n <= kScanRowMax) {
-    const int32_t key = static_cast<int32_t>(x);  // item ids fit int32 (the graph stores them so)
+  if (s.n > kScanRowMax) return contains(s.p, 0, s.n, x);
+  const int32_t key = static_cast<int32_t>(x);  // item ids fit int32 (the graph stores them so)
+  if (s.n < 8) {
     int hit = 0;
     for (int64_t i = 0; i < s.n; ++i) hit |= (s.p[i] == key);
     return hit != 0;
   }
-  return contains(s.p, 0, s.n, x);
+  // Lane-wise accumulation over blocks of 8 plus one last block overlapping the previous ones: fixed-width
+  // compares the compiler keeps in one vector register, no scalar remainder loop, one reduction at the end.
+  int acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = (s.p[s.n - 8 + j] == key);
+  for (int64_t i = 0; i + 8 <= s.n; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] |= (s.p[i + j] == key);
+  }
+  int hit = 0;
+  for (int j = 0; j < 8; ++j) hit |= acc[j];
+  return hit != 0;
 }
-MBREC_HD bool in_prev(Prev s, int64_t x) { return s.n > 0 && contains(s.p, 0, s.n, x); }
+
+MBREC_HOT bool in_prev(Prev s, int64_t x) { return s.n > 0 && contains(s.p, 0, s.n, x); }
 
 // Popularity weights: Vose alias table (thr[k] out of 2^32, alias[k]) and the same weights quantized to
 // integers (wq) with their prefix sums (prefix[n_items + 1]) for the exact fallback. thr == nullptr: uniform.
@@ -62,7 +73,7 @@ struct Weights {
   const int64_t* prefix;
 };
 
-MBREC_HD int64_t alias_draw(const Weights& w, int64_t n, PhiloxStream& rng) {
+MBREC_HOT int64_t alias_draw(const Weights& w, int64_t n, PhiloxStream& rng) {
   const int64_t k = static_cast<int64_t>(rng.uniform_below(static_cast<uint64_t>(n)));
   const uint64_t coin = rng.next_u32();
   return coin < static_cast<uint64_t>(w.thr[k]) ? k : static_cast<int64_t>(w.alias[k]);
@@ -147,7 +158,7 @@ MBREC_HD int64_t weighted_complement_exact(Span ex, Prev pv, int64_t n, const We
 }
 
 // One draw from [0, n) \ (ex U prev), uniform or popularity-weighted; -1 when the pool is empty.
-MBREC_HD int64_t complement_draw(Span ex, Prev pv, int64_t n, const Weights& w, PhiloxStream& rng) {
+MBREC_HOT int64_t complement_draw(Span ex, Prev pv, int64_t n, const Weights& w, PhiloxStream& rng) {
   if (n <= 0) return -1;
   if (w.thr == nullptr) {
     // Rejection only when at least half of the ids are allowed (ex.n + prev.n bounds the excluded count):
@@ -172,7 +183,7 @@ MBREC_HD int64_t complement_draw(Span ex, Prev pv, int64_t n, const Weights& w, 
 
 // ---- own pools: A \ (B U prev) ------------------------------------------------------------------------
 
-MBREC_HD bool own_allowed(Span B, Prev pv, int64_t x) { return !in_span(B, x) && !in_prev(pv, x); }
+MBREC_HOT bool own_allowed(Span B, Prev pv, int64_t x) { return !in_span(B, x) && !in_prev(pv, x); }
 
 MBREC_HD int64_t own_count(Span A, Span B, Prev pv) {
   int64_t c = 0;
@@ -192,7 +203,7 @@ MBREC_HD int64_t own_select(Span A, Span B, Prev pv, int64_t j) {
 }
 
 // One uniform draw from A \ (B U prev); -1 when empty.
-MBREC_HD int64_t own_draw(Span A, Span B, Prev pv, PhiloxStream& rng) {
+MBREC_HOT int64_t own_draw(Span A, Span B, Prev pv, PhiloxStream& rng) {
   if (A.n == 0) return -1;
   if (A.n > kOwnPoolDirect) {
     for (int tries = 0; tries < kMaxTries; ++tries) {
@@ -250,7 +261,7 @@ struct GraphView {
   int64_t n_items;
 };
 
-MBREC_HD Span graph_row(const GraphView& g, int slot, int64_t u) {
+MBREC_HOT Span graph_row(const GraphView& g, int slot, int64_t u) {
   const int64_t lo = g.indptr[slot * g.stride + u];
   const int64_t hi = g.indptr[slot * g.stride + u + 1];
   return Span{g.indices + lo, hi - lo};
@@ -275,18 +286,31 @@ MBREC_HD int choose_level(const int64_t* thr_row, int R, uint32_t draw) {
   return R - 1;
 }
 
-MBREC_HD int64_t draw_one(const RowParams& P, int64_t u, int r, Prev pv, PhiloxStream& rng) {
+// The excluded row of the complement modes (exclusive, strict, unvisited).
+MBREC_HOT Span complement_row(const RowParams& P, int64_t u, int r) {
+  const GraphView& g = P.g;
+  const int R = g.R;
+  switch (P.mode) {
+    case kExclusive:
+      return graph_row(g, r, u);
+    case kStrict:
+      return graph_row(g, R, u);
+    default:  // kUnvisited: aux U at_r is the auxiliary union when r is auxiliary, the touched union when r is the target
+      return graph_row(g, r == R - 1 ? R : R + 1, u);
+  }
+}
+
+MBREC_HOT bool is_complement_mode(int mode) { return mode == kExclusive || mode == kStrict || mode == kUnvisited; }
+
+MBREC_HOT int64_t draw_one(const RowParams& P, int64_t u, int r, Prev pv, PhiloxStream& rng) {
   const GraphView& g = P.g;
   const int R = g.R;
   const Span at_r = graph_row(g, r, u);
   switch (P.mode) {
     case kExclusive:
-      return complement_draw(at_r, pv, g.n_items, P.w, rng);
     case kStrict:
-      return complement_draw(graph_row(g, R, u), pv, g.n_items, P.w, rng);
     case kUnvisited:
-      // aux U at_r is the auxiliary union when r is auxiliary, the touched union when r is the target
-      return complement_draw(graph_row(g, r == R - 1 ? R : R + 1, u), pv, g.n_items, P.w, rng);
+      return complement_draw(complement_row(P, u, r), pv, g.n_items, P.w, rng);
     case kVisited:
       if (r < R - 1) return subset_pool_draw(graph_row(g, R + 1, u), at_r, pv, rng);
       return own_draw(graph_row(g, R + 1, u), at_r, pv, rng);
@@ -307,6 +331,18 @@ MBREC_HD void sample_row(const RowParams& P, int64_t row, int64_t u, int r, int6
   PhiloxStream rng(P.seed, P.offset, static_cast<uint64_t>(row));
   if (P.replacement) {
     const Prev none{nullptr, 0};
+    if (is_complement_mode(P.mode)) {  // the common case, with the row looked up once instead of per draw
+      const Span ex = complement_row(P, u, r);
+      for (int64_t d = 0; d < P.num_neg; ++d) {
+        const int64_t x = complement_draw(ex, none, P.g.n_items, P.w, rng);
+        if (x < 0) {
+          for (int64_t e = d; e < P.num_neg; ++e) out[e] = -1;
+          return;
+        }
+        out[d] = x;
+      }
+      return;
+    }
     for (int64_t d = 0; d < P.num_neg; ++d) {
       const int64_t x = draw_one(P, u, r, none, rng);
       if (x < 0) {  // the allowed set is empty: every further draw would be empty too
