@@ -41,6 +41,7 @@ DEFAULT_BLOCK_USERS_CUDA = 2048
 DEFAULT_BLOCK_ITEMS_CUDA = 32768
 # Users handed to one op call: bounds the [chunk, K] heaps and per-user metric rows.
 _USER_CHUNK = 8192
+_MERGE_WINDOW_BYTES = 64 * 2 ** 20  # score_fn blocks gathered per top-k merge (see _topk_score_fn)
 
 
 @dataclass
@@ -208,28 +209,48 @@ def _check_no_overflow(scores: torch.Tensor, ids: torch.Tensor) -> None:
 
 def _topk_score_fn(score_fn: ScoreFn, users: torch.Tensor, n_items: int, exclude: Csr, k: int,
                    block_items: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-k over score_fn blocks: each [b, block] score block is merged into the heaps and dropped."""
+    """Top-k over score_fn blocks. score_fn is called per `block_items` items (its intermediates stay
+    small), and the blocks are gathered into a window of up to _MERGE_WINDOW_BYTES that is merged into
+    the heaps at once: every merge reloads and re-sorts each user's k best, so merging each small block
+    on its own cost more than the scoring for cheap score_fns."""
     b = users.numel()
     top_s = torch.full((b, k), -math.inf, dtype=torch.float32, device=device)
     top_i = torch.full((b, k), -1, dtype=torch.int64, device=device)
-    for start in range(0, n_items, block_items):
-        end = min(n_items, start + block_items)
-        with torch.no_grad():
-            block = score_fn(users, start, end)
-        if not isinstance(block, torch.Tensor):
-            raise TypeError(f"score_fn must return a torch.Tensor, got {type(block).__name__}")
-        if tuple(block.shape) != (b, end - start):
-            raise ValueError(f"score_fn(users, {start}, {end}) must return shape {(b, end - start)}, "
-                             f"got {tuple(block.shape)}")
-        if not block.is_floating_point():
-            raise TypeError(f"score_fn must return floating-point scores, got {block.dtype}")
-        if block.device.type != torch.device(device).type:
-            raise ValueError(f"score_fn returned scores on {block.device}, expected {device}")
-        block = block.detach().to(dtype=torch.float32).contiguous()
-        check_finite(block, "score_fn scores")
-        top_s, top_i = _topk_merge(block, users, start, exclude, top_s, top_i)
-        del block
+    window = block_items * max(1, _MERGE_WINDOW_BYTES // (4 * max(b, 1) * block_items))
+    window = min(window, -(-n_items // block_items) * block_items)
+    flat = torch.empty(b * min(window, n_items), dtype=torch.float32, device=device) if window > block_items else None
+    for w_start in range(0, n_items, window):
+        w_end = min(n_items, w_start + window)
+        gathered = None if flat is None else flat[:b * (w_end - w_start)].view(b, w_end - w_start)
+        for start in range(w_start, w_end, block_items):
+            block = _score_block(score_fn, users, start, min(w_end, start + block_items), device)
+            if gathered is None:
+                gathered = block
+            else:
+                gathered[:, start - w_start:start - w_start + block.shape[1]].copy_(block)
+            del block
+        top_s, top_i = _topk_merge(gathered, users, w_start, exclude, top_s, top_i)
+        del gathered
     return top_s, top_i
+
+
+def _score_block(score_fn: ScoreFn, users: torch.Tensor, start: int, end: int, device) -> torch.Tensor:
+    """score_fn(users, start, end) checked (type, shape, dtype, device, finiteness) and made fp32-contiguous."""
+    b = users.numel()
+    with torch.no_grad():
+        block = score_fn(users, start, end)
+    if not isinstance(block, torch.Tensor):
+        raise TypeError(f"score_fn must return a torch.Tensor, got {type(block).__name__}")
+    if tuple(block.shape) != (b, end - start):
+        raise ValueError(f"score_fn(users, {start}, {end}) must return shape {(b, end - start)}, "
+                         f"got {tuple(block.shape)}")
+    if not block.is_floating_point():
+        raise TypeError(f"score_fn must return floating-point scores, got {block.dtype}")
+    if block.device.type != torch.device(device).type:
+        raise ValueError(f"score_fn returned scores on {block.device}, expected {device}")
+    block = block.detach().to(dtype=torch.float32).contiguous()
+    check_finite(block, "score_fn scores")
+    return block
 
 
 def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[torch.Tensor],

@@ -229,8 +229,14 @@ def test_group_metrics_only_count_group_targets():
     assert res.metrics["recall@1"] == pytest.approx((0.5 + 1.0) / 2)
 
 
+@pytest.mark.parametrize("window_bytes", [
+    None,       # default: one window holds every block
+    25 * 4 * 3,  # 3 score columns of the 25 users per merge window: blocks gathered, ragged last window
+])
 @pytest.mark.parametrize("bi", [1, 7, 64])  # block size: per-item blocks, ragged, one block
-def test_score_fn_equals_dot_path(bi):
+def test_score_fn_equals_dot_path(bi, window_bytes, monkeypatch):
+    if window_bytes is not None:
+        monkeypatch.setattr(mbrec_fast.evaluator, "_MERGE_WINDOW_BYTES", window_bytes)
     gen = torch.Generator().manual_seed(5)
     ue, ie = int_emb(25, 3, gen=gen), int_emb(40, 3, gen=gen)
     ex, tg = rand_csr(25, 40, 0.2, gen), rand_csr(25, 40, 0.1, gen, dup=True)
@@ -248,6 +254,39 @@ def test_score_fn_equals_dot_path(bi):
     for name in dot.per_user:
         assert torch.equal(dot.per_user[name], fn.per_user[name])
     assert calls[0] == (0, min(bi, 40)) and calls[-1][1] == 40
+
+
+@pytest.mark.parametrize("n,k,levels,order", [
+    (20, 5, 7, "reverse"),      # two blocks, reverse id order: ties must still go to the lower id
+    (300, 7, 3, "shuffled"),    # many equal scores, k << n: the reservoir trims (4k) many times
+    (50, 60, 5, "shuffled"),    # k > n: the tail is padded with (-inf, -1)
+    (64, 16, 2, "ascending"),   # two score values only: every score ties with the threshold
+    (40, 8, 0, "shuffled"),     # -inf scores that are not excluded rank last with their ids
+])
+def test_topk_merge_matches_reference_over_windows(n, k, levels, order):
+    gen = torch.Generator().manual_seed(n + k)
+    b = 9
+    if levels:
+        scores = torch.randint(-(levels // 2), levels - levels // 2, (b, n), generator=gen).float()
+    else:
+        scores = torch.randn(b, n, generator=gen)
+        scores[torch.rand(b, n, generator=gen) < 0.5] = -math.inf
+    users = torch.randperm(b, generator=gen)
+    ex = rand_csr(b, n, 0.3, gen)
+    bounds = list(range(0, n, 13)) + [n]
+    windows = list(zip(bounds[:-1], bounds[1:]))
+    if order == "reverse":
+        windows = windows[::-1]
+    elif order == "shuffled":
+        windows = [windows[i] for i in torch.randperm(len(windows), generator=gen)]
+    s = torch.full((b, k), -math.inf)
+    i = torch.full((b, k), -1, dtype=torch.int64)
+    for a, e in windows:
+        s, i = torch.ops.mbrec_fast.topk_merge(scores[:, a:e].contiguous(), users, a, *ex, s, i)
+    rs, ri = reference_topk(scores, k, ex, users)  # at most n columns
+    m = min(k, n)
+    assert torch.equal(i[:, :m], ri) and torch.equal(s[:, :m], rs)
+    assert bool((i[:, m:] == -1).all()) and bool((s[:, m:] == -math.inf).all())
 
 
 def test_topk_merge_op_matches_reference():

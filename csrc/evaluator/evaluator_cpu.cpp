@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -89,27 +92,46 @@ inline void reservoir_shrink(Reservoir& r, int64_t k) {
 // a candidate is appended branch-free (every key is written, the count advances only for scores
 // above the threshold), so unpredictable accept/reject decisions cost no branch mispredictions.
 // The buffer has kChunk slots of slack beyond `limit`; it is shrunk to k once it holds >= limit.
-constexpr int64_t kChunk = 16;
+constexpr int64_t kChunk = 16;  // two 8-lane vectors: the pre-filter below assumes 16
 
+// kAdmitTies: also keep scores equal to the threshold. Needed when ids do not increase across calls
+// (topk_merge takes blocks in any order, so a tie may still win on a lower id); it also admits -inf
+// scores while the reservoir is not yet full, as the reference does for non-excluded items.
+template <bool kAdmitTies = false>
+inline bool passes(float s, float threshold) {
+  return kAdmitTies ? s >= threshold : s > threshold;
+}
+
+template <bool kAdmitTies = false>
 void reservoir_scan(const float* row, int64_t n, int64_t item0, Reservoir& r, int64_t k, int64_t limit) {
   int64_t j = 0;
   for (; j + kChunk <= n; j += kChunk) {
     const float threshold = r.threshold;
+#if defined(__AVX2__)
+    // Two 8-lane ordered compares (a NaN compares false, as in passes()); gcc leaves the scalar loop
+    // below unvectorized.
+    const __m256 th = _mm256_set1_ps(threshold);
+    constexpr int kPred = kAdmitTies ? _CMP_GE_OQ : _CMP_GT_OQ;
+    const __m256 hit = _mm256_or_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), th, kPred),
+                                    _mm256_cmp_ps(_mm256_loadu_ps(row + j + 8), th, kPred));
+    if (_mm256_movemask_ps(hit) == 0) continue;
+#else
     int any = 0;
-    for (int64_t t = 0; t < kChunk; ++t) any |= static_cast<int>(row[j + t] > threshold);
+    for (int64_t t = 0; t < kChunk; ++t) any |= static_cast<int>(passes<kAdmitTies>(row[j + t], threshold));
     if (!any) continue;
+#endif
     int64_t m = r.n;
     for (int64_t t = 0; t < kChunk; ++t) {
       const float s = row[j + t];
       r.key[m] = candidate_key(s, item0 + j + t);
-      m += static_cast<int64_t>(s > threshold);
+      m += static_cast<int64_t>(passes<kAdmitTies>(s, threshold));
     }
     r.n = m;
     if (r.n >= limit) reservoir_shrink(r, k);
   }
   for (; j < n; ++j) {
     const float s = row[j];
-    if (s > r.threshold) {
+    if (passes<kAdmitTies>(s, r.threshold)) {
       r.key[r.n++] = candidate_key(s, item0 + j);
       if (r.n >= limit) reservoir_shrink(r, k);
     }
@@ -279,22 +301,37 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(const at::Tensor& block_scores
   const int64_t* old_i = top_ids.data_ptr<int64_t>();
   float* hs_all = new_s.data_ptr<float>();
   int64_t* hi_all = new_i.data_ptr<int64_t>();
-  const int kk = static_cast<int>(k);
+  TORCH_CHECK(item_start + w <= (int64_t(1) << 32) - 1, "item ids must stay below 2^32 - 1, got item_start + width = ",
+              item_start + w);
+  TORCH_CHECK(top_ids.numel() == 0 || top_ids.max().item<int64_t>() < (int64_t(1) << 32) - 1,
+              "top_ids must stay below 2^32 - 1");
+  // Reservoir selection (as in topk_dot): the old k best and every passing score of the block become
+  // packed (score, id) keys; nth_element trims them to k whenever 4k are buffered. Excluded items are
+  // skipped by scanning the block in segments between them (the exclude row is sorted).
   at::parallel_for(0, b, 16, [&](int64_t r0, int64_t r1) {
+    const int64_t limit = 4 * k, cap = limit + kChunk + k;
+    std::vector<uint64_t> keys(cap);
     for (int64_t r = r0; r < r1; ++r) {
-      float* hs = hs_all + r * k;
-      int64_t* hi = hi_all + r * k;
-      mbrec::topk_heap_load_sorted(old_s + r * k, old_i + r * k, hs, hi, kk);
-      const float* row = bs + r * w;
-      const int64_t lo = ex_ptr[uid[r]], hi_ex = ex_ptr[uid[r] + 1];
-      for (int64_t j = 0; j < w; ++j) {
-        const float s = row[j];
-        if (!(s >= hs[0])) continue;  // threshold reject (a tie is settled by id below)
-        const int64_t id = item_start + j;
-        if (lo < hi_ex && mbrec::contains(ex_idx, lo, hi_ex, id)) continue;
-        mbrec::topk_heap_offer(hs, hi, kk, s, id);
+      Reservoir res{keys.data(), 0, kNegInf};
+      const float* os = old_s + r * k;
+      const int64_t* oi = old_i + r * k;
+      for (int64_t j = 0; j < k; ++j) {
+        if (oi[j] < 0) continue;  // empty slot
+        res.key[res.n++] = candidate_key(os[j], oi[j]);
       }
-      mbrec::topk_heap_finalize(hs, hi, kk);
+      if (res.n >= k) reservoir_shrink(res, k);
+      const float* row = bs + r * w;
+      const int64_t* e = ex_idx + ex_ptr[uid[r]];
+      const int64_t* e_end = ex_idx + ex_ptr[uid[r] + 1];
+      e = std::lower_bound(e, e_end, item_start);
+      int64_t a = 0;
+      for (; e != e_end && *e < item_start + w; ++e) {
+        const int64_t x = *e - item_start;
+        if (x > a) reservoir_scan<true>(row + a, x - a, item_start + a, res, k, limit);
+        a = x + 1;
+      }
+      if (a < w) reservoir_scan<true>(row + a, w - a, item_start + a, res, k, limit);
+      reservoir_finish(res, k, hs_all + r * k, hi_all + r * k);
     }
   });
   return {new_s, new_i};

@@ -16,13 +16,16 @@ class Scorer:
 
     Either a dot product of `user_emb[u]` and `item_emb[i]` (the evaluator's fast path), or a
     `score_fn(users, item_start, item_end) -> [len(users), item_end - item_start]` for models whose
-    score is not a dot product (cascaded heads, hard-gated experts).
+    score is not a dot product (cascaded heads, hard-gated experts). block_items: items per score_fn
+    call when the model knows better than the evaluator's default (a cheap score_fn wants wide blocks,
+    an MLP over every pair narrow ones).
     """
 
     user_emb: Optional[torch.Tensor] = None
     item_emb: Optional[torch.Tensor] = None
     score_fn: Optional[ScoreFn] = None
     n_items: Optional[int] = None
+    block_items: Optional[int] = None
 
     def __post_init__(self):
         dot = self.user_emb is not None and self.item_emb is not None
@@ -34,7 +37,8 @@ class Scorer:
     def evaluator_kwargs(self) -> Dict[str, object]:
         """Arguments to pass to `mbrec_fast.evaluate_full_ranking`."""
         if self.score_fn is not None:
-            return {"user_emb": None, "item_emb": None, "score_fn": self.score_fn, "n_items": self.n_items}
+            return {"user_emb": None, "item_emb": None, "score_fn": self.score_fn, "n_items": self.n_items,
+                    "block_items": self.block_items}
         return {"user_emb": self.user_emb, "item_emb": self.item_emb}
 
 
