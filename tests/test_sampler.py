@@ -322,6 +322,28 @@ def test_same_seed_same_bits_across_threads(real_graph):
 
 
 @needs_kernels
+@pytest.mark.parametrize("num_neg", [
+    1,   # one pre-computed Philox block per row, mostly unused
+    8,   # two blocks: the usual case
+    23,  # more words than the 4 pre-computed blocks: the stream continues with scalar blocks
+])
+def test_row_bits_do_not_depend_on_batch_size(num_neg):
+    # the CPU kernel computes Philox blocks for 8 rows per SIMD vector; rows left over are computed one by
+    # one. A row's draws must be the same whichever way its stream was set up: row i of a call equals
+    # row i of any longer call (the stream is keyed by the row index).
+    g = small_graph(seed=4, n_users=30, n_items=400, n=900)
+    users = torch.randint(0, 30, (203,), generator=torch.Generator().manual_seed(2))
+    behaviors = torch.randint(0, g.n_behaviors, (203,), generator=torch.Generator().manual_seed(3))
+    for mode, rep in (("exclusive", True), ("strict", False), ("visited", True)):
+        full = mf.sample_negatives(g, users, num_neg, behavior=behaviors, mode=mode, replacement=rep,
+                                   seed=11, offset=5, on_empty="sentinel")
+        for m in (1, 3, 7, 9, 64, 65, 130):
+            part = mf.sample_negatives(g, users[:m], num_neg, behavior=behaviors[:m], mode=mode, replacement=rep,
+                                       seed=11, offset=5, on_empty="sentinel")
+            assert torch.equal(part, full[:m]), (mode, rep, m)
+
+
+@needs_kernels
 def test_same_bits_in_subprocess_with_omp_threads():
     # a fresh process with OMP_NUM_THREADS=2 reproduces this process's bits
     code = textwrap.dedent("""

@@ -41,23 +41,36 @@ MBREC_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
 
 // A stream of 32-bit draws for one logical sample: key = seed, counter = (index, block, offset).
 // Each call to next() consumes one 32-bit word; a fresh Philox block is computed every 4 words.
+// The key of the streams of (seed, offset). The high word of the offset is folded into the key;
+// offsets below 2^32 (the usual "epoch * steps + step" counters) therefore give disjoint counter
+// ranges under one key.
+MBREC_HD uint32_t philox_key0(uint64_t seed, uint64_t) { return static_cast<uint32_t>(seed); }
+MBREC_HD uint32_t philox_key1(uint64_t seed, uint64_t offset) {
+  return static_cast<uint32_t>(seed >> 32) ^ (static_cast<uint32_t>(offset >> 32) * 0x9E3779B9u);
+}
+
+// Counter of block `block` of stream `index`.
+MBREC_HD Philox4 philox_counter(uint64_t index, uint32_t block, uint64_t offset) {
+  Philox4 ctr;
+  ctr.v[0] = static_cast<uint32_t>(index);
+  ctr.v[1] = static_cast<uint32_t>(index >> 32);
+  ctr.v[2] = block;
+  ctr.v[3] = static_cast<uint32_t>(offset);
+  return ctr;
+}
+
 class PhiloxStream {
  public:
-  MBREC_HD PhiloxStream(uint64_t seed, uint64_t offset, uint64_t index)
-      // The high word of the offset is folded into the key; offsets below 2^32 (the usual
-      // "epoch * steps + step" counters) therefore give disjoint counter ranges under one key.
-      : k0_(static_cast<uint32_t>(seed)),
-        k1_(static_cast<uint32_t>(seed >> 32) ^ (static_cast<uint32_t>(offset >> 32) * 0x9E3779B9u)),
-        index_(index), offset_(offset), block_(0), used_(4) {}
+  // pre[0, n_pre): the stream's first blocks computed ahead (e.g. for many streams at once with
+  // SIMD); they must equal what philox4x32_10 gives for those counters.
+  MBREC_HD PhiloxStream(uint64_t seed, uint64_t offset, uint64_t index, const Philox4* pre = nullptr,
+                        uint32_t n_pre = 0)
+      : k0_(philox_key0(seed, offset)), k1_(philox_key1(seed, offset)), index_(index), offset_(offset),
+        block_(0), used_(4), pre_(pre), n_pre_(n_pre) {}
 
   MBREC_HOT uint32_t next_u32() {
     if (used_ == 4) {
-      Philox4 ctr;
-      ctr.v[0] = static_cast<uint32_t>(index_);
-      ctr.v[1] = static_cast<uint32_t>(index_ >> 32);
-      ctr.v[2] = block_;
-      ctr.v[3] = static_cast<uint32_t>(offset_);
-      buf_ = philox4x32_10(ctr, k0_, k1_);
+      buf_ = block_ < n_pre_ ? pre_[block_] : philox4x32_10(philox_counter(index_, block_, offset_), k0_, k1_);
       ++block_;
       used_ = 0;
     }
@@ -99,6 +112,8 @@ class PhiloxStream {
   uint64_t index_, offset_;
   uint32_t block_;
   uint32_t used_;
+  const Philox4* pre_;
+  uint32_t n_pre_;
   Philox4 buf_;
 };
 

@@ -286,19 +286,22 @@ MBREC_HD int choose_level(const int64_t* thr_row, int R, uint32_t draw) {
   return R - 1;
 }
 
-// The excluded row of the complement modes (exclusive, strict, unvisited).
-MBREC_HOT Span complement_row(const RowParams& P, int64_t u, int r) {
-  const GraphView& g = P.g;
-  const int R = g.R;
+// The slot of the excluded row of the complement modes (exclusive, strict, unvisited); for the other
+// modes the slot of the positive's behavior (the row every draw of theirs reads as well).
+MBREC_HOT int primary_slot(const RowParams& P, int r) {
+  const int R = P.g.R;
   switch (P.mode) {
-    case kExclusive:
-      return graph_row(g, r, u);
     case kStrict:
-      return graph_row(g, R, u);
-    default:  // kUnvisited: aux U at_r is the auxiliary union when r is auxiliary, the touched union when r is the target
-      return graph_row(g, r == R - 1 ? R : R + 1, u);
+      return R;
+    case kUnvisited:  // aux U at_r is the auxiliary union when r is auxiliary, the touched union when r is the target
+      return r == R - 1 ? R : R + 1;
+    default:
+      return r;
   }
 }
+
+// The excluded row of the complement modes (exclusive, strict, unvisited).
+MBREC_HOT Span complement_row(const RowParams& P, int64_t u, int r) { return graph_row(P.g, primary_slot(P, r), u); }
 
 MBREC_HOT bool is_complement_mode(int mode) { return mode == kExclusive || mode == kStrict || mode == kUnvisited; }
 
@@ -327,8 +330,10 @@ MBREC_HOT int64_t draw_one(const RowParams& P, int64_t u, int r, Prev pv, Philox
 }
 
 // Fills out[0, num_neg) for one row (user u, positive behavior r). -1 marks draws with no allowed item.
-MBREC_HD void sample_row(const RowParams& P, int64_t row, int64_t u, int r, int64_t* out) {
-  PhiloxStream rng(P.seed, P.offset, static_cast<uint64_t>(row));
+// pre/n_pre: the first Philox blocks of the row's stream, when the caller computed them ahead.
+MBREC_HD void sample_row(const RowParams& P, int64_t row, int64_t u, int r, int64_t* out,
+                         const Philox4* pre = nullptr, uint32_t n_pre = 0) {
+  PhiloxStream rng(P.seed, P.offset, static_cast<uint64_t>(row), pre, n_pre);
   if (P.replacement) {
     const Prev none{nullptr, 0};
     if (is_complement_mode(P.mode)) {  // the common case, with the row looked up once instead of per draw

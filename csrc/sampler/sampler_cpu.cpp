@@ -9,6 +9,7 @@
 #include <numeric>
 #include <vector>
 
+#include "sampler/philox_batch_cpu.h"
 #include "sampler/sampler_common.h"
 
 namespace {
@@ -148,9 +149,32 @@ Tensor sample_negatives_cpu(const Tensor& indptr, const Tensor& indices, const T
   int64_t* po = out.data_ptr<int64_t>();
   const int64_t* pu = users.data_ptr<int64_t>();
   const int64_t* pb = behaviors.data_ptr<int64_t>();
+  // The first Philox blocks of each row's stream (enough for num_neg draws without rejections, at
+  // most 4) are computed ahead for 64 rows at a time, 8 streams per AVX2 vector.
+  constexpr int64_t kGroup = 64;
+  const uint32_t n_pre = static_cast<uint32_t>(std::min<int64_t>(4, (num_neg + 3) / 4));
   at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) {
-      mbrec::sampler::sample_row(P, row, pu[row], static_cast<int>(pb[row]), po + row * num_neg);
+    std::vector<mbrec::Philox4> pre(kGroup * n_pre);
+    for (int64_t g0 = b; g0 < e; g0 += kGroup) {
+      const int64_t g1 = std::min(e, g0 + kGroup);
+      mbrec::philox_blocks_batch(P.seed, P.offset, g0, g1 - g0, n_pre, pre.data());
+      for (int64_t row = g0; row < g1; ++row) {
+        // Two-stage prefetch for graphs beyond the caches (random users are two dependent misses each):
+        // the row offsets 16 rows ahead, the row's items 8 rows ahead (their offsets arrived by then).
+        if (row + 16 < e) {
+          const int64_t* at = P.g.indptr + mbrec::sampler::primary_slot(P, static_cast<int>(pb[row + 16])) * P.g.stride +
+                              pu[row + 16];
+          __builtin_prefetch(at);
+          __builtin_prefetch(at + 1);
+        }
+        if (row + 8 < e) {
+          const auto ahead = mbrec::sampler::complement_row(P, pu[row + 8], static_cast<int>(pb[row + 8]));
+          __builtin_prefetch(ahead.p);
+          __builtin_prefetch(ahead.p + 16);
+        }
+        mbrec::sampler::sample_row(P, row, pu[row], static_cast<int>(pb[row]), po + row * num_neg,
+                                   pre.data() + (row - g0) * n_pre, n_pre);
+      }
     }
   });
   return out;
