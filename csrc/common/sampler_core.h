@@ -336,20 +336,11 @@ MBREC_HD void sample_row(const RowParams& P, int64_t row, int64_t u, int r, int6
   PhiloxStream rng(P.seed, P.offset, static_cast<uint64_t>(row), pre, n_pre);
   if (P.replacement) {
     const Prev none{nullptr, 0};
-    if (is_complement_mode(P.mode)) {  // the common case, with the row looked up once instead of per draw
-      const Span ex = complement_row(P, u, r);
-      for (int64_t d = 0; d < P.num_neg; ++d) {
-        const int64_t x = complement_draw(ex, none, P.g.n_items, P.w, rng);
-        if (x < 0) {
-          for (int64_t e = d; e < P.num_neg; ++e) out[e] = -1;
-          return;
-        }
-        out[d] = x;
-      }
-      return;
-    }
+    // complement modes (the common case): the excluded row is looked up once, not per draw
+    const bool complement = is_complement_mode(P.mode);
+    const Span ex = complement ? complement_row(P, u, r) : Span{nullptr, 0};
     for (int64_t d = 0; d < P.num_neg; ++d) {
-      const int64_t x = draw_one(P, u, r, none, rng);
+      const int64_t x = complement ? complement_draw(ex, none, P.g.n_items, P.w, rng) : draw_one(P, u, r, none, rng);
       if (x < 0) {  // the allowed set is empty: every further draw would be empty too
         for (int64_t e = d; e < P.num_neg; ++e) out[e] = -1;
         return;
