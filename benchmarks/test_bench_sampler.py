@@ -58,6 +58,18 @@ def torch_rejection(graph: InteractionGraph, behavior: int, users: torch.Tensor,
         todo = bad
 
 
+def _exclusive_sampler(impl: str, g: InteractionGraph, r: int, users: torch.Tensor):
+    """(call drawing NUM_NEG exclusive negatives per row, the rows it draws for); the RecBole-style loop gets
+    the first 50,000 rows only (it is slow; rates are per negative)."""
+    if impl == "recbole_style":
+        users = users[:50_000]
+        sampler = RecBoleStyle(g, r)
+        return (lambda: sampler.sample(users.numpy(), NUM_NEG)), users
+    if impl == "torch_rejection":
+        return (lambda: torch_rejection(g, r, users, NUM_NEG)), users
+    return (lambda: mf.sample_negatives(g, users, NUM_NEG, behavior=r)), users
+
+
 def synthetic(n_users, n_items, n_inter, R=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     users = torch.randint(0, n_users, (n_inter,), generator=g)
@@ -91,15 +103,7 @@ def _graph(name, make):
 def test_bench_exclusive(benchmark, record, name, make, impl):
     g = _graph(name, make)
     r = g.target
-    users = g.positives(r)[0]
-    if impl == "recbole_style":
-        users = users[:50_000]  # the Python loop is slow; rate is per negative
-        sampler = RecBoleStyle(g, r)
-        fn = lambda: sampler.sample(users.numpy(), NUM_NEG)  # noqa: E731
-    elif impl == "torch_rejection":
-        fn = lambda: torch_rejection(g, r, users, NUM_NEG)  # noqa: E731
-    else:
-        fn = lambda: mf.sample_negatives(g, users, NUM_NEG, behavior=r)  # noqa: E731
+    fn, users = _exclusive_sampler(impl, g, r, g.positives(r)[0])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -161,15 +165,8 @@ def _graph_100m():
 def test_bench_100m_graph(benchmark, record, impl):
     g, gen_s, build_s = _graph_100m()
     r = g.target
-    rows = torch.randint(0, g.n_users, (2_000_000,), generator=torch.Generator().manual_seed(1))
-    if impl == "recbole_style":
-        rows = rows[:50_000]  # the Python loop is slow; rate is per negative
-        sampler = RecBoleStyle(g, r)
-        fn = lambda: sampler.sample(rows.numpy(), NUM_NEG)  # noqa: E731
-    elif impl == "torch_rejection":
-        fn = lambda: torch_rejection(g, r, rows, NUM_NEG)  # noqa: E731
-    else:
-        fn = lambda: mf.sample_negatives(g, rows, NUM_NEG, behavior=r)  # noqa: E731
+    fn, rows = _exclusive_sampler(impl, g, r, torch.randint(0, g.n_users, (2_000_000,),
+                                                            generator=torch.Generator().manual_seed(1)))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -211,8 +211,8 @@ def _topk_score_fn(score_fn: ScoreFn, users: torch.Tensor, n_items: int, exclude
                    block_items: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k over score_fn blocks. score_fn is called per `block_items` items (its intermediates stay
     small), and the blocks are gathered into a window of up to _MERGE_WINDOW_BYTES that is merged into
-    the heaps at once: every merge reloads and re-sorts each user's k best, so merging each small block
-    on its own cost more than the scoring for cheap score_fns."""
+    the running top-k at once: every merge re-seeds and re-sorts each user's k best, so merging each
+    small block on its own cost more than the scoring for cheap score_fns."""
     b = users.numel()
     top_s = torch.full((b, k), -math.inf, dtype=torch.float32, device=device)
     top_i = torch.full((b, k), -1, dtype=torch.int64, device=device)
