@@ -364,7 +364,9 @@ def test_same_bits_in_subprocess_with_omp_threads():
 
 
 @pytest.mark.parametrize("replacement", [True, False])
-@pytest.mark.parametrize("left", [0, 1, 2])  # user touched all items / all but one / all but two
+# user touched all items / all but one / all but two / all but num_neg (the fewest left that can never run short
+# without replacement: the output scan for empty pools is skipped there)
+@pytest.mark.parametrize("left", [0, 1, 2, 4])
 def test_tiny_allowed_sets_terminate(left, replacement):
     n = 5000
     items = torch.arange(n - left)
@@ -383,6 +385,9 @@ def test_tiny_allowed_sets_terminate(left, replacement):
         if left == 0 or (not replacement and left < 4):
             with pytest.raises(ValueError, match="allowed set"):
                 mf.sample_negatives(g, torch.zeros(3, dtype=torch.int64), 4, mode=mode, replacement=replacement)
+        else:
+            assert bool((mf.sample_negatives(g, torch.zeros(3, dtype=torch.int64), 4, mode=mode,
+                                             replacement=replacement) >= 0).all())
     # popularity with only zero-weight items left: empty, not a hang
     w = torch.ones(n)
     w[n - left:] = 0
