@@ -343,6 +343,44 @@ def test_row_bits_do_not_depend_on_batch_size(num_neg):
             assert torch.equal(part, full[:m]), (mode, rep, m)
 
 
+def test_reference_philox_matches_random123_known_answers():
+    from mbrec_fast.reference.sampler import philox4x32_10
+    # Random123's published known-answer vectors for philox4x32 with 10 rounds (counter, key -> output)
+    assert philox4x32_10([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    m = 0xFFFFFFFF
+    assert philox4x32_10([m, m, m, m], [m, m]) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@needs_kernels
+@pytest.mark.parametrize("seed,offset", [
+    (0, 0),                          # the all-zero key and counter of the first known-answer vector (row 0)
+    (0x123456789ABCDEF, 7),          # the seed's high word in the key
+    (5, (3 << 32) + 11),             # the offset's high word folded into the key
+])
+def test_kernel_draws_follow_the_philox_stream(seed, offset):
+    # With n_items = 2^31 - 2 (the largest allowed) and nothing excluded, draw d of a row is Lemire's (word * n) >> 32 of the row's
+    # stream words (a word is redrawn only when its low product half falls below (2^32 - n) mod n): the
+    # kernel's bits, SIMD-batched rows (groups of 8) and scalar rows alike, equal the reference stream.
+    from mbrec_fast.reference.sampler import philox_stream_words
+    n = 2 ** 31 - 2
+    g = InteractionGraph.from_arrays(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), 1, n, n_behaviors=2)
+    rows, num_neg = 21, 6
+    out = mf.sample_negatives(g, torch.zeros(rows, dtype=torch.int64), num_neg, behavior=1, seed=seed,
+                              offset=offset)
+    threshold = (2 ** 32 - n) % n
+    for row in range(rows):
+        words = iter(philox_stream_words(seed, offset, row, 4 * num_neg))
+        expect = []
+        for _ in range(num_neg):
+            m = next(words) * n
+            while (m & 0xFFFFFFFF) < threshold:
+                m = next(words) * n
+            expect.append(m >> 32)
+        assert out[row].tolist() == expect, row
+
+
 @needs_kernels
 def test_same_bits_in_subprocess_with_omp_threads():
     # a fresh process with OMP_NUM_THREADS=2 reproduces this process's bits

@@ -2,7 +2,8 @@
 
 Slow and simple on purpose. The tests use `allowed_items` to check every negative exhaustively and
 `sample_negatives_reference` / `expected_distribution` for the distribution tests. The fused kernels draw
-different random numbers (Philox), so they agree with this module in distribution, not bit for bit.
+different random numbers (Philox), so they agree with this module in distribution, not bit for bit; the
+kernels' random stream itself is defined bit for bit by `philox4x32_10` / `philox_stream_words` below.
 """
 from __future__ import annotations
 
@@ -12,9 +13,34 @@ import numpy as np
 import torch
 
 __all__ = ["row_items", "allowed_items", "cascade_pools", "expected_distribution",
-           "sample_negatives_reference", "sample_sequence_negatives_reference"]
+           "sample_negatives_reference", "sample_sequence_negatives_reference", "philox4x32_10",
+           "philox_stream_words"]
 
 MODES = ("exclusive", "strict", "cascade", "visited", "unvisited")
+
+_M32 = 0xFFFFFFFF
+
+
+def philox4x32_10(ctr: Sequence[int], key: Sequence[int]) -> List[int]:
+    """Philox-4x32-10 (Salmon et al., SC'11) of a 4-word counter under a 2-word key, in Python integers."""
+    c, k0, k1 = [int(x) & _M32 for x in ctr], int(key[0]) & _M32, int(key[1]) & _M32
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & _M32, (p0 >> 32) ^ c[3] ^ k1, p0 & _M32]
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c
+
+
+def philox_stream_words(seed: int, offset: int, index: int, n_words: int) -> List[int]:
+    """The first n_words 32-bit words of the kernels' stream (seed, offset, index) (csrc/common/philox.h):
+    key (seed low, seed high ^ offset high * 0x9E3779B9), counter (index low, index high, block, offset low)."""
+    key = (seed & _M32, ((seed >> 32) ^ (((offset >> 32) * 0x9E3779B9) & _M32)) & _M32)
+    words: List[int] = []
+    block = 0
+    while len(words) < n_words:
+        words += philox4x32_10((index & _M32, index >> 32, block, offset & _M32), key)
+        block += 1
+    return words[:n_words]
 
 
 def row_items(indptr: torch.Tensor, indices: torch.Tensor, u: int) -> np.ndarray:
