@@ -268,14 +268,10 @@ def test_keyed_csr_block_entries_and_contains():
         KeyedCsr((torch.tensor([0, 2]), torch.tensor([3, 1])), 6)
 
 
-@pytest.mark.parametrize("use_sampler", [False, True])  # own rejection sampler / the package sampler's pools
-def test_member_pool_negatives_come_from_the_right_pool(tiny, use_sampler):
+def test_member_pool_negatives_come_from_the_right_pool(tiny):
     model = _build("member", tiny)
     u, i = tiny.pairs(tiny.target)
-    graph = tiny.train if use_sampler else None
-    if use_sampler and not hasattr(torch.ops.mbrec_fast, "sample_negatives"):
-        pytest.skip("sampler kernel not built")
-    neg = model.pool_negatives(u, i, torch.Generator().manual_seed(0), graph=graph, seed=3)
+    neg = model.pool_negatives(u, i, tiny.train, seed=3)
     vis = model.is_visited(u, i)
     v_ok, n_ok = neg[:, 0] >= 0, neg[:, 1] >= 0
     assert bool(v_ok[vis].float().mean() > 0.5) and not bool(v_ok[~vis].any())   # only visited positives

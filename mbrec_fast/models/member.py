@@ -328,51 +328,26 @@ class MEMBER(MultiBehaviorModel):
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
         return _MemberBatches(self, data, epoch, batch_size, seed)
 
-    def pool_negatives(self, users: torch.Tensor, pos: torch.Tensor, generator: torch.Generator,
-                       rounds: int = 16, graph=None, seed: int = 0, offset: int = 0) -> torch.Tensor:
-        """Pool negatives [B, 2] (-1 where there is none).
+    def pool_negatives(self, users: torch.Tensor, pos: torch.Tensor, graph, seed: int = 0,
+                       offset: int = 0) -> torch.Tensor:
+        """Pool negatives [B, 2] (-1 where the pool is empty), drawn by the package sampler from `graph`
+        (the training `mbrec_fast.InteractionGraph`), keyed by seed/offset.
 
         Column 0, rows with a visited positive: uniform over the user's auxiliary items not bought
-        (visited pool). Column 1: uniform over the items the user never touched (unvisited pool), for
+        (mode "visited"). Column 1: uniform over the items the user never touched (mode "unvisited"), for
         every row when `unvisited_all_purchases`, else only for rows with an unvisited positive.
-        With `graph` (a `mbrec_fast.InteractionGraph` whose sampler kernel is built) the package sampler
-        draws them (modes "visited" / "unvisited", keyed by seed/offset); otherwise a vectorized
-        rejection sampler with `generator` (a row not hit in `rounds` tries gets -1 like an empty pool).
         """
+        from ..sampler import sample_negatives
         users, pos = users.cpu().long(), pos.cpu().long()
         out = torch.full((users.numel(), 2), -1, dtype=torch.long)
         vis = self.aux.contains(users, pos)
         want_unvisited = torch.ones_like(vis) if self.unvisited_all_purchases else ~vis
-        if graph is not None:
-            from ..sampler import sample_negatives
-            for col, mode, sel in ((0, "visited", vis), (1, "unvisited", want_unvisited)):
-                idx = torch.nonzero(sel).flatten()
-                if idx.numel():
-                    draw = sample_negatives(graph, users[idx], 1, mode=mode, seed=(seed + col) & ((1 << 62) - 1),
-                                            offset=offset, on_empty="sentinel")
-                    out[idx, col] = draw[:, 0].cpu().long()
-            return out
-        # visited pool: rejection on the user's auxiliary row
-        start = self.aux.indptr[users]
-        length = self.aux.indptr[users + 1] - start
-        todo = torch.nonzero(vis & (length > 0)).flatten()
-        for _ in range(rounds):
-            if todo.numel() == 0:
-                break
-            pick = start[todo] + (torch.rand(todo.numel(), generator=generator) * length[todo]).long().clamp_max(length[todo] - 1)
-            cand = self.aux.indices[pick]
-            bad = self.target.contains(users[todo], cand)
-            out[todo[~bad], 0] = cand[~bad]
-            todo = todo[bad]
-        # unvisited pool: rejection on all items
-        todo = torch.nonzero(want_unvisited).flatten()
-        for _ in range(rounds):
-            if todo.numel() == 0:
-                break
-            cand = torch.randint(0, self.n_items, (todo.numel(),), generator=generator)
-            bad = self.union.contains(users[todo], cand)
-            out[todo[~bad], 1] = cand[~bad]
-            todo = todo[bad]
+        for col, mode, sel in ((0, "visited", vis), (1, "unvisited", want_unvisited)):
+            idx = torch.nonzero(sel).flatten()
+            if idx.numel():
+                draw = sample_negatives(graph, users[idx], 1, mode=mode, seed=(seed + col) & ((1 << 62) - 1),
+                                        offset=offset, on_empty="sentinel")
+                out[idx, col] = draw[:, 0].cpu().long()
         return out
 
     def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -452,16 +427,6 @@ class MEMBER(MultiBehaviorModel):
         return total, parts
 
 
-def _fused_sampler_available(graph) -> bool:
-    """True when `graph` is the package's InteractionGraph and the compiled sampler kernel is present
-    (the sampler's pure-Python reference backend is far too slow for training)."""
-    try:
-        from ..sampler import InteractionGraph
-    except ImportError:
-        return False
-    return isinstance(graph, InteractionGraph) and hasattr(torch.ops.mbrec_fast, "sample_negatives")
-
-
 def _first_distinct(x: torch.Tensor, limit: int) -> torch.Tensor:
     """The first `limit` distinct values of x in order of first appearance (deterministic)."""
     uniq, inverse = torch.unique(x, return_inverse=True)
@@ -494,13 +459,12 @@ class _MemberBatches:
             g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 10 + r))
             perms.append(torch.randperm(m.behavior_edges[r][0].numel(), generator=g))
         base = epoch_seed(self.seed, self.epoch, 2)
-        graph = self.pairs.graph if _fused_sampler_available(self.pairs.graph) else None
         for b, batch in enumerate(self.pairs):
-            gen = torch.Generator().manual_seed((base + b) & ((1 << 62) - 1))
             if m.pool_weight:
-                batch["pool_neg"] = m.pool_negatives(batch["users"], batch["pos"], gen, graph=graph,
+                batch["pool_neg"] = m.pool_negatives(batch["users"], batch["pos"], self.pairs.graph,
                                                      seed=base, offset=b * self.pairs.batch_size)
             if m.gen_weight:
+                gen = torch.Generator().manual_seed((base + b) & ((1 << 62) - 1))
                 for r, perm in enumerate(perms):
                     n_e = perm.numel()
                     if n_e == 0:
