@@ -39,8 +39,6 @@ MBREC_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
-// A stream of 32-bit draws for one logical sample: key = seed, counter = (index, block, offset).
-// Each call to next() consumes one 32-bit word; a fresh Philox block is computed every 4 words.
 // The key of the streams of (seed, offset). The high word of the offset is folded into the key;
 // offsets below 2^32 (the usual "epoch * steps + step" counters) therefore give disjoint counter
 // ranges under one key.
@@ -59,6 +57,8 @@ MBREC_HD Philox4 philox_counter(uint64_t index, uint32_t block, uint64_t offset)
   return ctr;
 }
 
+// A stream of 32-bit draws for one logical sample: key = seed, counter = (index, block, offset).
+// Each call to next() consumes one 32-bit word; a fresh Philox block is computed every 4 words.
 class PhiloxStream {
  public:
   // pre[0, n_pre): the stream's first blocks computed ahead (e.g. for many streams at once with

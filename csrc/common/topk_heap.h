@@ -1,4 +1,5 @@
-// Bounded top-k selection shared by the CPU and CUDA evaluators.
+// Bounded top-k selection of the CUDA evaluator (one heap per user, offered by a warp). The CPU ops select
+// with a candidate reservoir instead (evaluator_cpu.cpp); both follow the order below.
 //
 // A heap of k (score, id) slots is a binary min-heap on "worse": the root holds the worst kept
 // entry, so rejecting a candidate costs one compare against the root ("threshold reject").
@@ -48,28 +49,6 @@ MBREC_HD bool topk_heap_offer(float* hs, int64_t* hi, int k, float score, int64_
   hi[0] = id;
   topk_heap_sift_down(hs, hi, k, 0);
   return true;
-}
-
-// Replaces the root unconditionally (the caller already knows the candidate beats it).
-MBREC_HD void topk_heap_replace_root(float* hs, int64_t* hi, int k, float score, int64_t id) {
-  hs[0] = score;
-  hi[0] = id;
-  topk_heap_sift_down(hs, hi, k, 0);
-}
-
-// Scans scores row[0, n) of items item0 + j, in increasing id order, into the heap.
-// Every id scanned is larger than every id already kept, so an equal score loses the tie and
-// the reject test is the single compare `score <= root score`. Excluded items must already be
-// -inf in row (they never pass, since the root is >= -inf).
-MBREC_HD void topk_heap_scan_ascending(const float* row, int64_t n, int64_t item0, float* hs, int64_t* hi, int k) {
-  float threshold = hs[0];
-  for (int64_t j = 0; j < n; ++j) {
-    const float s = row[j];
-    if (s > threshold) {
-      topk_heap_replace_root(hs, hi, k, s, item0 + j);
-      threshold = hs[0];
-    }
-  }
 }
 
 // Loads a best-first sorted list (as produced by topk_heap_finalize) back into heap form:

@@ -168,7 +168,8 @@ Tensor sample_negatives_cpu(const Tensor& indptr, const Tensor& indices, const T
           __builtin_prefetch(at + 1);
         }
         if (row + 8 < e) {
-          const auto ahead = mbrec::sampler::complement_row(P, pu[row + 8], static_cast<int>(pb[row + 8]));
+          const auto ahead = mbrec::sampler::graph_row(
+              P.g, mbrec::sampler::primary_slot(P, static_cast<int>(pb[row + 8])), pu[row + 8]);
           __builtin_prefetch(ahead.p);
           __builtin_prefetch(ahead.p + 16);
         }
