@@ -74,3 +74,59 @@ def check_csr(csr, name: str, n_rows: int, n_cols: int, device: Optional[torch.d
                 if not bool(starts[descents].all()):
                     raise ValueError(f"{name}.indices must be sorted within each row")
     return indptr, indices
+
+
+# ---------------------------------------------------------------------------------------------- data files
+class data_file:
+    """Context manager around the reading of one data file: decoding, parsing and truncation errors come out
+    as one ValueError naming the file (a bare UnicodeDecodeError, JSONDecodeError or StopIteration does not
+    say which file of a data set was bad)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (OSError, MemoryError, KeyboardInterrupt)):
+            return False
+        import json
+        if isinstance(exc, UnicodeDecodeError):
+            raise ValueError(f"{self.path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+        if isinstance(exc, json.JSONDecodeError):
+            raise ValueError(f"{self.path}: malformed JSON at line {exc.lineno}: {exc.msg}") from exc
+        if isinstance(exc, StopIteration):
+            raise ValueError(f"{self.path}: the file is empty") from exc
+        if isinstance(exc, KeyError):
+            raise ValueError(f"{self.path}: missing entry {exc}") from exc
+        if isinstance(exc, (ValueError, IndexError)) and self.path not in str(exc):
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{self.path}: {text}") from exc
+        return False
+
+
+def check_id_column(values, n: Optional[int], path, column: str, *, first_line: int = 1):
+    """Integer ids of one column of a data file as an int64 NumPy array, each in [0, n) (n None: only >= 0).
+
+    A missing, non-integer or out-of-range value raises ValueError naming the file, the line (row i is line
+    first_line + i) and the value: an id past the end would otherwise wrap into a neighbouring row of a
+    `row * n + col` key and give silently wrong numbers."""
+    import numpy as np
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iu":
+        import pandas as pd
+        num = pd.to_numeric(pd.Series(arr), errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.isnan(num) | (num != np.floor(num)) | (np.abs(num) >= 2.0 ** 62)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{path}, line {first_line + i}: {column} must be an integer id, got {arr[i]!r}")
+        arr = num.astype(np.int64)
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size:
+        bad = (arr < 0) if n is None else ((arr < 0) | (arr >= n))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            span = "must be >= 0" if n is None else f"must lie in [0, {n})"
+            raise ValueError(f"{path}, line {first_line + i}: {column} {int(arr[i])} out of range ({span})")
+    return arr

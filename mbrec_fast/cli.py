@@ -45,8 +45,28 @@ def _family_for(argv: List[str]) -> str:
     return MODEL_FAMILIES[model.lower()]
 
 
+# Exceptions that mean bad input (a flag value, a data file, a checkpoint): reported in one line, no traceback.
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs a command; a user error prints one line naming the flag or file and exits 2 (`--debug`: traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        text = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+            text = f"{e.filename}: {text}"
+        print(f"mbrec-fast: error: {text} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="mbrec-fast", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["demo", "bench", "train", "evaluate"])
     if not argv or argv[0] in ("-h", "--help"):

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .._checks import check_id_column, data_file
 from ..sampler import InteractionGraph
 
 __all__ = ["MultiBehaviorData", "load_dataset", "from_table", "from_arrays",
@@ -256,6 +257,9 @@ def from_arrays(users: np.ndarray, items: np.ndarray, behaviors: np.ndarray, n_u
         users, items, behaviors = users[keep], items[keep], behaviors[keep]
         timestamps = None if timestamps is None else timestamps[keep]
     test_u, test_i = (np.asarray(a, dtype=np.int64) for a in test)
+    for arr, n, what in ((test_u, n_users, "test users"), (test_i, n_items, "test items")):
+        if arr.size and (arr.min() < 0 or arr.max() >= n):  # would wrap into another user's CSR row
+            raise ValueError(f"{what} must lie in [0, {n}), found [{arr.min()}, {arr.max()}]")
     test_csr = build_csr(test_u, test_i, n_users, n_items)
     # the held-out pairs leave the target behavior's training data
     is_t = behaviors == target
@@ -310,10 +314,18 @@ def _resolve(name_or_path: Union[str, os.PathLike]) -> pathlib.Path:
 
 def _read_tsv(path: pathlib.Path, n_cols_min: int):
     import pandas as pd
-    df = pd.read_csv(path, sep="\t", header=None, comment=None)
+    with data_file(path):
+        df = pd.read_csv(path, sep="\t", header=None, comment=None, skip_blank_lines=False)
     if df.shape[1] < n_cols_min:
         raise ValueError(f"{path}: expected at least {n_cols_min} tab-separated columns, got {df.shape[1]}")
     return df
+
+
+def _meta_count(meta, key: str) -> int:
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+    return value
 
 
 def load_dataset(name_or_path: Union[str, os.PathLike], valid: str = "leave-one-out", *, seed: int = 0,
@@ -326,8 +338,10 @@ def load_dataset(name_or_path: Union[str, os.PathLike], valid: str = "leave-one-
     "none" keeps all training data (no early stopping).
     """
     folder = _resolve(name_or_path)
-    meta = json.loads((folder / "meta.json").read_text())
-    names = list(meta["behaviors"])
+    with data_file(folder / "meta.json"):
+        meta = json.loads((folder / "meta.json").read_text())
+        names = list(meta["behaviors"])
+        n_users, n_items = _meta_count(meta, "n_users"), _meta_count(meta, "n_items")
     if meta.get("target", names[-1]) != names[-1]:
         raise ValueError(f"{folder}/meta.json: target {meta['target']!r} must be the last behavior of {names}")
     df = _read_tsv(folder / "interactions.tsv", 3)
@@ -338,9 +352,11 @@ def load_dataset(name_or_path: Union[str, os.PathLike], valid: str = "leave-one-
         raise ValueError(f"{folder}/interactions.tsv: behaviors {bad} not in meta.json behaviors {names}")
     ts = df[3].to_numpy() if (df.shape[1] > 3 and use_timestamps) else None
     test = _read_tsv(folder / "test.tsv", 2)
-    return from_arrays(df[0].to_numpy(np.int64), df[1].to_numpy(np.int64), beh.to_numpy(np.int64),
-                       int(meta["n_users"]), int(meta["n_items"]), names,
-                       test=(test[0].to_numpy(np.int64), test[1].to_numpy(np.int64)), timestamps=ts,
+    inter, held = folder / "interactions.tsv", folder / "test.tsv"
+    return from_arrays(check_id_column(df[0], n_users, inter, "user"), check_id_column(df[1], n_items, inter, "item"),
+                       beh.to_numpy(np.int64), n_users, n_items, names,
+                       test=(check_id_column(test[0], n_users, held, "user"),
+                             check_id_column(test[1], n_items, held, "item")), timestamps=ts,
                        valid=valid, seed=seed, name=str(meta.get("name", folder.name)))
 
 

@@ -95,6 +95,33 @@ class FitResult:
     run_dir: Optional[str] = None
 
 
+# Arguments that may differ between a run and its resumption: they change where or how fast it runs, not
+# the numbers it computes. Every other recorded argument defines the schedule and must match.
+RESUME_FREE_ARGS = frozenset({"resume", "max_steps", "device", "threads", "no_progress", "progress", "out",
+                              "run_dir", "debug"})
+
+
+class _EvalInterrupted(Exception):
+    """Raised by the signal handler when SIGINT/SIGTERM arrives during a validation pass."""
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def check_resume_config(path: str, saved: Dict[str, Any], current: Dict[str, Any]) -> None:
+    """Refuses to resume when a schedule-defining argument differs from the checkpoint's (ValueError naming
+    the flags): batches are a function of (seed, epoch, batch size, ...), so a changed one would silently
+    train another schedule."""
+    changed = [k for k in sorted(set(saved) & set(current))
+               if k not in RESUME_FREE_ARGS and _plain(saved[k]) != _plain(current[k])]
+    if changed:
+        diffs = "; ".join(f"--{k.replace('_', '-')} is {current[k]!r} here but {saved[k]!r} in the checkpoint"
+                          for k in changed)
+        raise ValueError(f"resume: {path} was written with other arguments: {diffs}. Resume with the checkpoint's "
+                         f"values or start a fresh run")
+
+
 @dataclass
 class _State:
     epoch: int = 0                 # epoch in progress (or next to start)
@@ -139,6 +166,7 @@ class Trainer:
         self.extra_state, self.load_extra_state = extra_state, load_extra_state
         self.state = _State()
         self._stop_signal: Optional[int] = None
+        self._validating = False
 
     # ------------------------------------------------------------ paths
     @property
@@ -176,6 +204,7 @@ class Trainer:
         ckpt = load_checkpoint(path)
         if ckpt.get("model_name") != self.model_name:
             raise ValueError(f"resume: checkpoint {path} is for model {ckpt.get('model_name')!r}, not {self.model_name!r}")
+        check_resume_config(path, ckpt.get("config") or {}, self.config)
         unwrap(self.model).load_state_dict(ckpt["model"])
         for k, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
@@ -191,6 +220,9 @@ class Trainer:
     # ------------------------------------------------------------ signals
     def _on_signal(self, signum, _frame):
         self._stop_signal = signum
+        if self._validating:  # do not wait for a long validation pass: abandon it, checkpoint, stop
+            self._validating = False
+            raise _EvalInterrupted(signum)
 
     def _install_signals(self):
         previous = {}
@@ -247,8 +279,10 @@ class Trainer:
                 total = len(epoch_batches) if hasattr(epoch_batches, "__len__") else None
                 iterator = iter(epoch_batches)
                 # Batches are a function of (seed, epoch): skip those a previous run consumed.
-                for _ in range(s.step_in_epoch):
-                    next(iterator)
+                for consumed in range(s.step_in_epoch):
+                    if next(iterator, _State) is _State:  # the class is a sentinel no batch can be
+                        raise ValueError(f"resume: epoch {s.epoch + 1} has only {consumed} batches but the checkpoint "
+                                         f"consumed {s.step_in_epoch}; were the data or the batch size changed?")
                 if saved_rng is not None:
                     set_rng_state(saved_rng)
                     saved_rng = None
@@ -289,7 +323,16 @@ class Trainer:
                     reason = f"signal {self._stop_signal}" if self._stop_signal is not None else f"max_steps={self.max_steps}"
                     log(f"stopped ({reason}) at epoch {s.epoch + 1}, step {s.step_in_epoch}; checkpoint {self.checkpoint_path}")
                     break
-                self._end_epoch(evaluate)
+                try:
+                    self._end_epoch(evaluate)
+                except _EvalInterrupted:
+                    # the epoch's batches are done, its validation is not: resume re-runs the validation
+                    interrupted = True
+                    self.model.train()
+                    self.save()
+                    log(f"stopped (signal {self._stop_signal}) during validation of epoch {s.epoch + 1}; "
+                        f"checkpoint {self.checkpoint_path}")
+                    break
                 s.epoch += 1
                 s.step_in_epoch = 0
                 self.save()
@@ -321,7 +364,14 @@ class Trainer:
         row: Dict[str, Any] = {"epoch": s.epoch + 1, "steps": int(s.epoch_sums.get("_n", 0))}
         row.update({f"train_{k}": v / n for k, v in s.epoch_sums.items() if k != "_n"})
         if evaluate is not None and (s.epoch + 1) % self.eval_every == 0:
-            metrics = self._evaluate(evaluate, "valid")
+            self._validating = True
+            try:
+                metrics = self._evaluate(evaluate, "valid")
+            finally:
+                self._validating = False
+            if metrics and self.monitor not in metrics:
+                raise ValueError(f"monitor (--monitor) {self.monitor!r} is not a validation metric of this run; "
+                                 f"choose one of {sorted(metrics)}")
             if metrics:
                 row.update({f"valid_{k}": v for k, v in metrics.items()})
                 value = metrics.get(self.monitor)
