@@ -84,6 +84,7 @@ class data_file:
 
     def __init__(self, path):
         self.path = str(path)
+        self.line: Optional[int] = None  # a reader may set the line it is on; errors then name it
 
     def __enter__(self):
         return self
@@ -92,6 +93,7 @@ class data_file:
         if exc is None or isinstance(exc, (OSError, MemoryError, KeyboardInterrupt)):
             return False
         import json
+        where = self.path if self.line is None else f"{self.path}, line {self.line}"
         if isinstance(exc, UnicodeDecodeError):
             raise ValueError(f"{self.path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
         if isinstance(exc, json.JSONDecodeError):
@@ -99,11 +101,25 @@ class data_file:
         if isinstance(exc, StopIteration):
             raise ValueError(f"{self.path}: the file is empty") from exc
         if isinstance(exc, KeyError):
-            raise ValueError(f"{self.path}: missing entry {exc}") from exc
+            raise ValueError(f"{where}: missing entry {exc}") from exc
         if isinstance(exc, (ValueError, IndexError)) and self.path not in str(exc):
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{self.path}: {text}") from exc
+            raise ValueError(f"{where}: {text}") from exc
         return False
+
+
+def reads_data_file(default_name: str):
+    """Decorator of a loader whose first argument is a path (None: `default_name`, the bundled sample): its
+    parsing errors come out as ValueError naming the file (see `data_file`)."""
+    import functools
+
+    def wrap(loader):
+        @functools.wraps(loader)
+        def run(path=None, *args, **kwargs):
+            with data_file(default_name if path is None else path):
+                return loader(path, *args, **kwargs)
+        return run
+    return wrap
 
 
 def check_id_column(values, n: Optional[int], path, column: str, *, first_line: int = 1):

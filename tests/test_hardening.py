@@ -165,3 +165,108 @@ def test_sigint_during_validation_stops_at_once_and_resumes_exactly(tmp_path):
     for key in last_full:
         assert torch.equal(last_full[key], last_cut[key])
     assert [r["train_loss"] for r in result.history[1:]] == [r["train_loss"] for r in full_result.history[1:]]
+
+
+# ---------------------------------------------------------------- user errors at the command line
+def _main(argv, capsys):
+    from mbrec_fast.cli import main
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--ks", "0"], "--ks"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--monitor", "ndgc@10"], "--monitor"),
+    (["--monitor", "ndcg@5"], "--monitor"),  # 5 is not among --ks
+])
+def test_bad_flag_values_give_one_line(tmp_path, capsys, tiny_multibehavior, flags, named):
+    code, err = _main(["train", "--model", "mf", "--data", tiny_multibehavior, "--out", str(tmp_path), *flags], capsys)
+    assert code == 2 and named in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, tiny_multibehavior):
+    from mbrec_fast.cli import main
+    with pytest.raises(ValueError, match="--epochs"):
+        main(["train", "--model", "mf", "--data", tiny_multibehavior, "--epochs", "0", "--debug"])
+
+
+def _corrupt(folder, name, content):
+    path = os.path.join(folder, name)
+    if content is None:
+        os.remove(path)
+    else:
+        with open(path, "wb") as f:
+            f.write(content)
+    return name
+
+
+@pytest.mark.parametrize("name, content, expect", [
+    ("test.tsv", b"0\t3\n1\t10\n", "test.tsv, line 2: item 10 out of range"),     # item id past n_items
+    ("test.tsv", b"0\t3\n-1\t4\n", "test.tsv, line 2: user -1 out of range"),     # negative user
+    ("interactions.tsv", b"0\t1\tview\n0\t2\tbuy\n12\t1\tview\n", "interactions.tsv, line 3: user 12"),
+    ("interactions.tsv", b"0\t1\tview\n0\tx\tbuy\n", "interactions.tsv, line 2: item must be an integer"),
+    ("interactions.tsv", b"0\t1\tview\n0\t2\tbuy\n3\t", "interactions.tsv"),          # truncated last line
+    ("interactions.tsv", b"", "interactions.tsv"),                                     # empty
+    ("interactions.tsv", b"0\t1\tview\n\xff\xfe\t2\tbuy\n", "interactions.tsv"),       # not UTF-8
+    ("interactions.tsv", None, "interactions.tsv"),                                    # missing
+    ("meta.json", b'{"n_users": 12, "n_items": 10, "behaviors": ["view", "buy"]', "meta.json: malformed JSON"),
+    ("meta.json", b'{"n_users": 12, "behaviors": ["view", "buy"]}', "meta.json: missing entry 'n_items'"),
+    ("meta.json", b'{"n_users": -3, "n_items": 10, "behaviors": ["view", "buy"]}', "meta.json: n_users"),
+    ("meta.json", b"", "meta.json"),
+])
+def test_corrupted_multibehavior_data(tmp_path, capsys, tiny_multibehavior, name, content, expect):
+    from mbrec_fast.data.multibehavior import load_dataset
+    _corrupt(tiny_multibehavior, name, content)
+    with pytest.raises((ValueError, OSError), match=None) as info:
+        load_dataset(tiny_multibehavior)
+    assert expect in str(info.value) or (content is None and name in str(info.value)), str(info.value)
+    code, err = _main(["train", "--model", "mf", "--data", tiny_multibehavior, "--out", str(tmp_path)], capsys)
+    assert code == 2 and name in err and len(err.splitlines()) == 1
+
+
+def test_truncated_checkpoint_at_the_command_line(tmp_path, capsys):
+    path = tmp_path / "best.pt"
+    save_checkpoint(str(path), {"model_name": "mf", "model": {"w": torch.randn(1000)}})
+    path.write_bytes(path.read_bytes()[:500])
+    code, err = _main(["evaluate", "--checkpoint", str(path)], capsys)
+    assert code == 2 and str(path) in err and len(err.splitlines()) == 1
+
+
+def _sample(data_dir, name, tmp_path, edit):
+    text = (data_dir / "samples" / name).read_bytes()
+    path = tmp_path / name
+    path.write_bytes(edit(text))
+    return path
+
+
+_CORRUPTIONS = {
+    "empty": lambda b: b"",
+    "truncated": lambda b: b[:len(b) // 3],
+    "not-utf8": lambda b: b[:200] + b"\xff\xfe\xfd" + b[200:],
+    "header-only": lambda b: b.split(b"\n", 1)[0] + b"\n",
+    "garbled-row": lambda b: b.split(b"\n", 1)[0] + b"\nnot,a\tvalid,row\n" + b.split(b"\n", 1)[1],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_CORRUPTIONS))
+@pytest.mark.parametrize("loader, name", [("load_movielens", "ml1m_sample.csv"),
+                                          ("load_kuairand", "kuairand_sample.csv"),
+                                          ("load_amazon_sequences", "amazon5_seq.tsv")])
+def test_corrupted_ctr_and_sequence_files(data_dir, tmp_path, loader, name, kind):
+    """Each corruption either loads (a truncated file is still a valid, shorter file) or raises one ValueError
+    naming the file; never another exception type."""
+    import mbrec_fast.data.ctr as ctr
+    import mbrec_fast.data.sequences as seq
+    fn = getattr(ctr, loader, None) or getattr(seq, loader)
+    path = _sample(data_dir, name, tmp_path, _CORRUPTIONS[kind])
+    try:
+        fn(str(path))
+    except ValueError as e:
+        assert str(path) in str(e), str(e)
+    else:
+        assert kind in ("truncated", "garbled-row", "not-utf8")

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import reads_data_file
+
 __all__ = ["CTRData", "CTRBatches", "default_data_root", "load_movielens", "load_kuairand", "make_synthetic_ctr",
            "load_ctr", "ML1M_AGE_DOMAINS", "ML1M_GENRES"]
 
@@ -165,6 +167,8 @@ def _factorize(values) -> Tuple[np.ndarray, int]:
 def _frame_to_ctr(df, sparse_cols: List[str], dense: np.ndarray, dense_names: List[str], domain: np.ndarray,
                   labels: np.ndarray, task_names: List[str], domain_names: List[str], name: str,
                   user_col: str, item_col: str, item_sparse: List[str], item_dense_cols: List[int]) -> CTRData:
+    if len(df) == 0:
+        raise ValueError("the data has no rows")
     cols, dims = [], []
     for c in sparse_cols:
         codes, n = _factorize(df[c].to_numpy())
@@ -189,6 +193,7 @@ def _resolve(path: Optional[Union[str, os.PathLike]], sample_name: str) -> pathl
 
 
 # ----------------------------------------------------------------------------------------------- MovieLens
+@reads_data_file("ml1m_sample.csv")
 def load_movielens(path: Optional[Union[str, os.PathLike]] = None, *, click_threshold: int = 3,
                    like_threshold: int = 4,
                    age_domains: Sequence[Sequence[int]] = ML1M_AGE_DOMAINS) -> CTRData:
@@ -242,6 +247,7 @@ _KUAI_USER_DENSE = ["follow_user_num", "fans_user_num", "friend_user_num", "regi
 _KUAI_ITEM_SPARSE = ["video_type", "server_width", "server_height", "visible_status"]
 
 
+@reads_data_file("kuairand_sample.csv")
 def load_kuairand(path: Optional[Union[str, os.PathLike]] = None, *,
                   tab_groups: Optional[Sequence[Sequence[int]]] = None,
                   long_view_ms: int = 18_000) -> CTRData:

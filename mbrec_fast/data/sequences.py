@@ -16,6 +16,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._checks import reads_data_file
+
 __all__ = ["SequenceData", "SequenceSplit", "load_amazon_sequences", "load_interaction_log",
            "make_synthetic_sequences", "leave_one_out", "make_training_windows", "default_data_root"]
 
@@ -81,6 +83,7 @@ class SequenceData:
                 "interactions_per_domain": per_dom, **{k: v for k, v in self.info.items() if k != "true"}}
 
 
+@reads_data_file("amazon5_seq.tsv")
 def load_amazon_sequences(path: Optional[str] = None, domains_path: Optional[str] = None) -> SequenceData:
     """Reads the SyNCRec release layout (index, user_id, items, domain names, unix times, length; tab-separated).
 
@@ -103,11 +106,15 @@ def load_amazon_sequences(path: Optional[str] = None, domains_path: Optional[str
         for line in reader:
             if not line:
                 continue
+            if len(line) <= max(cols[c] for c in ("user_id", "item", "type", "unix_time")):
+                raise ValueError(f"{path}, line {reader.line_num}: {len(line)} columns, the header has {len(header)}")
             items = line[cols["item"]].split(",")
             doms = line[cols["type"]].split(",")
             times = line[cols["unix_time"]].split(",")
             if not (len(items) == len(doms) == len(times)):
                 raise ValueError(f"{path}: user {line[cols['user_id']]}: items, domains and times differ in length")
+            if not all(t.strip().lstrip("-").isdigit() for t in times):
+                raise ValueError(f"{path}, line {reader.line_num}: unix_time must hold integers, got {times[:3]}")
             rows.append((line[cols["user_id"]], items, doms, [int(t) for t in times]))
     if os.path.isfile(domains_path):
         with open(domains_path) as f:
@@ -125,6 +132,7 @@ def load_amazon_sequences(path: Optional[str] = None, domains_path: Optional[str
     return _from_log(log, domain_names, info={"source": os.path.basename(path)})
 
 
+@reads_data_file("log")
 def load_interaction_log(path_or_rows, *, columns: Sequence[str] = ("user", "item", "domain", "timestamp"),
                          sep: str = "\t", header: bool = True) -> SequenceData:
     """Builds sequences from any (user, item, domain, timestamp) log: a file path or an iterable of 4-tuples.
@@ -158,6 +166,8 @@ def load_interaction_log(path_or_rows, *, columns: Sequence[str] = ("user", "ite
 
 
 def _from_log(log, domain_names: List[str], info: Dict[str, object]) -> SequenceData:
+    if not log:
+        raise ValueError("the log has no interactions")
     dom_id = {d: k for k, d in enumerate(domain_names)}
     users: Dict[str, int] = {}
     items: Dict[str, int] = {}

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["seed_everything", "Trainer", "FitResult", "init_distributed", "is_main_process", "world",
-           "unwrap", "log", "format_table"]
+           "unwrap", "log", "format_table", "check_cli_args"]
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +80,42 @@ def format_table(rows: List[Dict[str, Any]], columns: Optional[List[str]] = None
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+# ---------------------------------------------------------------- command-line arguments
+_POSITIVE_INT_ARGS = ("epochs", "batch_size", "eval_every", "dim", "emb_dim", "expert_dim", "n_experts", "num_neg",
+                      "eval_neg", "max_len", "heads", "layers", "threads", "max_steps", "neg_ratio", "n_single",
+                      "n_cross", "synthetic_samples", "syn_users", "syn_domains", "syn_items", "seeds")
+_NON_NEGATIVE_ARGS = ("weight_decay", "patience", "seed", "data_seed", "reg", "mi_weight", "bilevel_every", "n_shared")
+_POSITIVE_FLOAT_ARGS = ("lr", "fusion_lr", "temperature")
+_UNIT_INTERVAL_ARGS = ("dropout", "cold_prob", "momentum", "smoothing")
+
+
+def check_cli_args(args) -> None:
+    """Rejects impossible values of the flags the training CLIs share (ValueError naming the flag), before
+    any data is loaded: `--epochs 0` or `--lr -1` would otherwise fail late or train nothing silently."""
+    def bad(name, value, rule):
+        raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {value!r}")
+
+    for name in _POSITIVE_INT_ARGS:
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            bad(name, v, ">= 1")
+    for name in _NON_NEGATIVE_ARGS:
+        v = getattr(args, name, None)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            bad(name, v, ">= 0")
+    for name in _POSITIVE_FLOAT_ARGS:
+        v = getattr(args, name, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            bad(name, v, "a finite number > 0")
+    for name in _UNIT_INTERVAL_ARGS:
+        v = getattr(args, name, None)
+        if v is not None and not 0 <= v <= 1:
+            bad(name, v, "in [0, 1]")
+    ks = getattr(args, "ks", None)
+    if ks is not None and (not ks or min(ks) < 1):
+        bad("ks", ks, "one or more cut-offs >= 1")
 
 
 # ---------------------------------------------------------------- trainer

@@ -25,8 +25,10 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..evaluator import METRICS
 from .checkpoint import load_checkpoint
-from .common import Trainer, format_table, init_distributed, is_main_process, log, seed_everything, world
+from .common import (Trainer, check_cli_args, format_table, init_distributed, is_main_process, log, seed_everything,
+                     world)
 
 __all__ = ["train_main", "evaluate_main", "build_parser", "build_model", "load_data", "evaluate_model", "results_markdown",
            "metrics_table", "MODELS"]
@@ -229,6 +231,10 @@ def _timing_lines(timings: Dict[str, float], load_s: float, epochs: int) -> str:
 def train_main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _fill_defaults(args)
+    check_cli_args(args)
+    monitors = [f"{m}@{k}" for k in args.ks for m in METRICS]
+    if args.monitor not in monitors:
+        raise ValueError(f"--monitor {args.monitor!r} is not a validation metric; choose one of {monitors}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

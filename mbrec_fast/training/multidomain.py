@@ -26,7 +26,7 @@ from ..data.ctr import CTRData, load_kuairand, load_movielens, make_synthetic_ct
 from ..metrics import ctr_metrics
 from ..models.multidomain import MODEL_NAMES, M3oE, M3REC, bce_loss, build_model
 from .checkpoint import load_checkpoint
-from .common import Trainer, format_table, log, seed_everything
+from .common import Trainer, check_cli_args, format_table, log, seed_everything
 
 __all__ = ["build_parser", "load_data", "make_step", "predict", "train_main", "evaluate_main", "table_main", "run_training"]
 
@@ -221,6 +221,7 @@ def _print_metrics(metrics: Dict[str, float], data_tasks: Sequence[str], n_domai
 
 def train_main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    check_cli_args(args)
     data = load_data(args)
     log(f"data: {json.dumps(data.describe())}")
     out = run_training(args, data)

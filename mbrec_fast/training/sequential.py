@@ -36,7 +36,7 @@ from ..data.sequences import (SequenceData, SequenceSplit, leave_one_out, load_a
 from ..models.sasrec import PerDomainSASRec, SASRec
 from ..models.syncrec import SyNCRec
 from .checkpoint import load_checkpoint
-from .common import Trainer, format_table, log, seed_everything
+from .common import Trainer, check_cli_args, format_table, log, seed_everything
 
 __all__ = ["build_parser", "load_data", "build_model", "EvalContext", "make_eval_context", "evaluate_model",
            "sampled_metrics", "sample_eval_negatives", "train_main", "evaluate_main", "table_main", "run_training"]
@@ -364,6 +364,7 @@ def _metric_table(metrics: Dict[str, float], domains: Sequence[str]) -> str:
 
 def train_main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    check_cli_args(args)
     data = load_data(args)
     log(f"data: {json.dumps(data.describe())}")
     out = run_training(args, data)
