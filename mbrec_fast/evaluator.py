@@ -193,12 +193,37 @@ def topk(user_emb: torch.Tensor, item_emb: torch.Tensor, k: int,
     device = user_emb.device
     exclude = _empty_csr(n_users, device) if exclude is None else check_csr(exclude, "exclude", n_users, n_items, device)
     users = _check_users(users, n_users, device)
+    _check_dot_finite(user_emb, item_emb, users)
     bu = _check_block(block_users, "block_users", DEFAULT_BLOCK_USERS, device)
     bi = _check_block(block_items, "block_items", DEFAULT_BLOCK_ITEMS, device)
     scores, ids = _topk_dot(user_emb.contiguous(), item_emb.contiguous(), users, exclude, k, bu, bi,
                             adapt_users=block_users is None)
     _check_no_overflow(scores, ids)
     return scores, ids
+
+
+_NORM_CHUNK = 1 << 16
+
+
+def _max_row_norm(x: torch.Tensor) -> float:
+    """Largest L2 norm of a row of x, in float64 and chunked (no copy of the whole table)."""
+    return max((float(torch.linalg.vector_norm(c, dim=1, dtype=torch.float64).max()) for c in x.split(_NORM_CHUNK)),
+               default=0.0)
+
+
+def _check_dot_finite(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tensor) -> None:
+    """Finite embeddings can still give -inf or NaN fp32 dot products (an overflow, or inf - inf inside the
+    sum), which the ranking would drop as silent misses. |u.v| and every partial sum are bounded by
+    |u| |v|, so when max |u| * max |v| stays well below the fp32 range (the normal case) nothing can
+    overflow; only otherwise are the evaluated users' scores checked exactly, block by block."""
+    if not users.numel() or _max_row_norm(user_emb) * _max_row_norm(item_emb) <= torch.finfo(torch.float32).max / 4:
+        return
+    for rows in users.split(256):
+        u = user_emb.index_select(0, rows).float()
+        for start in range(0, item_emb.shape[0], _NORM_CHUNK):
+            if not bool(torch.isfinite(u @ item_emb[start:start + _NORM_CHUNK].float().t()).all()):
+                raise ValueError("user_emb/item_emb: dot products overflow float32 (inf or NaN scores); "
+                                 "rescale the embeddings")
 
 
 def _check_no_overflow(scores: torch.Tensor, ids: torch.Tensor) -> None:
@@ -307,6 +332,8 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
     exclude = _empty_csr(n_users, device) if exclude is None else check_csr(exclude, "exclude", n_users, n_items, device)
     ks = _check_ks(ks, n_items)
     users = _check_users(users, n_users, device)
+    if score_fn is None:
+        _check_dot_finite(user_emb, item_emb, users)
     bu = _check_block(block_users, "block_users", DEFAULT_BLOCK_USERS, device)
     bi = _check_block(block_items, "block_items", DEFAULT_BLOCK_ITEMS, device)
 
@@ -320,6 +347,9 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
         if target_groups.numel() and int(target_groups.min()) < 0:
             raise ValueError("target_groups labels must be >= 0")
         if group_names is None:
+            if n_labels > max(target_groups.numel(), 1):  # one bad label must not allocate a name per id
+                raise ValueError(f"target_groups has label {n_labels - 1} but only {target_groups.numel()} targets; "
+                                 f"labels must be dense ids (or pass group_names)")
             group_names = [str(g) for g in range(n_labels)]
         group_names = [str(g) for g in group_names]
         if n_labels > len(group_names):

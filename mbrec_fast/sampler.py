@@ -59,7 +59,19 @@ class InteractionGraph:
                  behavior_names: Optional[Sequence[str]] = None):
         """Wraps packed storage (use the constructors instead): indptr int64 [R + 2, n_users + 1] with global
         offsets into the int32 `indices`; rows 0..R-1 are the behaviors, R the touched union, R+1 the
-        auxiliary union."""
+        auxiliary union. The storage is validated (offsets, id range, sorted distinct rows): the kernels
+        trust it."""
+        _check_storage(indptr, indices, _check_count(n_users, "n_users"), _check_count(n_items, "n_items"))
+        self._init_storage(indptr, indices, n_users, n_items, behavior_names)
+
+    @classmethod
+    def _trusted(cls, indptr, indices, n_users, n_items, behavior_names=None) -> "InteractionGraph":
+        """A graph around storage this module built itself (no second validation)."""
+        graph = object.__new__(cls)
+        graph._init_storage(indptr, indices, n_users, n_items, behavior_names)
+        return graph
+
+    def _init_storage(self, indptr, indices, n_users, n_items, behavior_names) -> None:
         self._indptr = indptr
         self._indices = indices
         self.n_users = int(n_users)
@@ -103,8 +115,8 @@ class InteractionGraph:
             n_behaviors = len(behavior_names) if behavior_names is not None else (
                 int(behaviors.max()) + 1 if behaviors.numel() else 1)
         n_behaviors = _check_count(n_behaviors, "n_behaviors")
-        if n_behaviors < 1:
-            raise ValueError("n_behaviors must be >= 1")
+        if not 1 <= n_behaviors <= 64:
+            raise ValueError(f"n_behaviors must lie in [1, 64], got {n_behaviors}")
         _check_range(users, "users", n_users)
         _check_range(items, "items", n_items)
         _check_range(behaviors, "behaviors", n_behaviors)
@@ -114,7 +126,7 @@ class InteractionGraph:
                 n_behaviors)
         else:
             indptr, indices = _build_torch(users.cpu(), items.cpu(), behaviors.cpu(), n_users, n_items, n_behaviors)
-        return cls(indptr, indices, n_users, n_items, behavior_names)
+        return cls._trusted(indptr, indices, n_users, n_items, behavior_names)
 
     @classmethod
     def from_table(cls, df_or_path, behavior_order: Sequence[str], user_col: str = "user", item_col: str = "item",
@@ -150,8 +162,8 @@ class InteractionGraph:
         users = torch.from_numpy(df[user_col].to_numpy(dtype=np.int64, copy=True))
         items = torch.from_numpy(df[item_col].to_numpy(dtype=np.int64, copy=True))
         behaviors = torch.from_numpy(codes.astype(np.int64))
-        n_users = int(users.max()) + 1 if n_users is None else n_users
-        n_items = int(items.max()) + 1 if n_items is None else n_items
+        n_users = _inferred_count(users, "user", user_col) if n_users is None else n_users
+        n_items = _inferred_count(items, "item", item_col) if n_items is None else n_items
         return cls.from_arrays(users, items, behaviors, n_users, n_items, behavior_names=[str(b) for b in order],
                                n_behaviors=len(order))
 
@@ -228,8 +240,8 @@ class InteractionGraph:
 
     def to(self, device) -> "InteractionGraph":
         """Copy of the graph on device (the storage is two tensors)."""
-        return InteractionGraph(self._indptr.to(device), self._indices.to(device), self.n_users, self.n_items,
-                                self.behavior_names)
+        return InteractionGraph._trusted(self._indptr.to(device), self._indices.to(device), self.n_users, self.n_items,
+                                         self.behavior_names)
 
     def item_popularity(self, behavior: Union[int, str, None] = None) -> torch.Tensor:
         """Interaction count of each item at behavior (None: touched), float64 [n_items]; a common weight."""
@@ -243,11 +255,55 @@ class InteractionGraph:
                 f"touched={self.nnz()}, device={self.device})")
 
 
+# An inferred id space may be this much larger than the rows that imply it (ids need not be dense), and
+# always this large; beyond it one garbled id would make the graph build allocate gigabytes.
+_INFERRED_SLACK, _INFERRED_MIN = 16, 1 << 24
+
+
+def _inferred_count(ids: torch.Tensor, what: str, column: str) -> int:
+    """max id + 1 of a table without meta.json, refused when one id implies a huge, mostly empty id space."""
+    n = int(ids.max()) + 1 if ids.numel() else 0
+    if n > max(_INFERRED_MIN, _INFERRED_SLACK * ids.numel()):
+        row = int(torch.argmax(ids))
+        raise ValueError(f"column {column!r}, row {row}: {what} id {n - 1} implies n_{what}s = {n} for only "
+                         f"{ids.numel()} rows; re-index the ids or pass n_{what}s explicitly")
+    return n
+
+
+def _check_storage(indptr, indices, n_users: int, n_items: int) -> None:
+    """Validates packed graph storage (O(rows + nnz)): int64 offsets [R + 2, n_users + 1], each slot
+    non-decreasing within [0, len(indices)]; int32 ids in [0, n_items), strictly increasing in every row."""
+    check_tensor(indptr, "indptr", ndim=2, dtypes=(torch.int64,))
+    check_tensor(indices, "indices", ndim=1, dtypes=(torch.int32,), device=indptr.device)
+    if indptr.shape[0] < 3 or indptr.shape[1] != n_users + 1:
+        raise ValueError(f"indptr must have shape [R + 2 >= 3, n_users + 1 = {n_users + 1}], got {tuple(indptr.shape)}")
+    nnz = indices.numel()
+    lo, hi = int(indptr.min()), int(indptr.max())
+    if lo < 0 or hi > nnz:
+        raise ValueError(f"indptr offsets must lie in [0, len(indices) = {nnz}], found [{lo}, {hi}]")
+    if bool((indptr[:, 1:] < indptr[:, :-1]).any()):
+        raise ValueError("indptr must be non-decreasing within each slot")
+    if nnz:
+        ids = indices.to(torch.int64)
+        if int(ids.min()) < 0 or int(ids.max()) >= n_items:
+            raise ValueError(f"indices out of range: ids must lie in [0, {n_items}), found [{int(ids.min())}, "
+                             f"{int(ids.max())}]")
+        # positions whose id does not exceed the previous one; none may lie strictly inside a row
+        bad = torch.zeros(nnz + 1, dtype=torch.int64, device=ids.device)
+        bad[2:] = torch.cumsum((ids[1:] <= ids[:-1]).to(torch.int64), 0)
+        starts, ends = indptr[:, :-1].reshape(-1), indptr[:, 1:].reshape(-1)
+        inner = ends > starts + 1
+        if bool(inner.any()) and bool((bad[ends[inner]] != bad[starts[inner] + 1]).any()):
+            raise ValueError("indices must be sorted and distinct within every row")
+
+
 def _as_id_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.array(x, copy=True)) if not x.flags.writeable else torch.from_numpy(np.ascontiguousarray(x))
     elif not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
+        if x.numel() == 0 and x.is_floating_point():  # an empty list: no ids, no dtype to object to
+            x = x.to(torch.int64)
     if x.dtype not in _INT_DTYPES:
         raise TypeError(f"{name} must hold integer ids, got dtype {x.dtype}")
     if x.dim() != 1:
@@ -302,19 +358,25 @@ class AliasTable:
     """
 
     def __init__(self, weights):
-        w = torch.as_tensor(weights).detach().cpu().to(torch.float64).flatten()
+        w = torch.as_tensor(weights).detach().cpu().to(torch.float64)
+        if w.dim() != 1:
+            raise ValueError(f"popularity must be 1-D (one weight per item), got shape {tuple(w.shape)}")
         if w.numel() == 0:
             raise ValueError("popularity must be non-empty")
         if not bool(torch.isfinite(w).all()):
             raise ValueError("popularity contains NaN or inf")
         if bool((w < 0).any()):
             raise ValueError("popularity weights must be >= 0")
-        if float(w.sum()) <= 0:
+        if float(w.max()) <= 0:
             raise ValueError("popularity weights must not all be 0")
         n = w.numel()
-        scale = float(2 ** 62) / (float(w.sum()) * (1 + 1e-9) + 1e-300)
-        scale = min(scale, float(2 ** 40) / float(w.max()))
-        self.weights_q = torch.from_numpy(np.floor(w.numpy() * scale).astype(np.int64))
+        # Rescale by a power of two (exact) so that the largest weight lies in [0.5, 1): weights all below
+        # 1e-300 or summing past 1e308 then quantize like any others (the scale below neither overflows
+        # nor turns every weight into 0), and ordinary weights quantize to the same integers as unscaled.
+        wn = np.ldexp(w.numpy(), -int(np.frexp(float(w.max()))[1]))
+        scale = float(2 ** 62) / (float(wn.sum()) * (1 + 1e-9))
+        scale = min(scale, float(2 ** 40) / float(wn.max()))
+        self.weights_q = torch.from_numpy(np.floor(wn * scale).astype(np.int64))
         # items whose weight quantizes to 0 are never drawn on either path
         prefix = torch.zeros(n + 1, dtype=torch.int64)
         prefix[1:] = torch.cumsum(self.weights_q, 0)
@@ -526,6 +588,8 @@ def sample_sequence_negatives(seqs: torch.Tensor, n_items: int, num_neg: int, *,
     """
     check_tensor(seqs, "seqs", ndim=2, dtypes=_INT_DTYPES)
     n_items = _check_count(n_items, "n_items")
+    if n_items >= 2 ** 31:
+        raise ValueError(f"n_items must be below 2**31 (item ids are int32 in the kernel), got {n_items}")
     if isinstance(num_neg, bool) or not isinstance(num_neg, (int, np.integer)) or int(num_neg) < 1:
         raise ValueError(f"num_neg must be an int >= 1, got {num_neg!r}")
     if on_empty not in ("error", "sentinel"):

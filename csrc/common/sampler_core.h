@@ -121,23 +121,25 @@ MBREC_HD int64_t complement_select_excluding(Span ex, Prev pv, int64_t j) {
 
 // Exact popularity draw from [0, n) \ (ex U prev): integer weight total, one integer draw, and a walk over
 // the gaps between excluded ids with a binary search on the prefix sums inside the chosen gap.
+// The weight sums are unsigned: AliasTable keeps them below 2^62 (no wrap, the same values as signed), and
+// tables from elsewhere wrap (defined behaviour) instead of overflowing a signed integer.
 MBREC_HD int64_t weighted_complement_exact(Span ex, Prev pv, int64_t n, const Weights& w, PhiloxStream& rng) {
-  int64_t total = w.prefix[n];
-  for (int64_t i = 0; i < ex.n; ++i) total -= w.wq[ex.p[i]];
+  uint64_t total = static_cast<uint64_t>(w.prefix[n]);
+  for (int64_t i = 0; i < ex.n; ++i) total -= static_cast<uint64_t>(w.wq[ex.p[i]]);
   for (int64_t i = 0; i < pv.n; ++i) {
-    if (!in_span(ex, pv.p[i])) total -= w.wq[pv.p[i]];
+    if (!in_span(ex, pv.p[i])) total -= static_cast<uint64_t>(w.wq[pv.p[i]]);
   }
-  if (total <= 0) return -1;
-  int64_t t = static_cast<int64_t>(rng.uniform_below(static_cast<uint64_t>(total)));
+  if (static_cast<int64_t>(total) <= 0) return -1;
+  uint64_t t = rng.uniform_below(total);
   int64_t a = 0, ie = 0, ip = 0;
   while (a < n) {
     int64_t b = n;
     if (ie < ex.n && ex.p[ie] < b) b = ex.p[ie];
     if (ip < pv.n && pv.p[ip] < b) b = pv.p[ip];
-    const int64_t seg = w.prefix[b] - w.prefix[a];
+    const uint64_t seg = static_cast<uint64_t>(w.prefix[b]) - static_cast<uint64_t>(w.prefix[a]);
     if (t < seg) {
       // smallest x in [a, b) with prefix[x + 1] > prefix[a] + t (so wq[x] > 0)
-      const int64_t target = w.prefix[a] + t;
+      const int64_t target = static_cast<int64_t>(static_cast<uint64_t>(w.prefix[a]) + t);
       int64_t lo = a, hi = b - 1;
       while (lo < hi) {
         const int64_t mid = lo + ((hi - lo) >> 1);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/csr.h"
+#include "common/csr_checks.h"
 #include "common/rank_metrics.h"
 #include "common/topk_heap.h"
 #include "evaluator/evaluator.h"
@@ -32,6 +33,7 @@ void check_csr_args(const at::Tensor& indptr, const at::Tensor& indices, const c
   TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong, name, ".indices must be a 1-D int64 tensor");
   TORCH_CHECK(indptr.is_contiguous() && indices.is_contiguous(), name, " tensors must be contiguous");
   TORCH_CHECK(indptr.device() == device && indices.device() == device, name, " must be on ", device);
+  mbrec::check_csr_offsets(indptr, indices.numel(), name);
 }
 
 void check_users_arg(const at::Tensor& users, const at::Device& device) {

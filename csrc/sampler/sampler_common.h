@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "common/csr_checks.h"
 #include "common/sampler_core.h"
 
 namespace mbrec {
@@ -35,6 +36,7 @@ inline sampler::RowParams make_row_params(const at::Tensor& indptr, const at::Te
   TORCH_CHECK(mode >= 0 && mode <= 4, "mode must be in [0, 4], got ", mode);
   TORCH_CHECK(n_items >= 0 && n_items < (int64_t(1) << 31), "n_items out of range: ", n_items);
   TORCH_CHECK(seed >= 0 && offset >= 0, "seed and offset must be non-negative");
+  check_csr_offsets(indptr, indices.numel(), "indptr");
   const bool weighted = alias_thr.numel() > 0;
   if (weighted) {
     check_t(alias_thr, "alias_threshold", at::kLong, 1, dev);
@@ -80,7 +82,9 @@ inline sampler::SeqParams make_seq_params(const at::Tensor& excl, const at::Tens
   if (has_dom) {
     check_t(dom_indptr, "dom_indptr", at::kLong, 1, dev);
     check_t(dom_items, "dom_items", at::kInt, 1, dev);
+    check_csr_offsets(dom_indptr, dom_items.numel(), "dom_indptr");
   }
+  check_values_in(excl_len, 0, excl.size(1), "excl_len");
   sampler::SeqParams S;
   S.excl = excl.data_ptr<int32_t>();
   S.excl_stride = excl.size(1);

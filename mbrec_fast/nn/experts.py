@@ -406,6 +406,18 @@ def from_loop(experts: Sequence[nn.Module], gates: Optional[Sequence[nn.Module]]
     ref = first[0]["lin"].weight
     dims = [l["lin"].out_features for l in first]
     D, E = first[0]["lin"].in_features, len(experts)
+    # The fused stack has one dropout rate after every hidden layer, none after the last, and one LayerNorm
+    # eps: refuse experts it could not reproduce instead of returning a module that computes other numbers.
+    for i, s in enumerate(specs):
+        if s[-1]["dropout"] > 0:
+            raise ValueError(f"experts[{i}]: a Dropout after the last layer is not supported by the fused module")
+    rates = {l["dropout"] for s in specs for l in s[:-1]}
+    if len(rates) > 1:
+        raise ValueError(f"all hidden expert layers must use the same Dropout rate, got {sorted(rates)}")
+    if ln:
+        eps = {l["ln"].eps for s in specs for l in s}
+        if len(eps) > 1:
+            raise ValueError(f"all expert LayerNorms must use the same eps, got {sorted(eps)}")
     dropout = max((l["dropout"] for l in first), default=0.0)
     bias = first[0]["lin"].bias is not None
     kw = dict(activation=act, layer_norm=ln, dropout=dropout)

@@ -80,6 +80,7 @@ def reference_evaluate(scores: torch.Tensor, exclude, targets, ks: Sequence[int]
     Per group g, only targets whose label is g count (a duplicated target keeps the label of its first
     occurrence); users with no target in the group are skipped for that group.
     """
+    ks = list(dict.fromkeys(ks))  # a repeated cut-off is one metric, not two summed into it
     n_users = scores.shape[0]
     users = torch.arange(n_users) if users is None else users.cpu().long()
     t_indptr, t_indices = targets[0].cpu().long(), targets[1].cpu().long()
@@ -146,6 +147,7 @@ def dense_blocked_evaluate(user_emb: torch.Tensor, item_emb: torch.Tensor, exclu
     RecBole itself scores max(eval_batch_size // n_items, 1) users per step (eval_batch_size = 4096 by
     default); pass that as block_users to mimic it. Returns metric means over users with >= 1 target.
     """
+    ks = list(dict.fromkeys(ks))  # a repeated cut-off is one metric, not two summed into it
     n_users, n_items = user_emb.shape[0], item_emb.shape[0]
     kmax = max(ks)
     e_ptr, e_idx = exclude
