@@ -326,6 +326,8 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
         if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 1:
             raise ValueError(f"n_items must be a positive int when score_fn is given, got {n_items!r}")
         check_tensor(targets[0], "targets.indptr", ndim=1)
+        if targets[0].numel() < 1:
+            raise ValueError("targets.indptr must have n_users + 1 >= 1 entries, got an empty tensor")
         n_users = targets[0].numel() - 1
         device = targets[0].device
     targets = check_csr(targets, "targets", n_users, n_items, device)

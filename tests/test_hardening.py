@@ -1,5 +1,6 @@
 """Hardening (issue 12): checkpoint safety, resume refusals, interruptible validation, CLI user errors,
 corrupted data files, and the bounds on what one bad value can allocate."""
+import math
 import os
 import signal
 import subprocess
@@ -270,3 +271,137 @@ def test_corrupted_ctr_and_sequence_files(data_dir, tmp_path, loader, name, kind
         assert str(path) in str(e), str(e)
     else:
         assert kind in ("truncated", "garbled-row", "not-utf8")
+
+
+# ---------------------------------------------------------------- silent wrong numbers, bounds, exception types
+def test_minus_inf_and_nan_dot_products_raise():
+    from mbrec_fast.evaluator import evaluate_full_ranking, topk
+    ue = torch.ones(3, 2)
+    targets = (torch.tensor([0, 1, 2, 3]), torch.tensor([2, 2, 2]))
+    for bad in ([-3e38, -3e38],    # -inf
+                [3e38, 3e38]):      # +inf
+        ie = torch.ones(5, 2)
+        ie[2] = torch.tensor(bad)
+        with pytest.raises(ValueError, match="overflow"):
+            evaluate_full_ranking(ue, ie, None, targets, ks=(2,))
+        with pytest.raises(ValueError, match="overflow"):
+            topk(ue, ie, 2)
+    ue_nan = torch.tensor([[3e38, 3e38, -3e38, -3e38]])  # inf - inf inside the sum
+    with pytest.raises(ValueError, match="overflow"):
+        topk(ue_nan, torch.ones(4, 4), 1)
+    for bad in (-math.inf, math.nan):
+        def score_fn(users, start, end, bad=bad):
+            s = torch.zeros(len(users), end - start)
+            s[:, 0] = bad
+            return s
+        with pytest.raises(ValueError, match="NaN or inf"):
+            evaluate_full_ranking(None, None, None, targets, ks=(2,), score_fn=score_fn, n_items=5)
+
+
+def test_reference_evaluator_counts_a_repeated_cutoff_once():
+    from mbrec_fast.evaluator import evaluate_full_ranking
+    from mbrec_fast.reference.evaluator import dense_blocked_evaluate, dense_scores, reference_evaluate
+    ue, ie = torch.eye(3), torch.eye(3)
+    targets = (torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2]))
+    ref = reference_evaluate(dense_scores(ue, ie), None, targets, ks=(1, 1))
+    assert ref["metrics"]["hr@1"] == 1.0 and len(ref["per_user"]["hr@1"]) == 3
+    assert dense_blocked_evaluate(ue, ie, (torch.zeros(4, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)),
+                                  targets, ks=(1, 1))["hr@1"] == 1.0
+    assert evaluate_full_ranking(ue, ie, None, targets, ks=(1, 1)).metrics["hr@1"] == 1.0
+
+
+def test_from_loop_refuses_what_it_cannot_reproduce():
+    from torch import nn
+    from mbrec_fast.nn.experts import from_loop
+
+    def expert(eps=1e-5, tail_dropout=0.0, dropout=0.0):
+        layers = [nn.Linear(4, 8), nn.LayerNorm(8, eps=eps), nn.ReLU(), nn.Dropout(dropout),
+                  nn.Linear(8, 3), nn.LayerNorm(3, eps=eps), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Dropout(tail_dropout)) if tail_dropout else nn.Sequential(*layers)
+
+    with pytest.raises(ValueError, match="eps"):
+        from_loop([expert(1e-5), expert(1.0)])
+    with pytest.raises(ValueError, match="last layer"):
+        from_loop([expert(tail_dropout=0.5), expert(tail_dropout=0.5)])
+    with pytest.raises(ValueError, match="Dropout rate"):
+        from_loop([expert(dropout=0.1), expert(dropout=0.2)])
+    from_loop([expert(), expert()])  # identical experts convert (tests/test_experts.py checks the outputs)
+
+
+def test_popularity_at_extreme_scales_and_shapes():
+    from mbrec_fast.sampler import InteractionGraph, sample_negatives
+    g = InteractionGraph.from_arrays([0, 1], [0, 1], [0, 0], 2, 3)
+    users = [1] * 4000  # user 1 may draw items 0 and 2
+    for scale in (1e-300, 1e-310, 1e300, 5e307):  # all tiny (even subnormal), or summing past 1e308
+        pop = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64) * scale
+        counts = sample_negatives(g, users, 1, popularity=pop).flatten().bincount(minlength=3)
+        assert counts[1] == 0 and 0.6 < counts[0] / 4000 < 0.73, (scale, counts)
+    with pytest.raises(ValueError, match="1-D"):
+        sample_negatives(g, [0], 1, popularity=torch.ones(1, 3))
+
+
+def test_one_bad_value_cannot_allocate_gigabytes():
+    import pandas as pd
+    from mbrec_fast.evaluator import evaluate_full_ranking
+    from mbrec_fast.sampler import InteractionGraph
+    targets = (torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="target_groups has label"):
+        evaluate_full_ranking(torch.ones(2, 2), torch.ones(3, 2), None, targets, ks=(1,),
+                              target_groups=torch.tensor([0, 2 ** 40]))
+    table = pd.DataFrame({"user": [0, 1, 2_000_000_000], "item": [0, 1, 2], "behavior": ["buy"] * 3})
+    with pytest.raises(ValueError, match="row 2: user id 2000000000"):
+        InteractionGraph.from_table(table, ["buy"])
+
+
+def test_raw_ops_check_csr_offsets():
+    """Offsets beyond `indices` (or decreasing) are refused inside the C++ ops, below the Python wrappers."""
+    from mbrec_fast.sampler import InteractionGraph
+    users = torch.arange(2)
+    good_ptr, idx = torch.tensor([0, 1, 2]), torch.tensor([0, 1])
+    for ptr in (torch.tensor([0, 1, 50]), torch.tensor([0, 2, 1]), torch.tensor([-4, 1, 2])):
+        with pytest.raises(RuntimeError, match="exclude"):
+            torch.ops.mbrec_fast.topk_dot(torch.ones(2, 2), torch.ones(3, 2), users, ptr, idx, 1, 1, 1)
+        with pytest.raises(RuntimeError, match="exclude"):
+            torch.ops.mbrec_fast.topk_merge(torch.ones(2, 3), users, 0, ptr, idx, torch.full((2, 1), -math.inf),
+                                            torch.full((2, 1), -1, dtype=torch.int64))
+        with pytest.raises(RuntimeError, match="targets"):
+            torch.ops.mbrec_fast.rank_metrics(torch.zeros(2, 1, dtype=torch.int64), users, ptr, idx,
+                                              torch.zeros(0, dtype=torch.int64), 0, [1])
+    g = InteractionGraph.from_arrays([0, 1], [0, 1], [0, 0], 2, 3)
+    bad = g._indptr.clone()
+    bad[0, 2] = 999
+    z64, z32 = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="indptr"):
+        torch.ops.mbrec_fast.sample_negatives(bad, g._indices, users, torch.zeros(2, dtype=torch.int64),
+                                              torch.zeros(1, 1, dtype=torch.int64), z64, z32, z64, z64, 3, 1, 0,
+                                              True, 0, 0)
+    with pytest.raises(ValueError, match="indptr offsets"):
+        InteractionGraph(bad, g._indices, 2, 3)
+    unsorted = torch.tensor([1, 0, 1, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        InteractionGraph(torch.tensor([[0, 2, 2], [2, 4, 4], [4, 4, 4]]), unsorted, 2, 3)
+    seq = torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="dom_indptr"):
+        torch.ops.mbrec_fast.sample_sequence_negatives(seq, torch.tensor([1]), torch.zeros(1, 2, dtype=torch.int64),
+                                                       torch.tensor([0, 9]), torch.tensor([0, 1], dtype=torch.int32),
+                                                       3, 1, -1, 0, 0)
+    with pytest.raises(RuntimeError, match="excl_len"):
+        torch.ops.mbrec_fast.sample_sequence_negatives(seq, torch.tensor([7]), torch.zeros(1, 2, dtype=torch.int64),
+                                                       z64, z32, 3, 1, -1, 0, 0)
+    assert InteractionGraph(g._indptr.clone(), g._indices.clone(), 2, 3).nnz() == g.nnz()
+
+
+def test_other_bad_arguments_raise_value_or_type_errors():
+    from mbrec_fast.evaluator import evaluate_full_ranking
+    from mbrec_fast.sampler import InteractionGraph, sample_sequence_negatives
+    with pytest.raises(ValueError, match="n_behaviors"):
+        InteractionGraph.from_arrays([0], [0], [0], 1, 1, n_behaviors=65)
+    with pytest.raises(ValueError, match="n_items"):
+        sample_sequence_negatives(torch.zeros(1, 2, dtype=torch.int64), 2 ** 31, 1)
+    with pytest.raises(TypeError, match="item_domain"):
+        sample_sequence_negatives(torch.zeros(1, 2, dtype=torch.int64), 4, 1, item_domain=torch.zeros(4))
+    empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="targets.indptr"):
+        evaluate_full_ranking(None, None, None, empty, ks=(1,), n_items=3,
+                              score_fn=lambda u, a, b: torch.zeros(len(u), b - a))
+    assert InteractionGraph.from_arrays([], [], [], 3, 3).nnz() == 0
