@@ -4,6 +4,8 @@ CPU sources are always built (-O3, OpenMP, AVX2+FMA when the build machine has t
 CUDA sources are built when torch is a CUDA build and nvcc is found; MBREC_FAST_CUDA=1
 forces them on (and fails loudly if impossible), MBREC_FAST_CUDA=0 forces them off.
 MBREC_FAST_NATIVE=0 turns off the AVX2/FMA flags (a portable build).
+MBREC_FAST_SANITIZE=1 builds with AddressSanitizer + UndefinedBehaviorSanitizer (-O1 -g; see .ci/asan.sh,
+which builds into build/asan and leaves the regular extension alone).
 """
 import glob
 import os
@@ -57,6 +59,10 @@ def build_extension():
     sources = _sources("*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra_link = ["-fopenmp"]
+    if os.environ.get("MBREC_FAST_SANITIZE", "0") == "1":
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g"] + sanitize
+        extra_link += sanitize
     if with_cuda:
         sources += _sources("*.cu")
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DMBREC_WITH_CUDA", "-lineinfo"]
