@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mbrec_fast.training.checkpoint import load_checkpoint, save_checkpoint
-from mbrec_fast.training.common import Trainer, seed_everything
+from test_training_common import _toy_run
 
 
 class _Payload:
@@ -98,30 +98,8 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------- resume
-def _toy(run_dir, batch_size=8, max_steps=None, resume=None, evaluate=None, epochs=3):
-    seed_everything(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
-    y = x.sum(1, keepdim=True)
-
-    def batches(epoch):
-        perm = torch.randperm(64, generator=torch.Generator().manual_seed(100 + epoch))
-        return [perm[i:i + batch_size] for i in range(0, 64, batch_size)]
-
-    def step(idx):
-        opt.zero_grad()
-        loss = ((model(x[idx]) - y[idx]) ** 2).mean()
-        loss.backward()
-        opt.step()
-        return {"loss": loss.item()}
-
-    def default_evaluate(split):
-        return {"neg_mse": -((model(x) - y) ** 2).mean().item()}
-
-    trainer = Trainer(model, {"main": opt}, str(run_dir), epochs=epochs, monitor="neg_mse", model_name="toy",
-                      config={"batch_size": batch_size, "threads": None}, max_steps=max_steps, progress=False)
-    return model, trainer.fit(batches, step, evaluate or default_evaluate, resume=resume)
+def _toy(run_dir, epochs=3, **kw):
+    return _toy_run(run_dir, epochs=epochs, **kw)
 
 
 def test_resume_refuses_changed_schedule_argument(tmp_path):

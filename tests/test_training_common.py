@@ -9,7 +9,8 @@ from mbrec_fast.training.checkpoint import load_checkpoint, save_checkpoint
 from mbrec_fast.training.common import Trainer, format_table, seed_everything
 
 
-def _toy_run(run_dir, epochs=4, max_steps=None, resume=None, patience=None, flat_metric=False):
+def _toy_run(run_dir, epochs=4, max_steps=None, resume=None, patience=None, flat_metric=False, batch_size=8,
+             evaluate=None):
     """A regression model with dropout (so the global RNG matters) and seeded per-epoch batches."""
     seed_everything(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
@@ -19,7 +20,7 @@ def _toy_run(run_dir, epochs=4, max_steps=None, resume=None, patience=None, flat
 
     def batches(epoch):
         perm = torch.randperm(64, generator=torch.Generator().manual_seed(100 + epoch))
-        return [perm[i:i + 8] for i in range(0, 64, 8)]
+        return [perm[i:i + batch_size] for i in range(0, 64, batch_size)]
 
     def step(idx):
         opt.zero_grad()
@@ -28,12 +29,13 @@ def _toy_run(run_dir, epochs=4, max_steps=None, resume=None, patience=None, flat
         opt.step()
         return {"loss": loss.item()}
 
-    def evaluate(split):
+    def default_evaluate(split):
         return {"neg_mse": 0.0 if flat_metric else -((model(x) - y) ** 2).mean().item()}
 
     trainer = Trainer(model, {"main": opt}, str(run_dir), epochs=epochs, monitor="neg_mse", model_name="toy",
-                      max_steps=max_steps, patience=patience, progress=False)
-    return model, trainer.fit(batches, step, evaluate, resume=resume)
+                      max_steps=max_steps, patience=patience, progress=False,
+                      config={"batch_size": batch_size, "threads": None})
+    return model, trainer.fit(batches, step, evaluate or default_evaluate, resume=resume)
 
 
 @pytest.mark.parametrize("stop_after", [
