@@ -24,11 +24,26 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     os.makedirs(directory, exist_ok=True)
     _remove_stale_temps(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
+    torch.save({"format_version": FORMAT_VERSION, **_loadable(payload)}, tmp)
     with open(tmp, "rb") as f:  # data on disk before the rename makes it visible
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(directory)
+
+
+def _loadable(value):
+    """NumPy scalars and arrays (e.g. a metric computed in NumPy) as Python values and tensors, which
+    weights_only=True loads; everything else unchanged."""
+    if isinstance(value, dict):
+        return {k: _loadable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_loadable(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    return value
 
 
 def _remove_stale_temps(path: str) -> None:
