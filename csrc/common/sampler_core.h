@@ -123,16 +123,24 @@ MBREC_HD int64_t complement_select_excluding(Span ex, Prev pv, int64_t j) {
 // the gaps between excluded ids with a binary search on the prefix sums inside the chosen gap.
 // The weight sums are unsigned: AliasTable keeps them below 2^62 (no wrap, the same values as signed), and
 // tables from elsewhere wrap (defined behaviour) instead of overflowing a signed integer.
+// Ids outside [0, n) (graph storage not built by InteractionGraph, passed to the raw op) weigh 0 and are
+// skipped by the walk, so they are never used as an index; valid rows never take those branches.
+MBREC_HD uint64_t weight_of(const Weights& w, int64_t x, int64_t n) {
+  return (x >= 0 && x < n) ? static_cast<uint64_t>(w.wq[x]) : 0;
+}
+
 MBREC_HD int64_t weighted_complement_exact(Span ex, Prev pv, int64_t n, const Weights& w, PhiloxStream& rng) {
   uint64_t total = static_cast<uint64_t>(w.prefix[n]);
-  for (int64_t i = 0; i < ex.n; ++i) total -= static_cast<uint64_t>(w.wq[ex.p[i]]);
+  for (int64_t i = 0; i < ex.n; ++i) total -= weight_of(w, ex.p[i], n);
   for (int64_t i = 0; i < pv.n; ++i) {
-    if (!in_span(ex, pv.p[i])) total -= static_cast<uint64_t>(w.wq[pv.p[i]]);
+    if (!in_span(ex, pv.p[i])) total -= weight_of(w, pv.p[i], n);
   }
   if (static_cast<int64_t>(total) <= 0) return -1;
   uint64_t t = rng.uniform_below(total);
   int64_t a = 0, ie = 0, ip = 0;
   while (a < n) {
+    while (ie < ex.n && ex.p[ie] < a) ++ie;  // only out-of-order ids (not sorted storage) are behind a
+    while (ip < pv.n && pv.p[ip] < a) ++ip;
     int64_t b = n;
     if (ie < ex.n && ex.p[ie] < b) b = ex.p[ie];
     if (ip < pv.n && pv.p[ip] < b) b = pv.p[ip];
