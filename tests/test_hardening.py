@@ -367,6 +367,15 @@ def test_raw_ops_check_csr_offsets():
         torch.ops.mbrec_fast.sample_sequence_negatives(seq, torch.tensor([7]), torch.zeros(1, 2, dtype=torch.int64),
                                                        z64, z32, 3, 1, -1, 0, 0)
     assert InteractionGraph(g._indptr.clone(), g._indices.clone(), 2, 3).nnz() == g.nnz()
+    # ids >= n_items in raw storage are trusted (not checked per call) but never used as an index: the
+    # popularity walk of an exhausted pool skips them (an ASan heap-buffer-overflow before)
+    from mbrec_fast.sampler import AliasTable, _level_thresholds, _never_touched_table
+    a = AliasTable(torch.ones(3, dtype=torch.float64))
+    out = torch.ops.mbrec_fast.sample_negatives(
+        torch.tensor([[0, 4], [4, 8], [8, 8]]), torch.tensor([0, 1, 2, 1000] * 2, dtype=torch.int32),
+        torch.tensor([0]), torch.tensor([0]), _level_thresholds(_never_touched_table(1)), a.threshold, a.alias,
+        a.weights_q, a.prefix, 3, 1, 0, True, 0, 0)
+    assert out.tolist() == [[-1]]
 
 
 def test_other_bad_arguments_raise_value_or_type_errors():
