@@ -41,6 +41,9 @@ DEFAULT_BLOCK_USERS_CUDA = 2048
 DEFAULT_BLOCK_ITEMS_CUDA = 32768
 # Users handed to one op call: bounds the [chunk, K] heaps and per-user metric rows.
 _USER_CHUNK = 8192
+# Without group_names, labels up to max(this, number of targets) name their own groups; a larger label is
+# an error instead of a group (and per-user metric rows) per id below it.
+_MAX_UNNAMED_GROUPS = 64
 _MERGE_WINDOW_BYTES = 64 * 2 ** 20  # score_fn blocks gathered per top-k merge (see _topk_score_fn)
 
 
@@ -349,9 +352,9 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
         if target_groups.numel() and int(target_groups.min()) < 0:
             raise ValueError("target_groups labels must be >= 0")
         if group_names is None:
-            if n_labels > max(target_groups.numel(), 1):  # one bad label must not allocate a name per id
+            if n_labels > max(target_groups.numel(), _MAX_UNNAMED_GROUPS):  # one bad label must not allocate
                 raise ValueError(f"target_groups has label {n_labels - 1} but only {target_groups.numel()} targets; "
-                                 f"labels must be dense ids (or pass group_names)")
+                                 f"unnamed labels must be dense ids (or pass group_names)")
             group_names = [str(g) for g in range(n_labels)]
         group_names = [str(g) for g in group_names]
         if n_labels > len(group_names):
