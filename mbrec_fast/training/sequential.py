@@ -36,9 +36,11 @@ from ..data.sequences import (SequenceData, SequenceSplit, leave_one_out, load_a
 from ..models.sasrec import PerDomainSASRec, SASRec
 from ..models.syncrec import SyNCRec
 from .checkpoint import load_checkpoint
+from .._progress import progress_enabled, ranking_progress
+from .cli_options import HelpFormatter, add_progress, add_resume, add_run_dir, resolve_resume, resume_command
 from .common import Trainer, format_table, log, seed_everything
 
-__all__ = ["build_parser", "load_data", "build_model", "EvalContext", "make_eval_context", "evaluate_model",
+__all__ = ["build_parser", "build_evaluate_parser", "load_data", "build_model", "EvalContext", "make_eval_context", "evaluate_model",
            "sampled_metrics", "sample_eval_negatives", "train_main", "evaluate_main", "table_main", "run_training"]
 
 KS = (1, 5, 10)
@@ -46,52 +48,58 @@ MODELS = ("syncrec", "sasrec")
 
 
 def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a cross-domain sequential recommender.")
-    p.add_argument("--model", required=True, choices=MODELS)
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=(
+        "Train a cross-domain sequential recommender (next item of a sequence that spans\n"
+        "several domains); HR/NDCG@{1,5,10}, MRR; sampled and full ranking, per domain."))
+    p.add_argument("--model", choices=MODELS, help="the model (required)")
     p.add_argument("--setting", default="cross", choices=["single", "cross"],
                    help="sasrec: one model per domain (single) or one on the merged sequence (cross)")
     p.add_argument("--data", default="synthetic", help="synthetic | amazon | a path (format by --format)")
     p.add_argument("--data-path", default=None, help="file of the real data (default: the bundled Amazon sample)")
     p.add_argument("--format", default="amazon", choices=["amazon", "log"],
                    help="layout of a --data path: the SyNCRec release TSV or a (user,item,domain,timestamp) log")
-    p.add_argument("--syn-users", type=int, default=2000)
-    p.add_argument("--syn-domains", type=int, default=3)
+    p.add_argument("--syn-users", type=int, default=2000, help="synthetic data: users")
+    p.add_argument("--syn-domains", type=int, default=3, help="synthetic data: domains")
     p.add_argument("--syn-items", type=int, default=100, help="items per domain")
     p.add_argument("--syn-len", type=float, default=24.0, help="mean sequence length")
-    p.add_argument("--syn-clusters", type=int, default=8)
+    p.add_argument("--syn-clusters", type=int, default=8, help="synthetic data: taste clusters")
     p.add_argument("--syn-relatedness", default="1,1,0", help="per-domain relatedness (0 = planted negative transfer)")
     p.add_argument("--syn-chain", type=float, default=0.5, help="within-domain sequential signal")
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--max-len", type=int, default=50)
-    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--max-len", type=int, default=50, help="longest history window fed to the model")
+    p.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=64, metavar="N",
+                   help="embedding and transformer width (--dim is an alias)")
     p.add_argument("--layers", type=int, default=1, help="transformer layers per expert / per SASRec")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--heads", type=int, default=2, help="attention heads")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
     p.add_argument("--n-single", type=int, default=2, help="SyNCRec single-domain experts")
     p.add_argument("--n-cross", type=int, default=2, help="SyNCRec cross-domain experts")
     p.add_argument("--r", type=float, default=0.5, help="SyNCRec: weight of a task's own expert group")
     p.add_argument("--temperature", type=float, default=1.0, help="SyNCRec: softmax temperature of the gap weights")
     p.add_argument("--momentum", type=float, default=0.9, help="SyNCRec: EMA momentum of the gaps")
     p.add_argument("--smoothing", type=float, default=0.1, help="SyNCRec: mix of the gap weights toward uniform")
-    p.add_argument("--mi-weight", type=float, default=0.1)
-    p.add_argument("--gap-grad", default="detach", choices=["detach", "cross"])
+    p.add_argument("--mi-weight", type=float, default=0.1, help="SyNCRec: weight of the mutual-information loss")
+    p.add_argument("--gap-grad", default="detach", choices=["detach", "cross"],
+                   help="SyNCRec: gradient through the negative-transfer gaps")
     p.add_argument("--num-neg", type=int, default=8, help="training negatives per position")
     p.add_argument("--eval-neg", type=int, default=100, help="negatives of the sampled protocol")
-    p.add_argument("--candidates", default="domain", choices=["domain", "all"])
-    p.add_argument("--monitor", default="sampled_ndcg@10")
+    p.add_argument("--candidates", default="domain", choices=["domain", "all"],
+                   help="rank the target within its domain's items or against all items")
+    p.add_argument("--monitor", default="sampled_ndcg@10", help="validation metric for early stopping and best.pt")
     p.add_argument("--no-full", action="store_true", help="skip the full-ranking protocol during validation")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--resume", default=None)
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--eval-every", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (at most)")
+    p.add_argument("--batch-size", type=int, default=128, help="users per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and negatives")
+    add_run_dir(p, "run_dir", "runs/<model>-<data>-s<seed>")
+    add_resume(p)
+    p.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
+    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
+    p.add_argument("--max-steps", type=int, default=None, help="stop (and checkpoint) after this many steps")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_progress(p)
     return p
 
 
@@ -213,8 +221,9 @@ def sampled_metrics(pos: torch.Tensor, neg: torch.Tensor, neg_valid: torch.Tenso
     return res
 
 
-def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True) -> Dict[str, float]:
-    """Both protocols; keys '<protocol>_<metric>' overall and '<protocol>_<metric>_<domain>' per target domain."""
+def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True, progress: bool = False) -> Dict[str, float]:
+    """Both protocols; keys '<protocol>_<metric>' overall and '<protocol>_<metric>_<domain>' per target domain.
+    progress: a bar (users ranked, users/s, time left) on stderr during the full ranking."""
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -240,9 +249,11 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True) 
                 return s
 
             n_items = ctx.item_domain.numel()
-            r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS, metrics=("hr", "ndcg", "mrr"),
-                                      score_fn=score_fn, n_items=n_items, target_groups=ctx.target_domains,
-                                      group_names=ctx.domain_names)
+            with ranking_progress(progress, "full ranking") as callback:
+                r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS,
+                                          metrics=("hr", "ndcg", "mrr"), score_fn=score_fn, n_items=n_items,
+                                          target_groups=ctx.target_domains, group_names=ctx.domain_names,
+                                          progress=callback)
             for k, v in r.metrics.items():
                 out[f"full_{k}"] = v
             for g, ms in r.groups.items():
@@ -310,6 +321,8 @@ def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
                  progress: Optional[bool] = None) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if progress is None:
+        progress = progress_enabled(False if getattr(args, "no_progress", False) else None)
     seed_everything(args.seed)
     data = load_data(args) if data is None else data
     split = leave_one_out(data)
@@ -330,8 +343,9 @@ def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
                       config=vars(args), progress=progress, max_steps=args.max_steps)
     result = trainer.fit(batches=lambda epoch: make_batches(windows["cross_in"].shape[0], args.batch_size, args.seed, epoch),
                          step=step,
-                         evaluate=lambda s: evaluate_model(model, ctx[s], full=(s == "test" or not args.no_full)),
-                         resume=args.resume)
+                         evaluate=lambda s: evaluate_model(model, ctx[s], full=(s == "test" or not args.no_full),
+                                                           progress=progress),
+                         resume=resolve_resume(args.resume, run_dir, log))
     out = {"test": result.test, "valid": result.best_valid, "run_dir": run_dir, "best_epoch": result.best_epoch,
            "interrupted": result.interrupted, "timings": result.timings, "data": data.describe()}
     if isinstance(model, SyNCRec):
@@ -363,11 +377,15 @@ def _metric_table(metrics: Dict[str, float], domains: Sequence[str]) -> str:
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model is None:
+        parser.error(f"--model is required (one of {', '.join(MODELS)})")
     data = load_data(args)
     log(f"data: {json.dumps(data.describe())}")
     out = run_training(args, data)
     if out["interrupted"]:
+        log(f"continue with: {resume_command(list(sys.argv[1:] if argv is None else argv), out['run_dir'])}")
         return 0
     log(f"test metrics of the best epoch ({out['best_epoch']}), run dir {out['run_dir']}:")
     log(_metric_table(out["test"], data.domain_names))
@@ -377,14 +395,24 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
+                                description="Both protocols (sampled and full ranking) of a sequential checkpoint.")
+    p.add_argument("--checkpoint", help="the checkpoint file (required)")
+    p.add_argument("--split", default="test", choices=["valid", "test"], help="held-out split to rank")
+    p.add_argument("--data-path", default=None, help="override the data path stored in the checkpoint")
+    p.add_argument("--output", "--json", dest="output", default=None, metavar="JSON",
+                   help="also write the metrics to this JSON file (--json is an alias)")
+    add_progress(p)
+    return p
+
+
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     """`mbrec-fast evaluate --checkpoint P [--split test|valid]`: rebuilds data and model from the checkpoint."""
-    p = argparse.ArgumentParser(prog="mbrec-fast evaluate")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--output", default=None)
-    a = p.parse_args(argv)
+    parser = build_evaluate_parser()
+    a = parser.parse_args(argv)
+    if not a.checkpoint:
+        parser.error("--checkpoint is required")
     ckpt = load_checkpoint(a.checkpoint)
     args = argparse.Namespace(**ckpt["config"])
     if a.data_path:
@@ -395,7 +423,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     model.load_state_dict(ckpt["model"])
     ctx = make_eval_context(split, a.split, args.eval_neg, seed=args.seed + (0 if a.split == "valid" else 1),
                             candidates=args.candidates)
-    metrics = evaluate_model(model, ctx, full=True)
+    metrics = evaluate_model(model, ctx, full=True, progress=progress_enabled(False if a.no_progress else None))
     log(_metric_table(metrics, data.domain_names))
     if a.output:
         with open(a.output, "w") as f:
