@@ -37,10 +37,11 @@ def progress_bar(enabled: bool, **kwargs):
 
 
 @contextmanager
-def ranking_progress(enabled: bool, desc: str = "full ranking") -> Iterator[Optional[Callable[[int, int], None]]]:
+def ranking_progress(enabled: bool, desc: str = "full ranking",
+                     **bar_options) -> Iterator[Optional[Callable[[int, int], None]]]:
     """A `progress(done_users, total_users)` callback for `evaluate_full_ranking` that drives a bar
-    showing users ranked, users/s and time left; None when disabled."""
-    bar = progress_bar(enabled, desc=desc, unit=" users", unit_scale=False)
+    showing users ranked, users/s and time left; None when disabled. bar_options go to tqdm."""
+    bar = progress_bar(enabled, desc=desc, unit=" users", **bar_options)
     if bar is None:
         yield None
         return
@@ -48,6 +49,7 @@ def ranking_progress(enabled: bool, desc: str = "full ranking") -> Iterator[Opti
     def update(done: int, total: int) -> None:
         if bar.total != total:
             bar.total = total
+            bar.refresh()
         bar.update(max(0, int(done) - bar.n))
 
     try:

@@ -32,8 +32,7 @@ MODEL_FAMILIES = {
 
 
 FAMILIES = {  # training module -> (family title, its models with one-line descriptions)
-    "mbrec_fast.training.multibehavior": ("multi-behavior, full ranking (data: beibei, retailrocket, tmall, a table, "
-                                          "synthetic:UxI)", {
+    "mbrec_fast.training.multibehavior": ("multi-behavior (data: beibei, retailrocket, tmall, a table, synthetic:UxI)", {
         "bpr": "BPR matrix factorization on the target behavior (alias: mf)",
         "neumf": "NeuMF (GMF + MLP) on the target behavior",
         "mcbpr": "multi-channel BPR over every behavior, level-aware negatives",
@@ -57,8 +56,8 @@ FAMILIES = {  # training module -> (family title, its models with one-line descr
 }
 
 COMMANDS = {
-    "demo": "train and evaluate a small model on Beibei end to end (a few minutes)",
-    "train": "train any model (--model NAME); checkpoints, metrics.json, curves.png",
+    "demo": "train and evaluate two small models on Beibei (a few minutes)",
+    "train": "train any model (--model NAME): checkpoints, metrics, curves",
     "evaluate": "re-evaluate a checkpoint (--checkpoint PATH)",
     "bench": "run the benchmark suites (source checkout): ratio table, JSON, PNG",
 }
@@ -91,26 +90,29 @@ def _option_value(argv: List[str], name: str) -> Optional[str]:
 def _main_help() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: mbrec-fast [--version] COMMAND [options]", "",
-             "Fused PyTorch ops for multi-behavior, multi-domain and multi-task recommenders, and the models",
-             "built on them.", "", "commands:"]
+             "Fused PyTorch ops for multi-behavior, multi-domain and multi-task recommenders,",
+             "and the models built on them.", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-    lines += ["", "mbrec-fast COMMAND --help shows a command's options; mbrec-fast train --help lists the models.",
-              "Data: --data PATH, else $MBREC_FAST_DATA, ../shared/data beside a source checkout, ./data, or",
-              "the current directory (README: 'Where the data is')."]
+    lines += ["", "mbrec-fast COMMAND --help shows a command's options;",
+              "mbrec-fast train --help lists the models.",
+              "Data: --data PATH, else $MBREC_FAST_DATA, ../shared/data beside a source",
+              "checkout, ./data, or the current directory (README: 'Where the data is')."]
     return "\n".join(lines)
 
 
 def _train_help() -> str:
     lines = ["usage: mbrec-fast train --model MODEL [options]", "",
-             "Train a model with validation, early stopping, checkpoints (--resume continues a stopped run)",
-             "and metrics.json / history.json / curves.png in --run-dir. The options depend on the model's",
-             "family: mbrec-fast train --model MODEL --help lists them with their defaults.", ""]
+             "Train a model with validation, early stopping and checkpoints (--resume",
+             "continues a stopped run); metrics.json, history.json and curves.png go to",
+             "--run-dir. The options depend on the model's family:",
+             "mbrec-fast train --model MODEL --help lists them with their defaults.", ""]
     for module, (title, models) in FAMILIES.items():
         lines.append(f"{title}:")
         lines += [f"  {name:<13}{text}" for name, text in models.items()]
         lines.append("")
-    lines += ["options common to every family: --run-dir DIR (alias --out), --emb-dim N (alias --dim), --epochs,",
-              "--batch-size, --lr, --seed, --device, --threads, --resume [CHECKPOINT], --max-steps, --no-progress."]
+    lines += ["options of every family: --run-dir DIR (alias --out), --emb-dim N (alias --dim),",
+              "--epochs, --batch-size, --lr, --seed, --device, --threads,",
+              "--resume [CHECKPOINT], --max-steps, --no-progress."]
     return "\n".join(lines)
 
 

@@ -14,9 +14,16 @@ from typing import List, Optional
 __all__ = ["HelpFormatter", "resolve_resume", "resume_command", "add_run_dir", "add_resume", "add_progress"]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout and appends "(default: X)" to options whose default is not
-    None or False (those say their default in their own help text, if they have one)."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Fills the description paragraph by paragraph (blank lines kept) within 79 columns, and appends
+    "(default: X)" to options whose default is not None or False (those say their default in their
+    own help text, if they have one)."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+        paragraphs = [" ".join(par.split()) for par in text.strip().split("\n\n")]
+        return "\n\n".join(textwrap.fill(par, min(width, 79), initial_indent=indent, subsequent_indent=indent)
+                            for par in paragraphs)
 
     def _get_help_string(self, action):
         text = action.help or ""
