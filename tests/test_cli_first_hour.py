@@ -301,3 +301,18 @@ def test_regular_install_runs_every_family_outside_the_source_tree():
                          timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "install check passed" in out.stdout
+
+
+def test_sequential_table_says_no_users_for_an_empty_domain():
+    from mbrec_fast.training.sequential import KS, _metric_table
+    metrics = {}
+    for proto in ("sampled", "full"):
+        for sfx in ("", "_a", "_b"):
+            for k in KS:
+                metrics[f"{proto}_hr@{k}{sfx}"] = metrics[f"{proto}_ndcg@{k}{sfx}"] = 0.0 if sfx == "_b" else 0.25
+    metrics.update(sampled_mrr=0.3, sampled_mrr_a=0.3, **{"full_mrr@10": 0.3, "full_mrr@10_a": 0.3},
+                   full_users_a=5.0, full_users_b=0.0)
+    del metrics["sampled_hr@10_b"]  # the sampled protocol leaves an empty domain out
+    rows = [line.split() for line in _metric_table(metrics, ["a", "b"]).splitlines()[2:]]
+    assert ["full", "b", "no", "users"] in rows
+    assert not any(r[:2] == ["sampled", "b"] for r in rows)

@@ -259,6 +259,7 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True, 
             for g, ms in r.groups.items():
                 for k, v in ms.items():
                     out[f"full_{k}_{g}"] = v
+                out[f"full_users_{g}"] = float(r.group_users[g])  # 0: the metrics above are no users' mean
     model.train(was)
     return out
 
@@ -368,10 +369,11 @@ def _metric_table(metrics: Dict[str, float], domains: Sequence[str]) -> str:
             if f"{proto}_hr@10{sfx}" not in metrics:
                 continue
             row: Dict[str, Any] = {"protocol": proto, "domain": g}
+            empty = metrics.get(f"{proto}_users{sfx}") == 0
             for k in KS:
-                row[f"HR@{k}"] = metrics[f"{proto}_hr@{k}{sfx}"]
-                row[f"NDCG@{k}"] = metrics[f"{proto}_ndcg@{k}{sfx}"]
-            row["MRR"] = metrics.get(f"{proto}_{mrr}{sfx}", float("nan"))
+                row[f"HR@{k}"] = "no users" if empty and k == KS[0] else "" if empty else metrics[f"{proto}_hr@{k}{sfx}"]
+                row[f"NDCG@{k}"] = "" if empty else metrics[f"{proto}_ndcg@{k}{sfx}"]
+            row["MRR"] = "" if empty else metrics.get(f"{proto}_{mrr}{sfx}", float("nan"))
             rows.append(row)
     return format_table(rows)
 
