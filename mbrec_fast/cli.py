@@ -5,7 +5,6 @@ dispatches, so that adding a model never touches the CLI.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from typing import List, Optional
@@ -118,8 +117,8 @@ def _train_help() -> str:
 
 def _evaluate_help() -> str:
     parts = ["usage: mbrec-fast evaluate --checkpoint PATH [options]", "",
-             "Re-evaluates a checkpoint written by mbrec-fast train (best.pt or checkpoint.pt). The options",
-             "depend on the family of the model in the checkpoint:"]
+             "Re-evaluates a checkpoint of mbrec-fast train (best.pt or checkpoint.pt).",
+             "The options depend on the family of the model in the checkpoint:"]
     for module, (title, _) in FAMILIES.items():
         parser = importlib.import_module(module).build_evaluate_parser()
         parts += ["", f"== {title.split(' (')[0]}", parser.format_help().split("\n\n", 1)[-1].rstrip()]

@@ -11,7 +11,8 @@ import os
 import shlex
 from typing import List, Optional
 
-__all__ = ["HelpFormatter", "resolve_resume", "resume_command", "add_run_dir", "add_resume", "add_progress"]
+__all__ = ["HelpFormatter", "resolve_resume", "resume_command", "add_run_dir", "add_resume", "add_progress",
+           "evaluate_parser", "parse_evaluate_args"]
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -51,6 +52,27 @@ def add_resume(p: argparse.ArgumentParser) -> None:
 def add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are shown only when stderr is a terminal anyway)")
+
+
+def evaluate_parser(description: str, extra, output_dest: str = "output",
+                    prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
+    """The `mbrec-fast evaluate` parser of a family: --checkpoint, the family's options (`extra(p)`),
+    --output JSON (alias --json) and --no-progress."""
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=description)
+    p.add_argument("--checkpoint", help="the checkpoint file (required)")
+    extra(p)
+    p.add_argument("--output", "--json", dest=output_dest, default=None, metavar="JSON",
+                   help="also write the metrics to this JSON file (--json is an alias)")
+    add_progress(p)
+    return p
+
+
+def parse_evaluate_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parses; --checkpoint is checked after parsing, so that --help works without one."""
+    args = parser.parse_args(argv)
+    if not args.checkpoint:
+        parser.error("--checkpoint is required")
+    return args
 
 
 def resolve_resume(resume: Optional[str], run_dir: str, log=print) -> Optional[str]:

@@ -29,7 +29,8 @@ from torch import nn
 
 from .._progress import progress_enabled
 from .checkpoint import load_checkpoint
-from .cli_options import HelpFormatter, add_progress, add_resume, add_run_dir, resolve_resume, resume_command
+from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
+                          resolve_resume, resume_command)
 from .common import Trainer, init_distributed, is_main_process, log, seed_everything, world
 
 __all__ = ["train_main", "evaluate_main", "build_parser", "build_evaluate_parser", "build_model", "load_data", "evaluate_model", "results_markdown",
@@ -246,7 +247,8 @@ def _timing_lines(timings: Dict[str, float], load_s: float, epochs: int) -> str:
     other = max(wall - sum(v for _, v in parts[1:]), 0.0)
     parts.append(("other", other))
     total = wall + load_s
-    lines = [f"where the time went ({epochs} epoch{'s' if epochs != 1 else ''}, {total:.1f}s in all):"]
+    lines = [f"where the time went ({epochs} epoch{'s' if epochs != 1 else ''}, {total:.1f}s in all, "
+             f"{torch.get_num_threads()} threads):"]
     lines += [f"  {name:<27}{v:8.2f}s  {100 * v / max(total, 1e-9):5.1f}%" for name, v in parts]
     return "\n".join(lines)
 
@@ -335,25 +337,18 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
 
 def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
-                                description="Full-ranking evaluation of a multi-behavior checkpoint (best.pt or checkpoint.pt).")
-    p.add_argument("--checkpoint", help="the checkpoint file (required)")
-    p.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
-    p.add_argument("--split", default="test", choices=["test", "valid"], help="held-out split to rank")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--ks", type=int, nargs="+", default=None, help="cut-offs K (default: the training run's)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--output", "--json", dest="json", default=None, metavar="JSON",
-                   help="also write the metrics to this JSON file (--json is an alias)")
-    add_progress(p)
-    return p
+    def options(p):
+        p.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
+        p.add_argument("--split", default="test", choices=["test", "valid"], help="held-out split to rank")
+        p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        p.add_argument("--ks", type=int, nargs="+", default=None, help="cut-offs K (default: the training run's)")
+        p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    return evaluate_parser("Full-ranking evaluation of a multi-behavior checkpoint (best.pt or checkpoint.pt).",
+                           options, output_dest="json", prog=prog)
 
 
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
-    parser = build_evaluate_parser()
-    args = parser.parse_args(argv)
-    if not args.checkpoint:
-        parser.error("--checkpoint is required")
+    args = parse_evaluate_args(build_evaluate_parser(), argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)

@@ -27,7 +27,8 @@ from ..metrics import ctr_metrics
 from ..models.multidomain import MODEL_NAMES, M3oE, M3REC, bce_loss, build_model
 from .checkpoint import load_checkpoint
 from .._progress import progress_enabled
-from .cli_options import HelpFormatter, add_progress, add_resume, add_run_dir, resolve_resume, resume_command
+from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
+                          resolve_resume, resume_command)
 from .common import Trainer, format_table, log, seed_everything
 
 __all__ = ["build_parser", "build_evaluate_parser", "load_data", "make_step", "predict", "train_main", "evaluate_main", "table_main", "run_training"]
@@ -258,23 +259,15 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
 
 def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
-                                description="AUC / logloss of a multi-domain CTR checkpoint on a split of its data.")
-    p.add_argument("--checkpoint", help="the checkpoint file (required)")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score")
-    p.add_argument("--data-path", default=None, help="override the data path stored in the checkpoint")
-    p.add_argument("--output", "--json", dest="output", default=None, metavar="JSON",
-                   help="also write the metrics to this JSON file (--json is an alias)")
-    add_progress(p)
-    return p
+    def options(p):
+        p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score")
+        p.add_argument("--data-path", default=None, help="override the data path stored in the checkpoint")
+    return evaluate_parser("AUC / logloss of a multi-domain CTR checkpoint on a split of its data.", options, prog=prog)
 
 
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     """`mbrec-fast evaluate --checkpoint P [--split test|valid]`: rebuilds data and model from the checkpoint's config."""
-    parser = build_evaluate_parser()
-    a = parser.parse_args(argv)
-    if not a.checkpoint:
-        parser.error("--checkpoint is required")
+    a = parse_evaluate_args(build_evaluate_parser(), argv)
     ckpt = load_checkpoint(a.checkpoint)
     args = argparse.Namespace(**ckpt["config"])
     if a.data_path:

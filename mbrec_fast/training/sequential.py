@@ -37,7 +37,8 @@ from ..models.sasrec import PerDomainSASRec, SASRec
 from ..models.syncrec import SyNCRec
 from .checkpoint import load_checkpoint
 from .._progress import progress_enabled, ranking_progress
-from .cli_options import HelpFormatter, add_progress, add_resume, add_run_dir, resolve_resume, resume_command
+from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
+                          resolve_resume, resume_command)
 from .common import Trainer, format_table, log, seed_everything
 
 __all__ = ["build_parser", "build_evaluate_parser", "load_data", "build_model", "EvalContext", "make_eval_context", "evaluate_model",
@@ -398,23 +399,15 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
 
 def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
-                                description="Both protocols (sampled and full ranking) of a sequential checkpoint.")
-    p.add_argument("--checkpoint", help="the checkpoint file (required)")
-    p.add_argument("--split", default="test", choices=["valid", "test"], help="held-out split to rank")
-    p.add_argument("--data-path", default=None, help="override the data path stored in the checkpoint")
-    p.add_argument("--output", "--json", dest="output", default=None, metavar="JSON",
-                   help="also write the metrics to this JSON file (--json is an alias)")
-    add_progress(p)
-    return p
+    def options(p):
+        p.add_argument("--split", default="test", choices=["valid", "test"], help="held-out split to rank")
+        p.add_argument("--data-path", default=None, help="override the data path stored in the checkpoint")
+    return evaluate_parser("Both protocols (sampled and full ranking) of a sequential checkpoint.", options, prog=prog)
 
 
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     """`mbrec-fast evaluate --checkpoint P [--split test|valid]`: rebuilds data and model from the checkpoint."""
-    parser = build_evaluate_parser()
-    a = parser.parse_args(argv)
-    if not a.checkpoint:
-        parser.error("--checkpoint is required")
+    a = parse_evaluate_args(build_evaluate_parser(), argv)
     ckpt = load_checkpoint(a.checkpoint)
     args = argparse.Namespace(**ckpt["config"])
     if a.data_path:
