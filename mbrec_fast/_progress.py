@@ -37,11 +37,11 @@ def progress_bar(enabled: bool, **kwargs):
 
 
 @contextmanager
-def ranking_progress(enabled: bool, desc: str = "full ranking",
+def ranking_progress(enabled: bool, desc: str = "full ranking", total: Optional[int] = None,
                      **bar_options) -> Iterator[Optional[Callable[[int, int], None]]]:
     """A `progress(done_users, total_users)` callback for `evaluate_full_ranking` that drives a bar
     showing users ranked, users/s and time left; None when disabled. bar_options go to tqdm."""
-    bar = progress_bar(enabled, desc=desc, unit=" users", **bar_options)
+    bar = progress_bar(enabled, desc=desc, total=total, unit=" users", **bar_options)
     if bar is None:
         yield None
         return

@@ -139,10 +139,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    n_threads = f"{threads} thread{'s' if threads != 1 else ''}"
     show_progress = progress_enabled(False if args.no_progress else None)
     run_dir = args.out or default_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"mbrec-fast demo: outputs in {run_dir} (--run-dir DIR), {threads} threads (--threads N)")
+    print(f"mbrec-fast demo: outputs in {run_dir} (--run-dir DIR), {n_threads} (--threads N)")
 
     folder = _resolve_dataset(args.data, args.dataset)
     t0 = time.perf_counter()
@@ -195,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dense_blocked_evaluate(ue[:n_sub], ie, sub(exclude), sub(targets), ks, block_users=recbole_users)
     t_recbole = (time.perf_counter() - t0) * n_users / n_sub
     worst = max(abs(res.metrics[n] - dense[n]) for n in res.metrics)
-    print(f"\nspeed of full ranking, {n_users:,} users x {n_items:,} items, top-{max(ks)}, {threads} threads:")
+    print(f"\nspeed of full ranking, {n_users:,} users x {n_items:,} items, top-{max(ks)}, {n_threads}:")
     print(f"  {'fused evaluator (this package)':<44}{n_users / t_fused:>9,.0f} users/s")
     print(f"  {'dense torch.mm + topk, 4096-user batches':<44}{n_users / t_dense:>9,.0f} users/s"
           f"  fused {t_dense / t_fused:.1f}x faster")

@@ -193,10 +193,12 @@ def evaluate_model(model: nn.Module, data, split: str, ks=(10, 20, 50, 100), dev
     targets, labels = data.split(split)
     ks = [k for k in ks if k <= data.n_items]
     scorer = model.scorer()
-    with ranking_progress(progress and is_main_process(), f"ranking {split}") as callback:
+    users = data.eval_users(split)
+    with ranking_progress(progress and is_main_process(), f"ranking {split}",
+                          total=None if distributed else users.numel()) as callback:
         res = evaluate_full_ranking(**scorer.evaluator_kwargs(), exclude=_to_device(data.exclude(split), device),
                                     targets=_to_device(targets, device), ks=ks, metrics=("hr", "ndcg"),
-                                    users=data.eval_users(split).to(device), target_groups=labels.to(device),
+                                    users=users.to(device), target_groups=labels.to(device),
                                     group_names=["unvisited", "visited"],
                                     process_group="default" if distributed else None, progress=callback)
     out = dict(res.metrics)
@@ -248,7 +250,7 @@ def _timing_lines(timings: Dict[str, float], load_s: float, epochs: int) -> str:
     parts.append(("other", other))
     total = wall + load_s
     lines = [f"where the time went ({epochs} epoch{'s' if epochs != 1 else ''}, {total:.1f}s in all, "
-             f"{torch.get_num_threads()} threads):"]
+             f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}):"]
     lines += [f"  {name:<27}{v:8.2f}s  {100 * v / max(total, 1e-9):5.1f}%" for name, v in parts]
     return "\n".join(lines)
 

@@ -250,7 +250,7 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True, 
                 return s
 
             n_items = ctx.item_domain.numel()
-            with ranking_progress(progress, "full ranking") as callback:
+            with ranking_progress(progress, "full ranking", total=len(ctx.histories)) as callback:
                 r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS,
                                           metrics=("hr", "ndcg", "mrr"), score_fn=score_fn, n_items=n_items,
                                           target_groups=ctx.target_domains, group_names=ctx.domain_names,
