@@ -155,12 +155,12 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{n_users:,} users, {n_items:,} items, {int(is_target.sum()):,} training {meta['target']} events, "
           f"{len(data['test']):,} test pairs")
 
+    print(f"\n[1/2] BPR-MF, d = {args.dim}, {args.epochs} epochs on the {meta['target']} events", flush=True)
     t0 = time.perf_counter()
     ue, ie = train_bpr_mf(data["users"][is_target], data["items"][is_target], n_users, n_items,
                           dim=args.dim, epochs=args.epochs, seed=args.seed, progress=show_progress)
     t_train = time.perf_counter() - t0
-    print(f"\n[1/2] BPR-MF, d = {args.dim}, {args.epochs} epochs on the {meta['target']} events, "
-          f"trained in {t_train:.1f}s\nfull-ranking test metrics:")
+    print(f"trained in {t_train:.1f}s; full-ranking test metrics:")
 
     exclude = _csr(data["users"][is_target], data["items"][is_target], n_users)
     aux = _csr(data["users"][~is_target], data["items"][~is_target], n_users)
