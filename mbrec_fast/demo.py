@@ -151,11 +151,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = data["meta"]
     n_users, n_items = meta["n_users"], meta["n_items"]
     is_target = data["behaviors"] == data["target"]
-    print(f"data: {folder}, loaded in {time.perf_counter() - t0:.1f}s\n  {meta.get('name', folder.name)}: "
-          f"{n_users:,} users, {n_items:,} items, {int(is_target.sum()):,} training {meta['target']} events, "
+    print(f"data: {meta.get('name', folder.name)} from {folder}, loaded in {time.perf_counter() - t0:.1f}s\n"
+          f"  {n_users:,} users, {n_items:,} items, {int(is_target.sum()):,} training {meta['target']} events, "
           f"{len(data['test']):,} test pairs")
 
-    print(f"\n[1/2] BPR-MF, d = {args.dim}, {args.epochs} epochs on the {meta['target']} events", flush=True)
+    print(f"\n[1/2] BPR-MF, d = {args.dim}, {args.epochs} epoch{'s' if args.epochs != 1 else ''} on the "
+          f"{meta['target']} events", flush=True)
     t0 = time.perf_counter()
     ue, ie = train_bpr_mf(data["users"][is_target], data["items"][is_target], n_users, n_items,
                           dim=args.dim, epochs=args.epochs, seed=args.seed, progress=show_progress)
@@ -197,12 +198,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_recbole = (time.perf_counter() - t0) * n_users / n_sub
     worst = max(abs(res.metrics[n] - dense[n]) for n in res.metrics)
     print(f"\nspeed of full ranking, {n_users:,} users x {n_items:,} items, top-{max(ks)}, {n_threads}:")
-    print(f"  {'fused evaluator (this package)':<44}{n_users / t_fused:>9,.0f} users/s")
-    print(f"  {'dense torch.mm + topk, 4096-user batches':<44}{n_users / t_dense:>9,.0f} users/s"
-          f"  fused {t_dense / t_fused:.1f}x faster")
-    print(f"  {f'dense, RecBole batching ({recbole_users} user/step)*':<44}{n_users / t_recbole:>9,.0f} users/s"
-          f"  fused {t_recbole / t_fused:.1f}x faster")
-    print(f"  (* timed on {n_sub:,} users; fused and dense metrics agree to {worst:.0e})")
+    print(f"  {'fused evaluator (this package)':<41}{n_users / t_fused:>8,.0f} users/s")
+    print(f"  {'dense torch.mm + topk, 4096-user batches':<41}{n_users / t_dense:>8,.0f} users/s"
+          f"  {t_dense / t_fused:5.1f}x slower")
+    print(f"  {f'dense, RecBole batching ({recbole_users} user/step)*':<41}{n_users / t_recbole:>8,.0f} users/s"
+          f"  {t_recbole / t_fused:5.1f}x slower")
+    print(f"  (* timed on {n_sub:,} users; fused and dense metrics "
+          f"{'are identical' if worst == 0 else f'agree to {worst:.0e}'})")
     summary = {"dataset": meta.get("name", folder.name), "threads": threads, "dim": args.dim, "epochs": args.epochs,
                "train_s": t_train, "test": {"overall": res.metrics, **res.groups}, "users": res.n_users,
                "group_users": res.group_users, "users_per_s": {"fused": n_users / t_fused,
@@ -212,9 +214,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         json.dump(summary, f, indent=1)
     if args.seed_model != "none":
         _seed_model_part(folder, args, run_dir, show_progress)
-    print(f"\ndemo outputs: {run_dir} (bpr-mf.json" +
-          (f"; {args.seed_model}-{folder.name}/ with metrics.json, curves.png, checkpoints)"
-           if args.seed_model != "none" else ")"))
+    print(f"\ndemo outputs in {run_dir}:\n  bpr-mf.json (part 1)" +
+          (f"\n  {args.seed_model}-{folder.name}/ (part 2: metrics.json, curves.png, checkpoints)"
+           if args.seed_model != "none" else ""))
     return 0
 
 
@@ -227,7 +229,7 @@ def _seed_model_part(folder: pathlib.Path, args, run_dir: pathlib.Path, show_pro
                 "member": ["--batch-size", "8192", "--lr", "0.005"]}[args.seed_model]
     what = {"nmtr": "NMTR with GMF heads, d = 32", "member": "MEMBER, d = 32"}[args.seed_model]
     epochs = f"{args.seed_model_epochs} epoch" + ("s" if args.seed_model_epochs != 1 else "")
-    print(f"\n[2/2] {what}, {epochs}, through mbrec-fast train (part 1's table layout):")
+    print(f"\n[2/2] {what}, {epochs}, through mbrec-fast train:")
     train_main(["--model", args.seed_model, "--data", str(folder), "--epochs", str(args.seed_model_epochs),
                 "--seed", str(args.seed), "--run-dir", str(run_dir / f"{args.seed_model}-{folder.name}"),
                 "--valid", "none", "--ks", *[str(k) for k in args.ks], *settings]

@@ -316,3 +316,28 @@ def test_sequential_table_says_no_users_for_an_empty_domain():
     rows = [line.split() for line in _metric_table(metrics, ["a", "b"]).splitlines()[2:]]
     assert ["full", "b", "no", "users"] in rows
     assert not any(r[:2] == ["sampled", "b"] for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def test_demo_reads_well_in_80_columns(data_dir, tmp_path, capsys):
+    """Both halves in one table layout (same header, rows overall / visited / unvisited), the visited
+    note, the run directory named and used, the thread count on the speed figures."""
+    import json
+    run_dir = tmp_path / "demo"
+    assert cli_main(["demo", "--dataset", "retailrocket", "--epochs", "1", "--emb-dim", "16",
+                     "--run-dir", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    wide = [l for l in lines if len(l) > 80 and str(tmp_path) not in l]  # a long path is the path's length
+    assert not wide, wide
+    headers = [i for i, l in enumerate(lines) if l.startswith("targets")]
+    assert len(headers) == 2 and lines[headers[0]] == lines[headers[1]]
+    assert lines[headers[0] - 1] == lines[headers[1] - 1]
+    for h in headers:
+        assert [lines[h + j].split()[0] for j in (1, 2, 3)] == ["overall", "visited", "unvisited"]
+        assert lines[h + 2].split()[1:] == ["0", "no", "users"]  # Retail Rocket has no visited test items
+    assert out.count("visited = ") == 2
+    assert f"outputs in {run_dir}" in lines[0] and "thread" in lines[0]
+    assert any(l.startswith("speed of full ranking") and "thread" in l for l in lines)
+    assert json.loads((run_dir / "bpr-mf.json").read_text())["users"] == 2174
+    assert (run_dir / "nmtr-retailrocket" / "curves.png").is_file()

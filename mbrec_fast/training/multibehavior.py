@@ -333,7 +333,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     log(metrics_table(result.test, args.ks))
     log(VISITED_NOTE)
     log(_timing_lines(result.timings, load_s, result.epochs_run))
-    log(f"outputs in {run_dir}: metrics.json, history.json, curves.png, checkpoint.pt" +
+    log(f"outputs in {run_dir}:\n  metrics.json, history.json, curves.png, checkpoint.pt" +
         (", best.pt" if result.best_epoch is not None else ""))
     return 0
 
