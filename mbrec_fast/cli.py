@@ -31,7 +31,8 @@ MODEL_FAMILIES = {
 
 
 FAMILIES = {  # training module -> (family title, its models with one-line descriptions)
-    "mbrec_fast.training.multibehavior": ("multi-behavior (data: beibei, retailrocket, tmall, a table, synthetic:UxI)", {
+    "mbrec_fast.training.multibehavior": (
+        "multi-behavior (data: beibei, retailrocket, tmall, a table, synthetic:UxI)", {
         "bpr": "BPR matrix factorization on the target behavior (alias: mf)",
         "neumf": "NeuMF (GMF + MLP) on the target behavior",
         "mcbpr": "multi-channel BPR over every behavior, level-aware negatives",
