@@ -1,6 +1,8 @@
-"""`mbrec-fast bench [op ...]`: runs the pytest-benchmark suites in benchmarks/ and reports, per case,
-each implementation's time and how many times slower it is than mbrec_fast's, plus a JSON file and a
-PNG plot of those ratios.
+"""`mbrec-fast bench [op ...]`: runs the pytest-benchmark suites in benchmarks/ (a source
+checkout) and reports, per case, each implementation's time and how many times slower it is
+than mbrec_fast's, plus a JSON file and a PNG plot of those ratios. Without --full the cases
+are small (quick mode) and their names say the sizes that ran. Optional baselines:
+pip install faiss-cpu implicit (or the [baselines] extra).
 
 Benchmarks describe themselves through `benchmark.extra_info`: `op`, `case`, `impl` (ours is named
 exactly "mbrec_fast") and any numeric figures (users_per_s, frac_sgemm_bound, peak_mem_mb, ...),
@@ -9,6 +11,7 @@ which are shown as extra columns.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -102,10 +105,13 @@ def plot(rows: List[dict], path: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="mbrec-fast bench", description=__doc__.splitlines()[0])
+    from .training.cli_options import HelpFormatter
+    parser = argparse.ArgumentParser(prog="mbrec-fast bench", formatter_class=HelpFormatter,
+                                     description=__doc__.split("\n\n")[0].replace("`", ""))
     parser.add_argument("ops", nargs="*", help="benchmark suites to run, e.g. evaluator sampler experts (default: all)")
     parser.add_argument("--full", action="store_true", help="the full shape grid (MBREC_FAST_BENCH_FULL=1)")
-    parser.add_argument("--out", default="bench_results", help="folder for the JSON report and PNG plot")
+    parser.add_argument("--run-dir", "--out", dest="out", default="bench_results", metavar="DIR",
+                        help="folder for the JSON report and PNG plot (--out is an alias)")
     parser.add_argument("-k", default=None, help="pytest -k expression to select cases")
     parser.add_argument("--report", default=None, metavar="JSON",
                         help="tabulate an existing pytest-benchmark JSON instead of running anything")
@@ -118,6 +124,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     root = benchmarks_dir()
+    missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"mbrec-fast bench: needs {' and '.join(missing)}: pip install pytest pytest-benchmark "
+                         "(or the [test] extra)")
+    absent = [name for mod, name in (("faiss", "faiss-cpu"), ("implicit", "implicit"))
+              if importlib.util.find_spec(mod) is None]
+    if absent:
+        print(f"baselines not installed, skipped: {', '.join(absent)} (pip install {' '.join(absent)}, "
+              "or the [baselines] extra)", flush=True)
+    print("quick mode: small cases, named by the sizes that run (--full for the documented sizes)"
+          if not args.full else "full mode: the documented sizes (minutes per case)", flush=True)
     available = sorted(p.stem[len("test_bench_"):] for p in root.glob("test_bench_*.py"))
     for op in args.ops:
         if op not in available:

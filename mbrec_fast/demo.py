@@ -1,18 +1,20 @@
-"""`mbrec-fast demo`: train a small BPR matrix factorization on Beibei purchases and evaluate it with
-the fused full-ranking evaluator, overall and on visited / unvisited held-out items, next to the
-dense (RecBole-style) evaluation timed in the same run; then train a seed system (NMTR with GMF heads
-by default, `--seed-model member|none`) for a short schedule and print its full-ranking metrics
-(overall / visited / unvisited) and where the time went.
+"""`mbrec-fast demo`: the package end to end on Beibei in a few minutes.
 
-Data: --data PATH, else $MBREC_FAST_DATA, else ../shared/data next to the repository; the folder
-may be the data root (holding beibei/) or a dataset folder in the canonical layout.
+Part 1 trains a BPR matrix factorization on the purchases and evaluates it with the fused full-ranking
+evaluator (overall and on visited / unvisited held-out items), timed against the dense (RecBole-style)
+evaluation in the same run. Part 2 trains a seed system through `mbrec-fast train` (NMTR with GMF
+heads and d = 32 by default, `--seed-model member|none`) for a short schedule and prints the same
+table and where the time went. Outputs go to --run-dir (default: mbrec-fast-demo in the temp folder).
+
+Data: --data PATH (a data root holding beibei/, or the dataset folder), else $MBREC_FAST_DATA,
+../shared/data beside a source checkout, ./data or the current directory.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
+import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -25,20 +27,17 @@ from .reference.evaluator import dense_blocked_evaluate
 __all__ = ["main", "load_multibehavior", "train_bpr_mf"]
 
 
-def _default_data_root() -> pathlib.Path:
-    env = os.environ.get("MBREC_FAST_DATA")
-    if env:
-        return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _resolve_dataset(path: pathlib.Path, name: str) -> pathlib.Path:
+def _resolve_dataset(path: Optional[pathlib.Path], name: str) -> pathlib.Path:
+    """The dataset folder: PATH itself or PATH/name when given, else name under the searched data roots."""
+    if path is None:
+        from .data.paths import find_in_data_roots
+        return find_in_data_roots(name, "meta.json", what="data set")
     if (path / "meta.json").is_file():
         return path
     if (path / name / "meta.json").is_file():
         return path / name
-    raise SystemExit(f"mbrec-fast demo: no dataset found at {path} (expected meta.json or {name}/meta.json); "
-                     "pass --data PATH or set MBREC_FAST_DATA")
+    raise FileNotFoundError(f"mbrec-fast demo: no dataset at {path} (expected {path}/meta.json or "
+                            f"{path}/{name}/meta.json)")
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +68,13 @@ def load_multibehavior(folder: pathlib.Path) -> Dict:
 
 def train_bpr_mf(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, dim: int = 64,
                  epochs: int = 10, batch: int = 8192, lr: float = 1e-2, reg: float = 1e-4,
-                 seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                 seed: int = 0, progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """BPR matrix factorization on (user, item) pairs with uniform negatives; plain torch, fixed seed.
 
     Sparse embedding gradients with SparseAdam: a step touches only the rows in the batch.
+    progress: a bar (steps, rate, time left) on stderr.
     """
+    from ._progress import progress_bar
     gen = torch.Generator().manual_seed(seed)
     user_table = torch.nn.Embedding(n_users, dim, sparse=True)
     item_table = torch.nn.Embedding(n_items, dim, sparse=True)
@@ -82,6 +83,7 @@ def train_bpr_mf(users: np.ndarray, items: np.ndarray, n_users: int, n_items: in
         item_table.weight.copy_(torch.randn(n_items, dim, generator=gen) * 0.1)
     opt = torch.optim.SparseAdam(list(user_table.parameters()) + list(item_table.parameters()), lr=lr)
     u_all, i_all = torch.from_numpy(users), torch.from_numpy(items)
+    bar = progress_bar(progress, total=epochs * -(-u_all.numel() // batch), desc="BPR-MF training", unit=" steps")
     for _ in range(epochs):
         perm = torch.randperm(u_all.numel(), generator=gen)
         for start in range(0, perm.numel(), batch):
@@ -95,46 +97,71 @@ def train_bpr_mf(users: np.ndarray, items: np.ndarray, n_users: int, n_items: in
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     return user_table.weight.detach().clone(), item_table.weight.detach().clone()
 
 
-def _table(rows: List[Tuple[str, Dict[str, float], int]], ks, metrics) -> str:
-    header = ["targets", "users"] + [f"{m}@{k}" for k in ks for m in metrics]
-    lines = [" | ".join(header), " | ".join("---" for _ in header)]
-    for name, values, n in rows:
-        lines.append(" | ".join([name, str(n)] + [f"{values[f'{m}@{k}']:.4f}" for k in ks for m in metrics]))
-    return "\n".join(lines)
+def default_run_dir() -> pathlib.Path:
+    """mbrec-fast-demo in the temp folder: never inside the repository the demo may be run from."""
+    return pathlib.Path(tempfile.gettempdir()) / "mbrec-fast-demo"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .training.cli_options import HelpFormatter, add_progress
+    parser = argparse.ArgumentParser(prog="mbrec-fast demo", formatter_class=HelpFormatter,
+                                     description=__doc__.split("\n\n")[1].replace("`", ""))
+    parser.add_argument("--data", type=pathlib.Path, default=None, metavar="PATH",
+                        help="data root holding the dataset folder, or the dataset folder itself "
+                             "(default: searched, see mbrec-fast --help)")
+    parser.add_argument("--dataset", default="beibei", help="dataset folder name under the data root")
+    parser.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=64, metavar="N",
+                        help="BPR-MF embedding size (--dim is an alias)")
+    parser.add_argument("--epochs", type=int, default=10, help="BPR-MF training epochs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of both parts")
+    parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50, 100], help="cut-offs K")
+    parser.add_argument("--seed-model", default="nmtr", choices=["nmtr", "member", "none"],
+                        help="seed system trained in part 2 (none: skip part 2)")
+    parser.add_argument("--seed-model-epochs", type=int, default=1, help="training epochs of part 2")
+    parser.add_argument("--run-dir", "--out", dest="out", type=pathlib.Path, default=None, metavar="DIR",
+                        help=f"where the outputs go (default: {default_run_dir()}; --out is an alias)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_progress(parser)
+    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="mbrec-fast demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=pathlib.Path, default=None, help="data root or dataset folder")
-    parser.add_argument("--dataset", default="beibei")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50, 100])
-    parser.add_argument("--seed-model", default="nmtr", choices=["nmtr", "member", "none"],
-                        help="seed system trained after the MF part (none: skip)")
-    parser.add_argument("--seed-model-epochs", type=int, default=1)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/demo"),
-                        help="run directory of the seed model (metrics.json, curves.png, checkpoints)")
-    args = parser.parse_args(argv)
+    from ._progress import progress_enabled
+    from .training.multibehavior import GROUPS, VISITED_NOTE, ranking_table
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    n_threads = f"{threads} thread{'s' if threads != 1 else ''}"
+    show_progress = progress_enabled(False if args.no_progress else None)
+    run_dir = args.out or default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"mbrec-fast demo: outputs in {run_dir} (--run-dir DIR), {n_threads} (--threads N)")
 
-    folder = _resolve_dataset(args.data or _default_data_root(), args.dataset)
+    folder = _resolve_dataset(args.data, args.dataset)
     t0 = time.perf_counter()
     data = load_multibehavior(folder)
     meta = data["meta"]
     n_users, n_items = meta["n_users"], meta["n_items"]
     is_target = data["behaviors"] == data["target"]
-    print(f"{meta.get('name', folder.name)}: {n_users} users, {n_items} items, "
-          f"{int(is_target.sum())} training {meta['target']} events, {len(data['test'])} test pairs "
-          f"(loaded in {time.perf_counter() - t0:.1f}s)")
+    print(f"data: {meta.get('name', folder.name)} from {folder}, loaded in {time.perf_counter() - t0:.1f}s\n"
+          f"  {n_users:,} users, {n_items:,} items, {int(is_target.sum()):,} training {meta['target']} events, "
+          f"{len(data['test']):,} test pairs")
 
+    print(f"\n[1/2] BPR-MF, d = {args.dim}, {args.epochs} epoch{'s' if args.epochs != 1 else ''} on the "
+          f"{meta['target']} events", flush=True)
     t0 = time.perf_counter()
     ue, ie = train_bpr_mf(data["users"][is_target], data["items"][is_target], n_users, n_items,
-                          dim=args.dim, epochs=args.epochs, seed=args.seed)
-    print(f"BPR-MF d={args.dim}: trained {args.epochs} epochs in {time.perf_counter() - t0:.1f}s")
+                          dim=args.dim, epochs=args.epochs, seed=args.seed, progress=show_progress)
+    t_train = time.perf_counter() - t0
+    print(f"trained in {t_train:.1f}s; full-ranking test metrics:")
 
     exclude = _csr(data["users"][is_target], data["items"][is_target], n_users)
     aux = _csr(data["users"][~is_target], data["items"][~is_target], n_users)
@@ -146,13 +173,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     visited = np.isin((t_users * n_items + targets[1]).numpy(), (aux_users * n_items + aux[1]).numpy())
     labels = torch.from_numpy(visited.astype(np.int64))
 
-    ks = tuple(args.ks)
-    metrics = ("hr", "ndcg", "recall", "mrr")
+    ks = tuple(k for k in args.ks if k <= n_items)
     evaluate_full_ranking(ue[:64], ie, None, (targets[0][:65], targets[1][:int(targets[0][64])]), ks)  # warm-up
     t0 = time.perf_counter()
     res = evaluate_full_ranking(ue, ie, exclude, targets, ks, target_groups=labels,
                                 group_names=["unvisited", "visited"])
     t_fused = time.perf_counter() - t0
+    print(ranking_table([("overall", res.metrics, res.n_users)]
+                        + [(g, res.groups[g], res.group_users[g]) for g, _ in GROUPS[1:]], ks))
+    print(VISITED_NOTE)
+    if res.n_skipped:
+        print(f"({res.n_skipped:,} users without test items skipped)")
+
     t0 = time.perf_counter()
     dense = dense_blocked_evaluate(ue, ie, exclude, targets, ks, block_users=4096)
     t_dense = time.perf_counter() - t0
@@ -164,35 +196,44 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     dense_blocked_evaluate(ue[:n_sub], ie, sub(exclude), sub(targets), ks, block_users=recbole_users)
     t_recbole = (time.perf_counter() - t0) * n_users / n_sub
-
-    rows = [("all", res.metrics, res.n_users)] + [(g, res.groups[g], res.group_users[g]) for g in res.groups]
-    print(_table(rows, ks, metrics))
-    if res.n_skipped:
-        print(f"({res.n_skipped} users without test items skipped)")
     worst = max(abs(res.metrics[n] - dense[n]) for n in res.metrics)
-    print(f"full ranking of {n_users} users x {n_items} items, top-{max(ks)}: fused {t_fused * 1e3:.0f} ms "
-          f"({n_users / t_fused:,.0f} users/s)")
-    print(f"  dense torch.mm + torch.topk, 4096-user batches: {t_dense * 1e3:.0f} ms -> fused is "
-          f"{t_dense / t_fused:.1f}x faster (max |fused - dense| over metrics = {worst:.1e})")
-    print(f"  dense with RecBole's default batching ({recbole_users} user(s) per step, timed on {n_sub} users): "
-          f"{n_users / t_recbole:,.0f} users/s -> fused is {t_recbole / t_fused:.1f}x faster")
+    print(f"\nspeed of full ranking, {n_users:,} users x {n_items:,} items, top-{max(ks)}, {n_threads}:")
+    print(f"  {'fused evaluator (this package)':<41}{n_users / t_fused:>8,.0f} users/s")
+    print(f"  {'dense torch.mm + topk, 4096-user batches':<41}{n_users / t_dense:>8,.0f} users/s"
+          f"  {t_dense / t_fused:5.1f}x slower")
+    print(f"  {f'dense, RecBole batching ({recbole_users} user/step)*':<41}{n_users / t_recbole:>8,.0f} users/s"
+          f"  {t_recbole / t_fused:5.1f}x slower")
+    print(f"  (* timed on {n_sub:,} users; fused and dense metrics "
+          f"{'are identical' if worst == 0 else f'agree to {worst:.0e}'})")
+    summary = {"dataset": meta.get("name", folder.name), "threads": threads, "dim": args.dim, "epochs": args.epochs,
+               "train_s": t_train, "test": {"overall": res.metrics, **res.groups}, "users": res.n_users,
+               "group_users": res.group_users, "users_per_s": {"fused": n_users / t_fused,
+                                                               "dense_4096": n_users / t_dense,
+                                                               "dense_recbole": n_users / t_recbole}}
+    with open(run_dir / "bpr-mf.json", "w") as f:
+        json.dump(summary, f, indent=1)
     if args.seed_model != "none":
-        _seed_model_part(folder, args)
+        _seed_model_part(folder, args, run_dir, show_progress)
+    print(f"\ndemo outputs in {run_dir}:\n  bpr-mf.json (part 1)" +
+          (f"\n  {args.seed_model}-{folder.name}/ (part 2: metrics.json, curves.png, checkpoints)"
+           if args.seed_model != "none" else ""))
     return 0
 
 
-def _seed_model_part(folder: pathlib.Path, args) -> None:
+def _seed_model_part(folder: pathlib.Path, args, run_dir: pathlib.Path, show_progress: bool) -> None:
     """Trains a seed system (NMTR by default) for a short schedule through `mbrec-fast train` and prints
     its full-ranking metrics (overall / visited / unvisited) and where the time went."""
     from .training.multibehavior import train_main
     # NMTR with GMF heads (one of the paper's NCF units): its full-ranking score is a GEMM per head.
-    settings = {"nmtr": ["--dim", "32", "--interaction", "gmf", "--batch-size", "16384", "--lr", "0.005"],
+    settings = {"nmtr": ["--emb-dim", "32", "--interaction", "gmf", "--batch-size", "16384", "--lr", "0.005"],
                 "member": ["--batch-size", "8192", "--lr", "0.005"]}[args.seed_model]
-    print(f"\n{args.seed_model.upper()} on {folder.name}: {args.seed_model_epochs} epoch(s), full-ranking test")
-    run_dir = args.out / f"{args.seed_model}-{folder.name}"
+    what = {"nmtr": "NMTR with GMF heads, d = 32", "member": "MEMBER, d = 32"}[args.seed_model]
+    epochs = f"{args.seed_model_epochs} epoch" + ("s" if args.seed_model_epochs != 1 else "")
+    print(f"\n[2/2] {what}, {epochs}, through mbrec-fast train:")
     train_main(["--model", args.seed_model, "--data", str(folder), "--epochs", str(args.seed_model_epochs),
-                "--seed", str(args.seed), "--out", str(run_dir), "--no-progress", "--valid", "none",
-                "--ks", *[str(k) for k in args.ks], *settings])
+                "--seed", str(args.seed), "--run-dir", str(run_dir / f"{args.seed_model}-{folder.name}"),
+                "--valid", "none", "--ks", *[str(k) for k in args.ks], *settings]
+               + ([] if show_progress else ["--no-progress"]))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -236,7 +236,8 @@ def _check_no_overflow(scores: torch.Tensor, ids: torch.Tensor) -> None:
 
 
 def _topk_score_fn(score_fn: ScoreFn, users: torch.Tensor, n_items: int, exclude: Csr, k: int,
-                   block_items: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+                   block_items: int, device,
+                   on_window: Optional[Callable[[int], None]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k over score_fn blocks. score_fn is called per `block_items` items (its intermediates stay
     small), and the blocks are gathered into a window of up to _MERGE_WINDOW_BYTES that is merged into
     the running top-k at once: every merge re-seeds and re-sorts each user's k best, so merging each
@@ -259,6 +260,8 @@ def _topk_score_fn(score_fn: ScoreFn, users: torch.Tensor, n_items: int, exclude
             del block
         top_s, top_i = _topk_merge(gathered, users, w_start, exclude, top_s, top_i)
         del gathered
+        if on_window is not None:
+            on_window(w_end)
     return top_s, top_i
 
 
@@ -289,7 +292,8 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
                           target_groups: Optional[torch.Tensor] = None,
                           group_names: Optional[Sequence[str]] = None,
                           per_user: bool = False, block_users: Optional[int] = None,
-                          block_items: Optional[int] = None, process_group=None) -> EvalResult:
+                          block_items: Optional[int] = None, process_group=None,
+                          progress: Optional[Callable[[int, int], None]] = None) -> EvalResult:
     """Full-ranking top-K evaluation with RecBole's metric definitions (see module docstring).
 
     user_emb [U, d], item_emb [N, d]: score = dot product (fp32/fp16/bf16; scored in fp32). Or pass
@@ -302,7 +306,12 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
     per_user: also return each evaluated user's metric values.
     process_group: None (single process), "default", or a torch.distributed group: users are sharded
     across ranks, sums and counts all-reduced; every rank returns the same result.
+    progress: optional `progress(users_done, users_total)` (this rank's users), called after each chunk
+    of users and, with a score_fn, after each window of items (users_done then counts the chunk's
+    users in proportion to the items scored). It only observes; the results do not depend on it.
     """
+    if progress is not None and not callable(progress):
+        raise TypeError("progress must be callable or None")
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     for m in metrics:
         if m not in METRICS:
@@ -383,12 +392,15 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
     kept_values: List[torch.Tensor] = []
     if score_fn is None:
         ue, ie = user_emb.contiguous(), item_emb.contiguous()
+    n_total, n_done = users.numel(), 0
     for chunk in users.split(_USER_CHUNK):
         if score_fn is None:
             top_scores, top_ids = _topk_dot(ue, ie, chunk, exclude, kmax, bu, bi, adapt_users=block_users is None)
             _check_no_overflow(top_scores, top_ids)
         else:
-            _, top_ids = _topk_score_fn(score_fn, chunk, n_items, exclude, kmax, bi, device)
+            on_window = None if progress is None else (
+                lambda end, done=n_done, b=chunk.numel(): progress(done + b * end // n_items, n_total))
+            _, top_ids = _topk_score_fn(score_fn, chunk, n_items, exclude, kmax, bi, device, on_window)
         values, counts = _rank_metrics(top_ids, chunk, targets, target_groups, n_groups, ks)
         values, counts = values.cpu(), counts.cpu()
         valid = counts > 0
@@ -398,6 +410,9 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
         if per_user:
             kept_users.append(chunk.cpu()[valid[0]])
             kept_values.append(values[0][valid[0]])
+        n_done += chunk.numel()
+        if progress is not None:
+            progress(n_done, n_total)
 
     if pg is not None:
         import torch.distributed as dist

@@ -171,7 +171,7 @@ def test_cli_smoke_on_bundled_data(tmp_path, data_dir, model, capsys):
                    "--out", str(tmp_path), "--no-progress", "--ks", "10", "100"])
     assert rc == 0
     out = capsys.readouterr().out
-    for word in ("overall", "visited", "unvisited", "where the time went", "HR@100"):
+    for word in ("overall", "visited", "unvisited", "where the time went", "HR@K", "NDCG@K", "@100"):
         assert word in out
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["test"]["users"] == 21716 and summary["test"]["visited_users"] == 13525

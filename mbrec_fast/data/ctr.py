@@ -36,11 +36,9 @@ ML1M_GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crim
 
 
 def default_data_root() -> pathlib.Path:
-    """$MBREC_FAST_DATA, else <repo>/../shared/data."""
-    env = os.environ.get("MBREC_FAST_DATA")
-    if env:
-        return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """The data root (see `mbrec_fast.data.paths`)."""
+    from .paths import default_data_root as root
+    return root()
 
 
 @dataclass
@@ -186,7 +184,10 @@ def _frame_to_ctr(df, sparse_cols: List[str], dense: np.ndarray, dense_names: Li
 
 
 def _resolve(path: Optional[Union[str, os.PathLike]], sample_name: str) -> pathlib.Path:
-    p = pathlib.Path(path) if path is not None else default_data_root() / "samples" / sample_name
+    if path is None:
+        from .paths import find_in_data_roots
+        return find_in_data_roots(f"samples/{sample_name}", what="bundled sample")
+    p = pathlib.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data not found: {p}")
     return p

@@ -294,22 +294,20 @@ def from_arrays(users: np.ndarray, items: np.ndarray, behaviors: np.ndarray, n_u
 
 # ------------------------------------------------------------------------------------------ loaders
 def default_data_root() -> pathlib.Path:
-    """$MBREC_FAST_DATA, else ../shared/data next to the repository."""
-    env = os.environ.get("MBREC_FAST_DATA")
-    if env:
-        return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """The data root (see `mbrec_fast.data.paths`: $MBREC_FAST_DATA, ../shared/data beside a source
+    checkout, ./data, the current directory)."""
+    from .paths import default_data_root as root
+    return root()
 
 
 def _resolve(name_or_path: Union[str, os.PathLike]) -> pathlib.Path:
     p = pathlib.Path(name_or_path)
     if (p / "meta.json").is_file():
         return p
-    root = default_data_root()
-    if (root / str(name_or_path) / "meta.json").is_file():
-        return root / str(name_or_path)
-    raise FileNotFoundError(f"no multi-behavior data set at {name_or_path!r}: expected a folder with meta.json, "
-                            f"or a name under the data root {root} (set MBREC_FAST_DATA)")
+    if p.is_absolute():
+        raise FileNotFoundError(f"no multi-behavior data set at {str(name_or_path)!r}: expected a folder with meta.json")
+    from .paths import find_in_data_roots
+    return find_in_data_roots(str(name_or_path), "meta.json", what="multi-behavior data set")
 
 
 def _read_tsv(path: pathlib.Path, n_cols_min: int):

@@ -23,12 +23,9 @@ __all__ = ["SequenceData", "SequenceSplit", "load_amazon_sequences", "load_inter
 
 
 def default_data_root() -> str:
-    """$MBREC_FAST_DATA, else <repo>/../shared/data."""
-    env = os.environ.get("MBREC_FAST_DATA")
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.normpath(os.path.join(here, "..", "..", "..", "shared", "data"))
+    """The data root (see `mbrec_fast.data.paths`)."""
+    from .paths import default_data_root as root
+    return str(root())
 
 
 @dataclass
@@ -91,7 +88,9 @@ def load_amazon_sequences(path: Optional[str] = None, domains_path: Optional[str
     present next to the file (or given), else sorted names. Interactions are stably sorted by time (the file is
     already ordered; ties keep the file order).
     """
-    path = path or os.path.join(default_data_root(), "samples", "amazon5_seq.tsv")
+    if not path:
+        from .paths import find_in_data_roots
+        path = str(find_in_data_roots("samples/amazon5_seq.tsv", what="bundled sample"))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"sequence file not found: {path}")
     domains_path = domains_path or os.path.join(os.path.dirname(path), "amazon5_domains.txt")

@@ -435,8 +435,9 @@ class Trainer:
                    "timings_s": result.timings}
         with open(os.path.join(self.run_dir, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=1, default=float)
+        data = self.config.get("data")
         plot_curves(result.history, os.path.join(self.run_dir, "curves.png"), monitor=self.monitor,
-                    title=self.model_name)
+                    title=self.model_name + (f" on {os.path.basename(str(data).rstrip('/'))}" if data else ""))
 
 
 def plot_curves(history: List[Dict[str, Any]], path: str, monitor: str, title: str = "") -> None:
@@ -457,6 +458,16 @@ def plot_curves(history: List[Dict[str, Any]], path: str, monitor: str, title: s
     valid = [(row["epoch"], row[f"valid_{monitor}"]) for row in history if f"valid_{monitor}" in row]
     if valid:
         axes[1].plot([e for e, _ in valid], [v for _, v in valid], marker="o", color="tab:green")
+    else:  # an empty panel would read as a plotting bug
+        axes[1].text(0.5, 0.5, "no validation in this run", ha="center", va="center", transform=axes[1].transAxes)
+        axes[1].set_yticks([])
+    from matplotlib.ticker import MaxNLocator
+    for ax in axes:  # epochs are whole numbers (one epoch would otherwise get ticks 0.96 ... 1.04)
+        if 0 < len(epochs) <= 12:
+            ax.set_xticks(epochs)
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set_xlabel("epoch")
     axes[1].set_title(f"validation {monitor}")
     fig.suptitle(title)

@@ -19,18 +19,23 @@ import importlib
 import inspect
 import json
 import os
+import sys
+import textwrap
 import time
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
+from .._progress import progress_enabled
 from ..evaluator import METRICS
 from .checkpoint import load_checkpoint
+from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
+                          resolve_resume, resume_command)
 from .common import (Trainer, check_cli_args, format_table, init_distributed, is_main_process, log, seed_everything,
                      world)
 
-__all__ = ["train_main", "evaluate_main", "build_parser", "build_model", "load_data", "evaluate_model", "results_markdown",
+__all__ = ["train_main", "evaluate_main", "build_parser", "build_evaluate_parser", "build_model", "load_data", "evaluate_model", "results_markdown",
            "metrics_table", "MODELS"]
 
 # name -> (module, class name); the first three live in baselines.py, the rest in their own modules
@@ -53,32 +58,35 @@ MODEL_DEFAULTS = {
 
 # ------------------------------------------------------------------------------------------ parsing
 def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a multi-behavior recommender with full-ranking evaluation.")
-    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=(
+        "Train a multi-behavior recommender (purchases helped by views, carts) and rank\n"
+        "every item: HR/NDCG@K overall and on visited / unvisited held-out items."))
+    p.add_argument("--model", choices=sorted(MODELS), help="the model (required)")
     p.add_argument("--data", default="beibei",
                    help="data set name under the data root, a folder in the canonical layout, a CSV/TSV/Parquet "
                         "table (user,item,behavior[,timestamp]), or synthetic:USERSxITEMS")
     p.add_argument("--behaviors", default=None, help="comma-separated cascade order for a table (weakest first)")
-    p.add_argument("--valid", default="leave-one-out", choices=["leave-one-out", "none"])
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--dim", type=int, default=None, help="embedding size (default 64; MEMBER 32)")
+    p.add_argument("--valid", default="leave-one-out", choices=["leave-one-out", "none"],
+                   help="validation split for early stopping: each user's last purchase, or none")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs (at most)")
+    p.add_argument("--batch-size", type=int, default=4096, help="training pairs per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=None, metavar="N",
+                   help="embedding size (default 64; MEMBER 32; --dim is an alias)")
     p.add_argument("--neg-ratio", type=int, default=None, help="negatives per positive (default 1; NeuMF/NMTR 4)")
     p.add_argument("--reg", type=float, default=None, help="L2 on the embedding rows of a batch (default 1e-4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and negatives")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
     p.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping; 0 = never")
-    p.add_argument("--monitor", default="ndcg@10")
-    p.add_argument("--out", default=None, help="run directory (default runs/<model>-<data>)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint (no value: <out>/checkpoint.pt)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50, 100])
+    p.add_argument("--monitor", default="ndcg@10", help="validation metric for early stopping and best.pt")
+    add_run_dir(p, "out", "runs/<model>-<data>")
+    add_resume(p)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50, 100], help="cut-offs K of HR@K / NDCG@K")
     p.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress(p)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra constructor argument of the model (VALUE parsed as JSON when it can be), repeatable")
     # model-specific shortcuts (also reachable through --model-arg)
@@ -179,17 +187,22 @@ def _to_device(csr, device):
 
 
 def evaluate_model(model: nn.Module, data, split: str, ks=(10, 20, 50, 100), device="cpu",
-                   distributed: bool = False) -> Dict[str, float]:
-    """Full-ranking HR/NDCG@K on `split`, overall and on visited / unvisited held-out items (flat dict)."""
+                   distributed: bool = False, progress: bool = False) -> Dict[str, float]:
+    """Full-ranking HR/NDCG@K on `split`, overall and on visited / unvisited held-out items (flat dict).
+    progress: show a bar (users ranked, users/s, time left) on stderr while ranking."""
+    from .._progress import ranking_progress
     from ..evaluator import evaluate_full_ranking
     targets, labels = data.split(split)
     ks = [k for k in ks if k <= data.n_items]
     scorer = model.scorer()
-    res = evaluate_full_ranking(**scorer.evaluator_kwargs(), exclude=_to_device(data.exclude(split), device),
-                                targets=_to_device(targets, device), ks=ks, metrics=("hr", "ndcg"),
-                                users=data.eval_users(split).to(device), target_groups=labels.to(device),
-                                group_names=["unvisited", "visited"],
-                                process_group="default" if distributed else None)
+    users = data.eval_users(split)
+    with ranking_progress(progress and is_main_process(), f"ranking {split}",
+                          total=None if distributed else users.numel()) as callback:
+        res = evaluate_full_ranking(**scorer.evaluator_kwargs(), exclude=_to_device(data.exclude(split), device),
+                                    targets=_to_device(targets, device), ks=ks, metrics=("hr", "ndcg"),
+                                    users=users.to(device), target_groups=labels.to(device),
+                                    group_names=["unvisited", "visited"],
+                                    process_group="default" if distributed else None, progress=callback)
     out = dict(res.metrics)
     out["users"] = float(res.n_users)
     for group in ("visited", "unvisited"):
@@ -198,20 +211,36 @@ def evaluate_model(model: nn.Module, data, split: str, ks=(10, 20, 50, 100), dev
     return out
 
 
-def metrics_table(metrics: Dict[str, float], ks) -> str:
-    """Rows overall / visited / unvisited, columns HR@K and NDCG@K."""
-    rows = []
-    for group, prefix in (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_")):
-        n = metrics.get(f"{prefix}users")
-        if not n:  # absent, or no held-out item of this kind (e.g. Retail Rocket has no visited ones)
+GROUPS = (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_"))
+VISITED_NOTE = "visited = the user viewed or carted the held-out item in training"
+
+
+def ranking_table(rows: List[Any], ks, metrics=("hr", "ndcg")) -> str:
+    """The one table layout of full-ranking results (the demo's two halves, train, evaluate): a row
+    per target group (name, metrics dict "{m}@{k}", users), a column block per metric, one column per
+    K; about 75 columns for four Ks. A group without users reads "no users" instead of 0."""
+    width = 7
+    label = {"hr": "HR", "ndcg": "NDCG", "recall": "Recall", "precision": "Precision", "mrr": "MRR"}
+    blocks = [f"{label.get(m, m)}@K".center(width * len(ks)) for m in metrics]
+    lines = [" " * 19 + "  ".join(blocks).rstrip(),
+             f"{'targets':<10}{'users':>8} " + "  ".join("".join(f"{'@' + str(k):>{width}}" for k in ks)
+                                                        for _ in metrics)]
+    for name, values, n in rows:
+        n = int(n or 0)
+        head = f"{name:<10}{n:>8,} "
+        if not n:
+            lines.append(head + " no users")
             continue
-        row: Dict[str, Any] = {"targets": group, "users": int(n)}
-        for k in ks:
-            for m in ("hr", "ndcg"):
-                if f"{prefix}{m}@{k}" in metrics:
-                    row[f"{m.upper()}@{k}"] = float(metrics[f"{prefix}{m}@{k}"])
-        rows.append(row)
-    return format_table(rows)
+        lines.append(head + "  ".join("".join(f"{values[f'{m}@{k}']:>{width}.4f}" for k in ks) for m in metrics))
+    return "\n".join(lines)
+
+
+def metrics_table(metrics: Dict[str, float], ks) -> str:
+    """Rows overall / visited / unvisited (always all three, in this order), columns HR@K and NDCG@K."""
+    ks = [k for k in ks if f"hr@{k}" in metrics]
+    rows = [(group, {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)} if prefix else metrics,
+             metrics.get(f"{prefix}users", 0)) for group, prefix in GROUPS]
+    return ranking_table(rows, ks)
 
 
 def _timing_lines(timings: Dict[str, float], load_s: float, epochs: int) -> str:
@@ -222,14 +251,18 @@ def _timing_lines(timings: Dict[str, float], load_s: float, epochs: int) -> str:
     other = max(wall - sum(v for _, v in parts[1:]), 0.0)
     parts.append(("other", other))
     total = wall + load_s
-    lines = [f"where the time went ({epochs} epoch(s), {total:.1f}s in all):"]
+    lines = [f"where the time went ({epochs} epoch{'s' if epochs != 1 else ''}, {total:.1f}s in all, "
+             f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}):"]
     lines += [f"  {name:<27}{v:8.2f}s  {100 * v / max(total, 1e-9):5.1f}%" for name, v in parts]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ entry points
 def train_main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model is None:
+        parser.error(f"--model is required (one of {', '.join(sorted(MODELS))})")
     _fill_defaults(args)
     check_cli_args(args)
     monitors = [f"{m}@{k}" for k in args.ks for m in METRICS]
@@ -249,7 +282,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     data = load_data(args.data, valid=args.valid, seed=args.seed, behaviors=args.behaviors)
     load_s = time.perf_counter() - t0
-    log(data.summary() + f"  (loaded in {load_s:.1f}s)")
+    log(textwrap.fill(data.summary() + f" (loaded in {load_s:.1f}s)", 79, subsequent_indent="  "))
 
     seed_everything(args.seed)
     model = build_model(args.model, data, dim=args.dim, reg=args.reg, neg_ratio=args.neg_ratio,
@@ -275,27 +308,24 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 
     has_valid = data.valid is not None
 
+    show_progress = progress_enabled(False if args.no_progress else None)
+
     def evaluate(split):
         if split == "valid" and not has_valid:
             return None
-        return evaluate_model(model, data, split, args.ks, device, distributed)
+        return evaluate_model(model, data, split, args.ks, device, distributed, progress=show_progress)
 
     run_dir = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(str(args.data).rstrip('/'))}")
-    resume = args.resume
-    if resume == "auto":
-        resume = os.path.join(run_dir, "checkpoint.pt")
-        if not os.path.isfile(resume):
-            log(f"--resume: no checkpoint at {resume}, starting fresh")
-            resume = None
+    resume = resolve_resume(args.resume, run_dir, log)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "max_steps")}
     trainer = Trainer(model, {"main": opt}, run_dir, epochs=args.epochs, eval_every=args.eval_every,
                       patience=args.patience or None, monitor=args.monitor, model_name=args.model, config=config,
-                      progress=False if args.no_progress else None, max_steps=args.max_steps)
+                      progress=show_progress, max_steps=args.max_steps)
     result = trainer.fit(batches=lambda epoch: model.training_batches(data, epoch, args.batch_size, args.seed),
                          step=step, evaluate=evaluate,
                          on_epoch_start=lambda epoch: model.on_epoch_start(data, epoch, args.seed), resume=resume)
     if result.interrupted:
-        log(f"interrupted; resume with: mbrec-fast train {' '.join(argv or [])} --resume")
+        log(f"continue with: {resume_command(list(sys.argv[1:] if argv is None else argv), run_dir)}")
         return 0
     if is_main_process():
         path = os.path.join(run_dir, "metrics.json")
@@ -307,22 +337,26 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         log(f"best validation {args.monitor} = {result.best_valid[args.monitor]:.4f} at epoch {result.best_epoch}")
     log(f"test ({data.name}, full ranking over {data.n_items:,} items):")
     log(metrics_table(result.test, args.ks))
+    log(VISITED_NOTE)
     log(_timing_lines(result.timings, load_s, result.epochs_run))
-    log(f"outputs in {run_dir}: metrics.json, history.json, curves.png, checkpoint.pt" +
+    log(f"outputs in {run_dir}:\n  metrics.json, history.json, curves.png, checkpoint.pt" +
         (", best.pt" if result.best_epoch is not None else ""))
     return 0
 
 
+def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
+    def options(p):
+        p.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
+        p.add_argument("--split", default="test", choices=["test", "valid"], help="held-out split to rank")
+        p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        p.add_argument("--ks", type=int, nargs="+", default=None, help="cut-offs K (default: the training run's)")
+        p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    return evaluate_parser("Full-ranking evaluation of a multi-behavior checkpoint (best.pt or checkpoint.pt).",
+                           options, output_dest="json", prog=prog)
+
+
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="mbrec-fast evaluate", description="Full-ranking evaluation of a checkpoint.")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
-    p.add_argument("--split", default="test", choices=["test", "valid"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--ks", type=int, nargs="+", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    args = p.parse_args(argv)
+    args = parse_evaluate_args(build_evaluate_parser(), argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
@@ -348,11 +382,13 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     ks = args.ks or cfg.get("ks") or [10, 20, 50, 100]
     t0 = time.perf_counter()
     with torch.no_grad():
-        metrics = evaluate_model(model, data, args.split, ks, device)
+        metrics = evaluate_model(model, data, args.split, ks, device,
+                                 progress=progress_enabled(False if args.no_progress else None))
     eval_s = time.perf_counter() - t0
     print(f"{name} on {data.name} ({args.split}, full ranking over {data.n_items:,} items; "
           f"data {load_s:.1f}s, evaluation {eval_s:.1f}s)")
     print(metrics_table(metrics, ks))
+    print(VISITED_NOTE)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": name, "split": args.split, "metrics": metrics, "eval_s": eval_s}, f, indent=1)

@@ -26,30 +26,36 @@ from ..data.ctr import CTRData, load_kuairand, load_movielens, make_synthetic_ct
 from ..metrics import ctr_metrics
 from ..models.multidomain import MODEL_NAMES, M3oE, M3REC, bce_loss, build_model
 from .checkpoint import load_checkpoint
+from .._progress import progress_enabled
+from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
+                          resolve_resume, resume_command)
 from .common import Trainer, check_cli_args, format_table, log, seed_everything
 
-__all__ = ["build_parser", "load_data", "make_step", "predict", "train_main", "evaluate_main", "table_main", "run_training"]
+__all__ = ["build_parser", "build_evaluate_parser", "load_data", "make_step", "predict", "train_main", "evaluate_main", "table_main", "run_training"]
 
 
 def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a multi-domain multi-task CTR model.")
-    p.add_argument("--model", required=True, choices=MODEL_NAMES)
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=(
+        "Train a multi-domain multi-task CTR model (e.g. click, like in several domains);\n"
+        "AUC and logloss per (domain, task) and overall."))
+    p.add_argument("--model", choices=MODEL_NAMES, help="the model (required)")
     p.add_argument("--setting", default="mdmt", choices=["mdmt", "mtl", "mdl"],
                    help="baselines: one model (mdmt), one per domain (mtl) or one per task (mdl)")
     p.add_argument("--data", default="synthetic", help="synthetic | movielens | kuairand | a path (format by --format)")
     p.add_argument("--data-path", default=None, help="file or folder of the real data (default: the bundled sample)")
     p.add_argument("--format", default=None, choices=["movielens", "kuairand"], help="format of a --data path")
     p.add_argument("--tab-groups", default=None, help="KuaiRand domains as tab groups, e.g. '1;2;0,3,4'")
-    p.add_argument("--synthetic-samples", type=int, default=100_000)
+    p.add_argument("--synthetic-samples", type=int, default=100_000, help="samples of the synthetic data")
     p.add_argument("--synthetic-major-frac", type=float, default=0.9, help="share of the largest domain")
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--split", default="0.8,0.1,0.1")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--emb-dim", type=int, default=16)
-    p.add_argument("--expert-dim", type=int, default=64)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data and of the split")
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,valid,test fractions")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs (at most)")
+    p.add_argument("--batch-size", type=int, default=512, help="samples per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--emb-dim", "--dim", dest="emb_dim", type=int, default=16, metavar="N",
+                   help="embedding size per field (--dim is an alias)")
+    p.add_argument("--expert-dim", type=int, default=64, help="hidden size of an expert")
     p.add_argument("--n-experts", type=int, default=4, help="MMoE experts")
     p.add_argument("--n-shared", type=int, default=None, help="shared experts (M3oE default 1, M3REC/PLE 2)")
     p.add_argument("--fusion-lr", type=float, default=1e-2, help="M3oE: learning rate of the fusion scalars")
@@ -59,14 +65,15 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--no-task-module", action="store_true", help="M3oE ablation")
     p.add_argument("--cold-prob", type=float, default=0.1, help="M3REC: id-dropout rate of the meta item generator")
     p.add_argument("--impl", default="fused", choices=["fused", "loop"], help="expert layers: fused ops or a Python loop")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from")
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
+    add_run_dir(p, "run_dir", "runs/<model>-<setting>-<data>-s<seed>")
+    add_resume(p)
+    p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
+    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
     p.add_argument("--max-steps", type=int, default=None, help="stop (and checkpoint) after this many steps")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_progress(p)
     return p
 
 
@@ -107,17 +114,26 @@ def _model_kwargs(args) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ train / eval
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: CTRData, batch_size: int = 4096) -> torch.Tensor:
-    """Probabilities [N, T] for every sample of data (eval mode)."""
+def predict(model: torch.nn.Module, data: CTRData, batch_size: int = 4096, progress: bool = False) -> torch.Tensor:
+    """Probabilities [N, T] for every sample of data (eval mode); progress: a bar on stderr."""
+    from .._progress import progress_bar
     was = model.training
     model.eval()
-    out = [torch.sigmoid(model(b)) for b in data.batches(batch_size, shuffle=False)]
+    batches = data.batches(batch_size, shuffle=False)
+    bar = progress_bar(progress, total=len(data), desc="predicting", unit=" samples")
+    out = []
+    for b in batches:
+        out.append(torch.sigmoid(model(b)))
+        if bar is not None:
+            bar.update(out[-1].shape[0])
+    if bar is not None:
+        bar.close()
     model.train(was)
     return torch.cat(out, 0) if out else torch.zeros(0, data.n_tasks)
 
 
-def evaluate_split(model, data: CTRData, batch_size: int = 4096) -> Dict[str, float]:
-    probs = predict(model, data, batch_size)
+def evaluate_split(model, data: CTRData, batch_size: int = 4096, progress: bool = False) -> Dict[str, float]:
+    probs = predict(model, data, batch_size, progress)
     return ctr_metrics(probs, data.labels, data.domain, data.n_domains, data.task_names)
 
 
@@ -170,6 +186,8 @@ def run_training(args: argparse.Namespace, data: Optional[CTRData] = None, progr
     """Trains one model as the CLI does; returns {"test": metrics, "valid": metrics, "run_dir": ..., ...}."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if progress is None:
+        progress = progress_enabled(False if getattr(args, "no_progress", False) else None)
     seed_everything(args.seed)
     data = load_data(args) if data is None else data
     train, valid, test = _split(data, args)
@@ -195,8 +213,9 @@ def run_training(args: argparse.Namespace, data: Optional[CTRData] = None, progr
                       load_extra_state=lambda st: counter.update(st))
     t0 = time.perf_counter()
     result = trainer.fit(batches=lambda epoch: train.batches(args.batch_size, seed=args.seed, epoch=epoch), step=step,
-                         evaluate=lambda split: evaluate_split(model, valid if split == "valid" else test),
-                         resume=args.resume)
+                         evaluate=lambda split: evaluate_split(model, valid if split == "valid" else test,
+                                                               progress=progress),
+                         resume=resolve_resume(args.resume, run_dir, log))
     wall = time.perf_counter() - t0
     out = {"test": result.test, "valid": result.best_valid, "run_dir": run_dir, "best_epoch": result.best_epoch,
            "interrupted": result.interrupted, "timings": result.timings,
@@ -220,12 +239,16 @@ def _print_metrics(metrics: Dict[str, float], data_tasks: Sequence[str], n_domai
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model is None:
+        parser.error(f"--model is required (one of {', '.join(MODEL_NAMES)})")
     check_cli_args(args)
     data = load_data(args)
     log(f"data: {json.dumps(data.describe())}")
     out = run_training(args, data)
     if out["interrupted"]:
+        log(f"continue with: {resume_command(list(sys.argv[1:] if argv is None else argv), out['run_dir'])}")
         return 0
     log(f"test metrics of the best epoch ({out['best_epoch']}), run dir {out['run_dir']}:")
     _print_metrics(out["test"], data.task_names, data.n_domains)
@@ -236,14 +259,16 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
+    def options(p):
+        p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score")
+        p.add_argument("--data-path", default=None, help="override the data path stored in the checkpoint")
+    return evaluate_parser("AUC / logloss of a multi-domain CTR checkpoint on a split of its data.", options, prog=prog)
+
+
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     """`mbrec-fast evaluate --checkpoint P [--split test|valid]`: rebuilds data and model from the checkpoint's config."""
-    p = argparse.ArgumentParser(prog="mbrec-fast evaluate")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    p.add_argument("--data-path", default=None, help="override the data path stored in the checkpoint")
-    p.add_argument("--output", default=None, help="write the metrics as JSON here")
-    a = p.parse_args(argv)
+    a = parse_evaluate_args(build_evaluate_parser(), argv)
     ckpt = load_checkpoint(a.checkpoint)
     args = argparse.Namespace(**ckpt["config"])
     if a.data_path:
@@ -252,7 +277,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     splits = dict(zip(("train", "valid", "test"), _split(data, args)))
     model = build_model(args.model, data, setting=args.setting, impl=args.impl, **_model_kwargs(args))
     model.load_state_dict(ckpt["model"])
-    metrics = evaluate_split(model, splits[a.split])
+    metrics = evaluate_split(model, splits[a.split], progress=progress_enabled(False if a.no_progress else None))
     _print_metrics(metrics, data.task_names, data.n_domains)
     if a.output:
         with open(a.output, "w") as f:

@@ -36,9 +36,12 @@ from ..data.sequences import (SequenceData, SequenceSplit, leave_one_out, load_a
 from ..models.sasrec import PerDomainSASRec, SASRec
 from ..models.syncrec import SyNCRec
 from .checkpoint import load_checkpoint
+from .._progress import progress_enabled, ranking_progress
+from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
+                          resolve_resume, resume_command)
 from .common import Trainer, check_cli_args, format_table, log, seed_everything
 
-__all__ = ["build_parser", "load_data", "build_model", "EvalContext", "make_eval_context", "evaluate_model",
+__all__ = ["build_parser", "build_evaluate_parser", "load_data", "build_model", "EvalContext", "make_eval_context", "evaluate_model",
            "sampled_metrics", "sample_eval_negatives", "train_main", "evaluate_main", "table_main", "run_training"]
 
 KS = (1, 5, 10)
@@ -46,52 +49,58 @@ MODELS = ("syncrec", "sasrec")
 
 
 def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a cross-domain sequential recommender.")
-    p.add_argument("--model", required=True, choices=MODELS)
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=(
+        "Train a cross-domain sequential recommender (next item of a sequence that spans\n"
+        "several domains); HR/NDCG@{1,5,10}, MRR; sampled and full ranking, per domain."))
+    p.add_argument("--model", choices=MODELS, help="the model (required)")
     p.add_argument("--setting", default="cross", choices=["single", "cross"],
                    help="sasrec: one model per domain (single) or one on the merged sequence (cross)")
     p.add_argument("--data", default="synthetic", help="synthetic | amazon | a path (format by --format)")
     p.add_argument("--data-path", default=None, help="file of the real data (default: the bundled Amazon sample)")
     p.add_argument("--format", default="amazon", choices=["amazon", "log"],
                    help="layout of a --data path: the SyNCRec release TSV or a (user,item,domain,timestamp) log")
-    p.add_argument("--syn-users", type=int, default=2000)
-    p.add_argument("--syn-domains", type=int, default=3)
+    p.add_argument("--syn-users", type=int, default=2000, help="synthetic data: users")
+    p.add_argument("--syn-domains", type=int, default=3, help="synthetic data: domains")
     p.add_argument("--syn-items", type=int, default=100, help="items per domain")
     p.add_argument("--syn-len", type=float, default=24.0, help="mean sequence length")
-    p.add_argument("--syn-clusters", type=int, default=8)
+    p.add_argument("--syn-clusters", type=int, default=8, help="synthetic data: taste clusters")
     p.add_argument("--syn-relatedness", default="1,1,0", help="per-domain relatedness (0 = planted negative transfer)")
     p.add_argument("--syn-chain", type=float, default=0.5, help="within-domain sequential signal")
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--max-len", type=int, default=50)
-    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--max-len", type=int, default=50, help="longest history window fed to the model")
+    p.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=64, metavar="N",
+                   help="embedding and transformer width (--dim is an alias)")
     p.add_argument("--layers", type=int, default=1, help="transformer layers per expert / per SASRec")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--heads", type=int, default=2, help="attention heads")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
     p.add_argument("--n-single", type=int, default=2, help="SyNCRec single-domain experts")
     p.add_argument("--n-cross", type=int, default=2, help="SyNCRec cross-domain experts")
     p.add_argument("--r", type=float, default=0.5, help="SyNCRec: weight of a task's own expert group")
     p.add_argument("--temperature", type=float, default=1.0, help="SyNCRec: softmax temperature of the gap weights")
     p.add_argument("--momentum", type=float, default=0.9, help="SyNCRec: EMA momentum of the gaps")
     p.add_argument("--smoothing", type=float, default=0.1, help="SyNCRec: mix of the gap weights toward uniform")
-    p.add_argument("--mi-weight", type=float, default=0.1)
-    p.add_argument("--gap-grad", default="detach", choices=["detach", "cross"])
+    p.add_argument("--mi-weight", type=float, default=0.1, help="SyNCRec: weight of the mutual-information loss")
+    p.add_argument("--gap-grad", default="detach", choices=["detach", "cross"],
+                   help="SyNCRec: gradient through the negative-transfer gaps")
     p.add_argument("--num-neg", type=int, default=8, help="training negatives per position")
     p.add_argument("--eval-neg", type=int, default=100, help="negatives of the sampled protocol")
-    p.add_argument("--candidates", default="domain", choices=["domain", "all"])
-    p.add_argument("--monitor", default="sampled_ndcg@10")
+    p.add_argument("--candidates", default="domain", choices=["domain", "all"],
+                   help="rank the target within its domain's items or against all items")
+    p.add_argument("--monitor", default="sampled_ndcg@10", help="validation metric for early stopping and best.pt")
     p.add_argument("--no-full", action="store_true", help="skip the full-ranking protocol during validation")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--resume", default=None)
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--eval-every", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (at most)")
+    p.add_argument("--batch-size", type=int, default=128, help="users per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and negatives")
+    add_run_dir(p, "run_dir", "runs/<model>-<data>-s<seed>")
+    add_resume(p)
+    p.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
+    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
+    p.add_argument("--max-steps", type=int, default=None, help="stop (and checkpoint) after this many steps")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_progress(p)
     return p
 
 
@@ -142,13 +151,14 @@ class EvalContext:
 
 
 def make_eval_context(split: SequenceSplit, name: str, n_neg: int = 100, seed: int = 0,
-                      candidates: str = "domain", chunk: int = 256) -> EvalContext:
+                      candidates: str = "domain", chunk: int = 256, progress: bool = False) -> EvalContext:
     data = split.data
     users, histories, targets = split.split(name)
     item_domain = data.item_domain
     tdom = item_domain[targets]
     restrict = candidates == "domain"
-    negatives = sample_eval_negatives(histories, targets, item_domain, n_neg, seed=seed, restrict=restrict)
+    negatives = sample_eval_negatives(histories, targets, item_domain, n_neg, seed=seed, restrict=restrict,
+                                      progress=progress, desc=f"{name} negatives")
     ex_rows = [torch.unique(h) for h in histories]
     indptr = torch.zeros(len(histories) + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(torch.tensor([r.numel() for r in ex_rows], dtype=torch.int64), 0)
@@ -158,21 +168,29 @@ def make_eval_context(split: SequenceSplit, name: str, n_neg: int = 100, seed: i
 
 
 def sample_eval_negatives(histories: Sequence[torch.Tensor], targets: torch.Tensor, item_domain: torch.Tensor,
-                          n_neg: int = 100, seed: int = 0, restrict: bool = True) -> torch.Tensor:
+                          n_neg: int = 100, seed: int = 0, restrict: bool = True, progress: bool = False,
+                          desc: str = "eval negatives") -> torch.Tensor:
     """[U, n_neg] distinct negatives per user, uniform without replacement over the items not in the user's whole
     sequence (history + target), within the target's domain when `restrict`; -1 pads a pool smaller than n_neg.
-    Seeded: user u's draw depends only on (seed, u)."""
+    Seeded: user u's draw depends only on (seed, u). progress: a bar on stderr (a user at a time in Python:
+    minutes for ~10k users over ~40k-item domains)."""
+    from .._progress import progress_bar
     dom = item_domain.numpy()
     n_items = dom.size
     pools = [np.nonzero(dom == d)[0] for d in range(int(dom.max()) + 1)] if restrict else None
     everything = np.arange(n_items)
     out = np.full((len(histories), n_neg), -1, dtype=np.int64)
+    bar = progress_bar(progress, total=len(histories), desc=desc, unit=" users")
     for u, (h, t) in enumerate(zip(histories, targets.tolist())):
         rng = np.random.default_rng([seed, u])
         base = pools[dom[t]] if restrict else everything
         pool = np.setdiff1d(base, np.append(h.numpy(), t), assume_unique=False)
         k = min(n_neg, pool.size)
         out[u, :k] = rng.choice(pool, size=k, replace=False)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return torch.from_numpy(out)
 
 
@@ -213,8 +231,9 @@ def sampled_metrics(pos: torch.Tensor, neg: torch.Tensor, neg_valid: torch.Tenso
     return res
 
 
-def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True) -> Dict[str, float]:
-    """Both protocols; keys '<protocol>_<metric>' overall and '<protocol>_<metric>_<domain>' per target domain."""
+def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True, progress: bool = False) -> Dict[str, float]:
+    """Both protocols; keys '<protocol>_<metric>' overall and '<protocol>_<metric>_<domain>' per target domain.
+    progress: a bar (users ranked, users/s, time left) on stderr during the full ranking."""
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -240,14 +259,17 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True) 
                 return s
 
             n_items = ctx.item_domain.numel()
-            r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS, metrics=("hr", "ndcg", "mrr"),
-                                      score_fn=score_fn, n_items=n_items, target_groups=ctx.target_domains,
-                                      group_names=ctx.domain_names)
+            with ranking_progress(progress, "full ranking", total=len(ctx.histories)) as callback:
+                r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS,
+                                          metrics=("hr", "ndcg", "mrr"), score_fn=score_fn, n_items=n_items,
+                                          target_groups=ctx.target_domains, group_names=ctx.domain_names,
+                                          progress=callback)
             for k, v in r.metrics.items():
                 out[f"full_{k}"] = v
             for g, ms in r.groups.items():
                 for k, v in ms.items():
                     out[f"full_{k}_{g}"] = v
+                out[f"full_users_{g}"] = float(r.group_users[g])  # 0: the metrics above are no users' mean
     model.train(was)
     return out
 
@@ -310,6 +332,8 @@ def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
                  progress: Optional[bool] = None) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if progress is None:
+        progress = progress_enabled(False if getattr(args, "no_progress", False) else None)
     seed_everything(args.seed)
     data = load_data(args) if data is None else data
     split = leave_one_out(data)
@@ -318,7 +342,7 @@ def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
     has_items = torch.nonzero(windows["cross_tgt"][:, 0] >= 0).flatten()
     windows = {k: v[has_items] for k, v in windows.items()}
     ctx = {s: make_eval_context(split, s, args.eval_neg, seed=args.seed + (0 if s == "valid" else 1),
-                                candidates=args.candidates) for s in ("valid", "test")}
+                                candidates=args.candidates, progress=progress) for s in ("valid", "test")}
     seed_everything(args.seed)
     model = build_model(args, data).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -330,8 +354,9 @@ def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
                       config=vars(args), progress=progress, max_steps=args.max_steps)
     result = trainer.fit(batches=lambda epoch: make_batches(windows["cross_in"].shape[0], args.batch_size, args.seed, epoch),
                          step=step,
-                         evaluate=lambda s: evaluate_model(model, ctx[s], full=(s == "test" or not args.no_full)),
-                         resume=args.resume)
+                         evaluate=lambda s: evaluate_model(model, ctx[s], full=(s == "test" or not args.no_full),
+                                                           progress=progress),
+                         resume=resolve_resume(args.resume, run_dir, log))
     out = {"test": result.test, "valid": result.best_valid, "run_dir": run_dir, "best_epoch": result.best_epoch,
            "interrupted": result.interrupted, "timings": result.timings, "data": data.describe()}
     if isinstance(model, SyNCRec):
@@ -354,21 +379,26 @@ def _metric_table(metrics: Dict[str, float], domains: Sequence[str]) -> str:
             if f"{proto}_hr@10{sfx}" not in metrics:
                 continue
             row: Dict[str, Any] = {"protocol": proto, "domain": g}
+            empty = metrics.get(f"{proto}_users{sfx}") == 0
             for k in KS:
-                row[f"HR@{k}"] = metrics[f"{proto}_hr@{k}{sfx}"]
-                row[f"NDCG@{k}"] = metrics[f"{proto}_ndcg@{k}{sfx}"]
-            row["MRR"] = metrics.get(f"{proto}_{mrr}{sfx}", float("nan"))
+                row[f"HR@{k}"] = "no users" if empty and k == KS[0] else "" if empty else metrics[f"{proto}_hr@{k}{sfx}"]
+                row[f"NDCG@{k}"] = "" if empty else metrics[f"{proto}_ndcg@{k}{sfx}"]
+            row["MRR"] = "" if empty else metrics.get(f"{proto}_{mrr}{sfx}", float("nan"))
             rows.append(row)
     return format_table(rows)
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model is None:
+        parser.error(f"--model is required (one of {', '.join(MODELS)})")
     check_cli_args(args)
     data = load_data(args)
     log(f"data: {json.dumps(data.describe())}")
     out = run_training(args, data)
     if out["interrupted"]:
+        log(f"continue with: {resume_command(list(sys.argv[1:] if argv is None else argv), out['run_dir'])}")
         return 0
     log(f"test metrics of the best epoch ({out['best_epoch']}), run dir {out['run_dir']}:")
     log(_metric_table(out["test"], data.domain_names))
@@ -378,14 +408,16 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
+    def options(p):
+        p.add_argument("--split", default="test", choices=["valid", "test"], help="held-out split to rank")
+        p.add_argument("--data-path", default=None, help="override the data path stored in the checkpoint")
+    return evaluate_parser("Both protocols (sampled and full ranking) of a sequential checkpoint.", options, prog=prog)
+
+
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     """`mbrec-fast evaluate --checkpoint P [--split test|valid]`: rebuilds data and model from the checkpoint."""
-    p = argparse.ArgumentParser(prog="mbrec-fast evaluate")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--output", default=None)
-    a = p.parse_args(argv)
+    a = parse_evaluate_args(build_evaluate_parser(), argv)
     ckpt = load_checkpoint(a.checkpoint)
     args = argparse.Namespace(**ckpt["config"])
     if a.data_path:
@@ -394,9 +426,10 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     split = leave_one_out(data)
     model = build_model(args, data)
     model.load_state_dict(ckpt["model"])
+    show_progress = progress_enabled(False if a.no_progress else None)
     ctx = make_eval_context(split, a.split, args.eval_neg, seed=args.seed + (0 if a.split == "valid" else 1),
-                            candidates=args.candidates)
-    metrics = evaluate_model(model, ctx, full=True)
+                            candidates=args.candidates, progress=show_progress)
+    metrics = evaluate_model(model, ctx, full=True, progress=show_progress)
     log(_metric_table(metrics, data.domain_names))
     if a.output:
         with open(a.output, "w") as f:

@@ -1,0 +1,115 @@
+"""Command-line pieces the three model families share: the help formatter (defaults shown), the
+resume-path rule and the command printed to continue a stopped run.
+
+One vocabulary across the families: `--run-dir` (alias `--out`), `--emb-dim` (alias `--dim`),
+`--resume [PATH]` (no value: <run-dir>/checkpoint.pt), `--no-progress`, `--threads`, `--device`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from typing import List, Optional
+
+__all__ = ["HelpFormatter", "resolve_resume", "resume_command", "add_run_dir", "add_resume", "add_progress",
+           "evaluate_parser", "parse_evaluate_args"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Fills the description paragraph by paragraph (blank lines kept) within 79 columns, and appends
+    "(default: X)" to options whose default is not None or False (those say their default in their
+    own help text, if they have one)."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+        paragraphs = [" ".join(par.split()) for par in text.strip().split("\n\n")]
+        return "\n\n".join(textwrap.fill(par, min(width, 79), initial_indent=indent, subsequent_indent=indent)
+                            for par in paragraphs)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or not action.option_strings):
+            return text
+        if isinstance(default, (list, tuple)):
+            return f"{text} (default: {' '.join(str(v) for v in default)})".strip()
+        return f"{text} (default: %(default)s)".strip()
+
+
+def add_run_dir(p: argparse.ArgumentParser, dest: str, default_text: str) -> None:
+    """--run-dir DIR (alias --out): where checkpoints, metrics.json, history.json, curves.png go."""
+    p.add_argument("--run-dir", "--out", dest=dest, default=None, metavar="DIR",
+                   help=f"run directory for checkpoints, metrics.json, history.json, curves.png "
+                        f"(default {default_text}; --out is an alias)")
+
+
+def add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue a stopped run from CHECKPOINT (no value: <run-dir>/checkpoint.pt)")
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only when stderr is a terminal anyway)")
+
+
+def evaluate_parser(description: str, extra, output_dest: str = "output",
+                    prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
+    """The `mbrec-fast evaluate` parser of a family: --checkpoint, the family's options (`extra(p)`),
+    --output JSON (alias --json) and --no-progress."""
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=description)
+    p.add_argument("--checkpoint", help="the checkpoint file (required)")
+    extra(p)
+    p.add_argument("--output", "--json", dest=output_dest, default=None, metavar="JSON",
+                   help="also write the metrics to this JSON file (--json is an alias)")
+    add_progress(p)
+    return p
+
+
+def parse_evaluate_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parses; --checkpoint is checked after parsing, so that --help works without one."""
+    args = parser.parse_args(argv)
+    if not args.checkpoint:
+        parser.error("--checkpoint is required")
+    return args
+
+
+def resolve_resume(resume: Optional[str], run_dir: str, log=print) -> Optional[str]:
+    """The checkpoint to resume from: None, an explicit path, or for "auto" <run_dir>/checkpoint.pt
+    (None, with a message, when that file does not exist yet)."""
+    if resume != "auto":
+        return resume
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        log(f"--resume: no checkpoint at {path}, starting fresh")
+        return None
+    return path
+
+
+def resume_command(argv: List[str], run_dir: str, prog: str = "mbrec-fast train") -> str:
+    """The command that continues a run stopped by --max-steps or a signal: argv without --max-steps
+    and without any earlier --resume, with --run-dir pinned and one --resume at the end."""
+    out: List[str] = []
+    i, has_run_dir = 0, False
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--max-steps":
+            i += 2
+            continue
+        if arg.startswith("--max-steps="):
+            i += 1
+            continue
+        if arg == "--resume":
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
+            continue
+        if arg.startswith("--resume="):
+            i += 1
+            continue
+        if arg in ("--run-dir", "--out") or arg.startswith(("--run-dir=", "--out=")):
+            has_run_dir = True
+        out.append(arg)
+        i += 1
+    if not has_run_dir:
+        out += ["--run-dir", run_dir]
+    return " ".join([prog] + [shlex.quote(a) for a in out] + ["--resume"])
