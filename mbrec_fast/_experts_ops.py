@@ -9,9 +9,10 @@ Triton/torch-backed, so there is no C++ schema):
 The default implementation of every op (the CPU kernel) is the
 "concatenated-weights" path: all experts share X, so the E small GEMMs become ONE GEMM of X[B, D] against the
 expert weights laid side by side [D, E*H]; bias is folded into that GEMM (addmm), then LayerNorm, activation and
-the gated reduction run on the [B, E, H] block. The forward stores the fp32 pre-activation [B, E, H] (one
-tensor the size of the expert outputs) and the gate probabilities [T, B, E]; the backward recomputes
-LayerNorm/activation from the pre-activation (cheap elementwise) instead of storing the activations too.
+the gated reduction run on the [B, E, H] block. The forward stores one fp32 [B, E, H] tensor (the size of the
+expert outputs) and the gate probabilities [T, B, E]: for relu/none without LayerNorm it is the activation itself
+(relu applied in place to the GEMM output; its derivative follows from it, so the backward recomputes nothing),
+otherwise the pre-activation, from which the backward recomputes LayerNorm/activation.
 
 On CUDA all four ops are overridden by Triton launchers from `mbrec_fast.kernels` (when Triton is installed);
 the backward launchers fall back to the torch code below for fp64 inputs.
@@ -131,9 +132,16 @@ def gated_experts_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], gates: 
                       gate_weight: Optional[Tensor], gate_bias: Optional[Tensor], gate_mask: Optional[Tensor],
                       ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], ln_eps: float,
                       activation: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (out [T, B, H] in x.dtype, pre-activation fp32, gate probs [T, B, E] fp32 or empty if gates given)."""
+    """Returns (out [T, B, H] in x.dtype, saved state fp32 (the activation for relu/none without LayerNorm, else the
+    pre-activation), gate probs [T, B, E] fp32 or empty if gates given)."""
     return _gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias,
                                     ln_eps, activation)
+
+
+def _saves_activation(activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
+    """The gated forward's saved tensor is the activation itself (relu or none, no LayerNorm: the derivative
+    follows from the output, so the backward recomputes nothing), else the pre-activation."""
+    return activation in ("relu", "none") and not _has_ln(ln_weight, ln_bias)
 
 
 def _gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps,
@@ -142,8 +150,13 @@ def _gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gat
     _check_finite_value(gates, "gates")
     x32 = x.to(_cdt(x))
     pre = _expert_pre(x32, weight, bias)
-    pre_beh = pre if x.dim() == 2 else pre.permute(1, 0, 2)
-    a = _normalize_activate(pre_beh, ln_weight, ln_bias, ln_eps, activation)
+    if _saves_activation(activation, ln_weight, ln_bias):
+        if activation == "relu":
+            pre = pre.relu_()  # the fresh GEMM output becomes the activation: no second [B, E, H] tensor
+        a = pre if x.dim() == 2 else pre.permute(1, 0, 2)
+    else:
+        pre_beh = pre if x.dim() == 2 else pre.permute(1, 0, 2)
+        a = _normalize_activate(pre_beh, ln_weight, ln_bias, ln_eps, activation)
     if gates is None:
         probs = _gate_probs(x32, gate_weight, gate_bias, gate_mask)  # [B, T, E]
         g = probs
@@ -195,11 +208,12 @@ def _gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate
             y = y + ln_bias.to(_cdt(x))
     else:
         y = pre_beh
-    a = _act(y, activation)
+    # relu/none without LayerNorm: `pre` holds the activation already (see _saves_activation)
+    a = y if _saves_activation(activation, ln_weight, ln_bias) else _act(y, activation)
     d_a = torch.bmm(g.transpose(1, 2), go)  # [B, E, H]
     d_g = torch.bmm(go, a.transpose(1, 2))  # [B, T, E]
-    if activation == "relu":  # one fused pass: d_a where a > 0
-        dy = torch.ops.aten.threshold_backward(d_a, a, 0)
+    if activation == "relu":  # one fused pass, in place: d_a where a > 0
+        dy = torch.ops.aten.threshold_backward.grad_input(d_a, a, 0, grad_input=d_a)
     else:
         dact = _act_grad(y, activation)
         dy = d_a if dact is None else d_a.mul_(dact)
