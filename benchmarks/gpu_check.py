@@ -179,7 +179,8 @@ def _timer(device: str):
     import torch
 
     def best_of(fn, reps: int) -> float:
-        fn()
+        for _ in range(3):  # first calls: Triton compiles, autograd and allocator warm up
+            fn()
         best = float("inf")
         for _ in range(reps):
             if device.startswith("cuda"):

@@ -225,10 +225,14 @@ def test_bench_evaluator(benchmark, record, impl, case):
                   hr_at_10=metrics["hr@10"], ndcg_at_10=metrics["ndcg@10"])
     if benchmark.stats is not None and benchmark.stats.stats.min:
         users_per_s = n_users / benchmark.stats.stats.min
+        sgemm_2048 = sgemm_2048_rate()  # measured right after this impl's timed call
         fields.update(users_per_s=users_per_s, frac_sgemm_bound=users_per_s / bound_users_per_s,
                       frac_sgemm_peak=users_per_s * 2 * n_items * D / sgemm_peak(),
-                      sgemm_gflops=sgemm_rate() / 1e9, sgemm_peak_gflops=sgemm_peak() / 1e9)
-    if FULL and impl != "dense_recbole":  # RecBole's batching holds one user's row: its peak is small
+                      frac_sgemm_2048=users_per_s * 2 * n_items * D / sgemm_2048,
+                      sgemm_gflops=sgemm_rate() / 1e9, sgemm_peak_gflops=sgemm_peak() / 1e9,
+                      sgemm_2048_gflops=sgemm_2048 / 1e9)
+    # RecBole's batching holds one user's row: its peak is small. MBREC_FAST_BENCH_PEAK=0 skips the subprocesses.
+    if FULL and impl != "dense_recbole" and os.environ.get("MBREC_FAST_BENCH_PEAK", "1") != "0":
         fields["peak_mem_mb"] = peak_mem_mb(impl, case)
     record(**fields)
     assert 0.0 <= metrics["hr@10"] <= 1.0

@@ -15,6 +15,7 @@ import torch
 import mbrec_fast as mf
 from mbrec_fast.evaluator import evaluate_full_ranking, topk
 from mbrec_fast.reference.evaluator import dense_scores, reference_evaluate, reference_topk
+from test_evaluator import rand_csr  # tests/ is on sys.path under pytest
 
 torch.set_num_threads(1)
 ALL_VARIANTS = ["avx512", "avx2", "portable"]
@@ -41,14 +42,6 @@ def _cpu_flags():
         return None
     m = re.search(r"^flags\s*:(.*)$", text, re.M)
     return set(m.group(1).split()) if m else None
-
-
-def rand_csr(n_rows, n_cols, p, gen):
-    mask = torch.rand(n_rows, n_cols, generator=gen) < p
-    rows, cols = mask.nonzero(as_tuple=True)
-    indptr = torch.zeros(n_rows + 1, dtype=torch.int64)
-    indptr[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
-    return indptr, cols.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from mbrec_fast.evaluator import evaluate_full_ranking, topk
 from mbrec_fast.reference.evaluator import dense_scores, reference_evaluate, reference_topk
 from mbrec_fast.reference.experts import gated_experts_ref, routed_experts_ref
 from mbrec_fast.sampler import MODES
+from test_evaluator import rand_csr  # tests/ is on sys.path under pytest
 
 DEVICE = os.environ.get("MBREC_FAST_CHECK_DEVICE", "cpu")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -31,14 +32,6 @@ COMPILE_BACKEND = "inductor" if DEVICE.startswith("cuda") else "aot_eager"
 def dev(*ts):
     out = tuple(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in ts)
     return out if len(out) > 1 else out[0]
-
-
-def rand_csr(n_rows, n_cols, p, gen):
-    mask = torch.rand(n_rows, n_cols, generator=gen) < p
-    rows, cols = mask.nonzero(as_tuple=True)
-    indptr = torch.zeros(n_rows + 1, dtype=torch.int64)
-    indptr[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
-    return indptr, cols.contiguous()
 
 
 def small_graph(seed=0, n_users=40, n_items=300, n=1500, n_behaviors=3):

@@ -16,6 +16,7 @@ namespace mbrec_fast {
 namespace {
 
 struct Isa {
+  static constexpr const char* kName = "avx2";
   static constexpr int W = 8, MR = 6, NV = 2;
   using V = __m256;
   using M = __m256;
@@ -33,11 +34,6 @@ struct Isa {
 
 #include "evaluator/score_kernel_impl.h"
 
-void score_block(const ScoreBlockArgs& a) { score_block_impl<Isa>(a); }
-int64_t next_hit_chunk(const float* row, int64_t j, int64_t n, float threshold, bool admit_ties) {
-  return next_hit_chunk_impl<Isa>(row, j, n, threshold, admit_ties);
-}
-
 }  // namespace
 }  // namespace mbrec_fast
 
@@ -48,10 +44,7 @@ int64_t next_hit_chunk(const float* row, int64_t j, int64_t n, float threshold, 
 #endif
 
 namespace mbrec_fast {
-const ScoreKernel* score_kernel_avx2() {
-  static constexpr ScoreKernel kernel{"avx2", Isa::MR, Isa::W * Isa::NV, &score_block, &next_hit_chunk};
-  return &kernel;
-}
+const ScoreKernel* score_kernel_avx2() { return &kScoreKernel; }
 }  // namespace mbrec_fast
 
 #else

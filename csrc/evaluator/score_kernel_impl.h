@@ -1,6 +1,6 @@
 // Body of the scoring micro-kernel (see score_kernel.h), included once by each variant's file after it
 // defined, inside an anonymous namespace and under its target pragma, a traits struct `Isa`:
-//   W (lanes), MR (users per tile), NV (vectors per tile row; nr = W * NV), V (vector), M (compare mask),
+//   kName, W (lanes), MR (items per tile), NV (vectors per tile row; nr = W * NV users), V (vector), M (mask),
 //   zero(), load(p) (aligned), loadu(p), bcast(x), fma(a, b, acc) = a * b + acc, gt(a, b) / ge(a, b) -> M,
 //   mor(M, M), bits(M) -> lane bits, store(p, v) (unaligned).
 // Everything here has internal linkage, so the variants' copies never merge at link time. No standard
@@ -89,3 +89,10 @@ int64_t next_hit_chunk_impl(const float* row, int64_t j, int64_t n, float thresh
 }
 
 #undef MBREC_UNROLL
+
+void score_block(const ScoreBlockArgs& a) { score_block_impl<Isa>(a); }
+int64_t next_hit_chunk(const float* row, int64_t j, int64_t n, float threshold, bool admit_ties) {
+  return next_hit_chunk_impl<Isa>(row, j, n, threshold, admit_ties);
+}
+// This variant's entry in the kernel table (the file's score_kernel_<name>() returns it).
+constexpr ScoreKernel kScoreKernel{Isa::kName, Isa::MR, Isa::W * Isa::NV, &score_block, &next_hit_chunk};

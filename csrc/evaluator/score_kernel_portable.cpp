@@ -7,6 +7,7 @@ namespace mbrec_fast {
 namespace {
 
 struct Isa {
+  static constexpr const char* kName = "portable";
   static constexpr int W = 4, MR = 4, NV = 2;
   typedef float V __attribute__((vector_size(16)));
   typedef float Vu __attribute__((vector_size(16), aligned(4)));
@@ -27,16 +28,8 @@ struct Isa {
 
 #include "evaluator/score_kernel_impl.h"
 
-void score_block(const ScoreBlockArgs& a) { score_block_impl<Isa>(a); }
-int64_t next_hit_chunk(const float* row, int64_t j, int64_t n, float threshold, bool admit_ties) {
-  return next_hit_chunk_impl<Isa>(row, j, n, threshold, admit_ties);
-}
-
 }  // namespace
 
-const ScoreKernel* score_kernel_portable() {
-  static constexpr ScoreKernel kernel{"portable", Isa::MR, Isa::W * Isa::NV, &score_block, &next_hit_chunk};
-  return &kernel;
-}
+const ScoreKernel* score_kernel_portable() { return &kScoreKernel; }
 
 }  // namespace mbrec_fast
