@@ -317,7 +317,8 @@ def _check_route(route: Tensor, num_experts: int) -> None:
 def routed_experts_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], route: Tensor,
                        route_weight: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                        ln_eps: float, activation: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out [B, H] in x.dtype, sorted pre-activation [B*k, H] fp32, order [B*k], offsets [E+1])."""
+    """Returns (out [B, H] in x.dtype, sorted saved state [B*k, H] fp32 (the activation for relu/none without
+    LayerNorm, else the pre-activation), order [B*k], offsets [E+1])."""
     return _routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation)
 
 
@@ -342,7 +343,10 @@ def _routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, l
             else:
                 torch.mm(xs[s:t], w32[e], out=pre[s:t])
     sorted_expert = route.reshape(-1).index_select(0, order)
-    a = _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
+    if _saves_activation(activation, ln_weight, ln_bias):  # the saved tensor is the activation (as gated)
+        a = pre.relu_() if activation == "relu" else pre
+    else:
+        a = _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
     if route_weight is not None:
         a = a * route_weight.reshape(-1).to(_cdt(x)).index_select(0, order).unsqueeze(1)
     out = a.new_zeros((B, H))
@@ -403,14 +407,18 @@ def _routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln
         y = pre
     d_rw = _empty_like_dtype(x)
     if route_weight is not None:
-        a = _act(y, activation)
+        # relu/none without LayerNorm: `pre` holds the activation already (see _saves_activation)
+        a = y if _saves_activation(activation, ln_weight, ln_bias) else _act(y, activation)
         d_rw_sorted = (go * a).sum(-1)
         del a
         d_rw = torch.zeros(N, dtype=_cdt(x), device=x.device).index_copy_(0, order, d_rw_sorted)
         d_rw = d_rw.view(B, k).to(route_weight.dtype)
-        go = go * route_weight.reshape(-1).to(_cdt(x)).index_select(0, order).unsqueeze(1)
-    dact = _act_grad(y, activation)
-    dy = go if dact is None else go * dact
+        go = go.mul_(route_weight.reshape(-1).to(_cdt(x)).index_select(0, order).unsqueeze(1))
+    if activation == "relu":  # one fused pass, in place (go is this function's own gathered copy): go where y > 0
+        dy = torch.ops.aten.threshold_backward.grad_input(go, y, 0, grad_input=go)
+    else:
+        dact = _act_grad(y, activation)
+        dy = go if dact is None else go * dact
     d_lnw, d_lnb = _empty_like_dtype(x), _empty_like_dtype(x)
     if with_ln:
         if ln_weight is not None:
