@@ -54,8 +54,12 @@ def step_commands(device: str, dry_run: bool, out: pathlib.Path) -> dict:
     if dry_run:
         build = (_python("-c", "import mbrec_fast; print('cuda_built', mbrec_fast.cuda_built())"), {})
     else:
-        build = (["bash", "-c", "pip install --no-build-isolation --no-deps -q -e . && "
-                  f"{sys.executable} -c \"import mbrec_fast; assert mbrec_fast.cuda_built(), 'CUDA kernels not built'\""],
+        # editable install (offline: no deps, no build isolation); if pip cannot, an in-place build with the
+        # Triton kernels linked where the package expects them (pyproject maps mbrec_fast.kernels to kernels/)
+        py = sys.executable
+        build = (["bash", "-c", f"{py} -m pip install --no-build-isolation --no-deps -q -e . || "
+                  f"({py} setup.py -q build_ext --inplace && ln -sfn ../kernels mbrec_fast/kernels) && "
+                  f"{py} -c \"import mbrec_fast; assert mbrec_fast.cuda_built(), 'CUDA kernels not built'\""],
                  {"MBREC_FAST_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 4)})
     return {
         "env": (_python(me, "--env", "--device", device), {}),
