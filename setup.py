@@ -1,15 +1,15 @@
 """Build of the mbrec_fast._C extension.
 
-CPU sources are always built (-O3, OpenMP, AVX2+FMA when the build machine has them).
-CUDA sources are built when torch is a CUDA build and nvcc is found; MBREC_FAST_CUDA=1
-forces them on (and fails loudly if impossible), MBREC_FAST_CUDA=0 forces them off.
-MBREC_FAST_NATIVE=0 turns off the AVX2/FMA flags (a portable build).
+CPU sources are always built (-O3, OpenMP) for the baseline of the target architecture, whatever the
+build machine's CPU: the SIMD kernels (AVX2+FMA, AVX-512) carry their instruction set in target pragmas
+of their own files and are chosen at run time from the CPU's features (csrc/cpu_isa.h), so one build runs
+on every x86-64 CPU. CUDA sources are built when torch is a CUDA build and nvcc is found;
+MBREC_FAST_CUDA=1 forces them on (and fails loudly if impossible), MBREC_FAST_CUDA=0 forces them off.
 MBREC_FAST_SANITIZE=1 builds with AddressSanitizer + UndefinedBehaviorSanitizer (-O1 -g; see .ci/asan.sh,
 which builds into build/asan and leaves the regular extension alone).
 """
 import glob
 import os
-import platform
 
 from setuptools import setup
 
@@ -17,17 +17,6 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _cpu_has_avx2_fma() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
 
 
 def _want_cuda() -> bool:
@@ -54,8 +43,6 @@ def build_extension():
     # helpers then bind locally instead of through the PLT.
     cxx = ["-O3", "-fopenmp", "-std=c++20", "-fno-math-errno", "-DNDEBUG", "-fvisibility=hidden",
            "-fvisibility-inlines-hidden"]
-    if os.environ.get("MBREC_FAST_NATIVE", "1") != "0" and _cpu_has_avx2_fma():
-        cxx += ["-mavx2", "-mfma"]
     sources = _sources("*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra_link = ["-fopenmp"]

@@ -243,10 +243,14 @@ def test_bench_evaluator(benchmark, record, impl, case):
     if benchmark.stats is not None and benchmark.stats.stats.min:
         users_per_s = n_users / benchmark.stats.stats.min
         gemm_rate = users_per_s * 2 * n_items * D
+        sgemm_2048 = sgemm_2048_rate()  # measured right after this impl's timed call
         fields.update(users_per_s=users_per_s, gemm_gflops=gemm_rate / 1e9,
                       frac_sgemm_bound=users_per_s / bound_users_per_s, x_best_mm_rate=gemm_rate / best_mm_rate(),
-                      sgemm_gflops=sgemm_rate() / 1e9, best_mm_gflops=best_mm_rate() / 1e9)
-    if FULL and impl != "dense_recbole":  # RecBole's batching holds one user's row: its peak is small
+                      frac_sgemm_2048=gemm_rate / sgemm_2048,
+                      sgemm_gflops=sgemm_rate() / 1e9, best_mm_gflops=best_mm_rate() / 1e9,
+                      sgemm_2048_gflops=sgemm_2048 / 1e9)
+    # RecBole's batching holds one user's row: its peak is small. MBREC_FAST_BENCH_PEAK=0 skips the subprocesses.
+    if FULL and impl != "dense_recbole" and os.environ.get("MBREC_FAST_BENCH_PEAK", "1") != "0":
         fields["peak_mem_mb"] = peak_mem_mb(impl, case)
     record(**fields)
     assert 0.0 <= metrics["hr@10"] <= 1.0
@@ -288,6 +292,57 @@ def test_bench_100k_users_1m_items(record, benchmark):
 
 
 # ---------------------------------------------------------------------------------------------
+# the CPU scoring micro-kernel against a bare 2048^3 sgemm, measured in the same run
+
+KERNEL_CASES = ([(d, n, t) for d in (64, 128) for n in (100_000, 1_000_000) for t in (1, 2)] if FULL
+                else [(64, 20_000, 1), (128, 20_000, 2)])
+
+
+def sgemm_2048_rate(reps: int = 2) -> float:
+    """FLOP/s of torch.mm on fp32 [2048, 2048] x [2048, 2048] into a preallocated output, best of reps."""
+    return _mm_rate(2048, 2048, 2048, reps)
+
+
+@pytest.mark.parametrize("d,n_items,threads", KERNEL_CASES)
+def test_bench_scoring_kernel_vs_sgemm(benchmark, record, d, n_items, threads):
+    """Fused top-100 selection (`topk_dot`, 20 excluded items per user) of every SIMD variant this CPU runs,
+    as a fraction of the 2048^3 sgemm FLOP rate; sgemm and the variants are measured interleaved, best of 3
+    rounds each, so a load spike on a shared machine hits both."""
+    from mbrec_fast.evaluator import topk
+    variants = [v for v in torch.ops.mbrec_fast.cpu_isa_variants() if v != "portable"] or ["portable"]
+    flops_per_call = 4e10 if FULL else 2e8
+    n_users = max(512, int(flops_per_call / (2 * n_items * d)) // 512 * 512)
+    gen = torch.Generator().manual_seed(0)
+    ue, ie = torch.randn(n_users, d, generator=gen), torch.randn(n_items, d, generator=gen)
+    exclude = _random_csr(n_users, n_items, 20, gen)
+    before_threads, before_isa = torch.get_num_threads(), os.environ.get("MBREC_FAST_CPU_ISA")
+    best = {"sgemm": 0.0, **{v: 0.0 for v in variants}}
+    try:
+        torch.set_num_threads(threads)
+        for _ in range(3):
+            best["sgemm"] = max(best["sgemm"], sgemm_2048_rate())
+            for v in variants:
+                os.environ["MBREC_FAST_CPU_ISA"] = v
+                t = time.perf_counter()
+                topk(ue, ie, max(KS), exclude)
+                best[v] = max(best[v], 2 * n_users * n_items * d / (time.perf_counter() - t))
+    finally:
+        torch.set_num_threads(before_threads)
+        if before_isa is None:
+            os.environ.pop("MBREC_FAST_CPU_ISA", None)
+        else:
+            os.environ["MBREC_FAST_CPU_ISA"] = before_isa
+    benchmark.group = f"evaluator kernel: d={d} items={n_items} threads={threads}"
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    fields = {f"frac_sgemm_2048_{v}": best[v] / best["sgemm"] for v in variants}
+    fields.update({f"gflops_{v}": best[v] / 1e9 for v in variants})
+    record(op="evaluator_kernel", case=f"d={d} items={n_items} threads={threads}", impl="mbrec_fast", d=d,
+           n_items=n_items, n_users=n_users, threads=threads, variants=variants, cpu_isa_default=variants[0],
+           sgemm_2048_gflops=best["sgemm"] / 1e9, frac_sgemm_2048=best[variants[0]] / best["sgemm"], **fields)
+    assert all(best[v] > 0 for v in variants)
+
+
+# ---------------------------------------------------------------------------------------------
 # subprocess entry points (peak RSS must be measured in a fresh process)
 
 def _maxrss_mb() -> float:
@@ -319,6 +374,23 @@ def _main(argv):
         before = _maxrss_mb()
         run_mbrec_fast(ue, ie, exclude, targets)
         print(json.dumps({"peak_mem_mb": _maxrss_mb() - before}))
+    elif argv[0] == "--interleaved":
+        # Every available impl on one synthetic problem, rounds interleaved (ours, baselines, ours, ...) so that a
+        # load spike on a shared machine hits all of them; best of 3 per impl, users/s and slowdown vs ours.
+        n_users, n_items = int(argv[1]), int(argv[2])
+        problem = random_problem(n_users, n_items)
+        impls = [i for i in ("mbrec_fast", "dense_blocked", "faiss_flatip") if _available(i)]
+        best = {i: math.inf for i in impls}
+        metrics = {}
+        for _ in range(3):
+            for impl in impls:
+                t = time.perf_counter()
+                metrics[impl] = RUNNERS[impl](*problem)
+                best[impl] = min(best[impl], time.perf_counter() - t)
+        assert all(metrics[i]["ndcg@100"] == pytest.approx(metrics["mbrec_fast"]["ndcg@100"], rel=1e-9) for i in impls)
+        print(json.dumps({"n_users": n_users, "n_items": n_items, "d": D, "threads": torch.get_num_threads(),
+                          "users_per_s": {i: n_users / best[i] for i in impls},
+                          "x_slower_than_ours": {i: best[i] / best["mbrec_fast"] for i in impls}}))
     elif argv[0] == "--scale":
         n_users, n_items = int(argv[1]), int(argv[2])
         ue, ie, exclude, targets = random_problem(n_users, n_items)

@@ -3,7 +3,8 @@
 Grid (MBREC_FAST_BENCH_FULL=1): B in {512, 4096, 32768}, D = 256, H in {64, 128}, E in {4, 8, 16}, T in {1, 2, 6}.
 Default: B = 512 small cases plus the goal case B = 4096, D = 256, H = 128, E = 8, T = 2.
 extra_info: gflops (expert GEMM FLOPs / time), frac_sgemm_bound (time / time of the same FLOPs at the sgemm rate
-measured in the same run on X[B, D] @ W[D, E*H]; 1.0 = at the bound), and the CUDA kernel count on a GPU.
+measured in the same run on X[B, D] @ W[D, E*H], routed: X[B*k, D] @ W[D, H]; 1.0 = at the bound), and the CUDA
+kernel count on a GPU.
 """
 import os
 import time
@@ -146,9 +147,10 @@ def test_bench_routed_experts(benchmark, record, B, H, E, k, impl, mode):
 
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
     gemm_flops = 2 * B * k * D * H * (1 if mode == "fwd" else 3)
+    bound = sgemm_seconds(B * k, H) * (1 if mode == "fwd" else 3)  # the same FLOPs as one [B*k, D] x [D, H] GEMM
     stats = getattr(benchmark, "stats", None)
     t = stats.stats.min if stats is not None else None
-    extra = dict(gflops=gemm_flops / t / 1e9) if t else {}
+    extra = dict(gflops=gemm_flops / t / 1e9, frac_sgemm_bound=t / bound) if t else {}
     benchmark.group = f"routed_experts {mode}: B={B} H={H} E={E} k={k}"
     record(op=f"routed_experts_{mode}", case=f"B={B} D={D} H={H} E={E} k={k}", impl=impl, B=B, D=D, H=H, E=E, k=k,
            kernels=_kernel_count(run), **extra)

@@ -96,7 +96,15 @@ def _gated_experts_fwd_kernel(
                 acc = tl.dot(xt, wt, acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        tl.store(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :] * s_ph, acc, mask=mask_bh)
+        # the saved state for the backward (the op's contract): relu(pre) for relu without LayerNorm (its
+        # derivative follows from the output, and the CPU path then skips recomputing it), else pre
+        saved = acc
+        if ACT == 1:
+            if LN:
+                saved = acc
+            else:
+                saved = tl.maximum(acc, 0.0)
+        tl.store(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :] * s_ph, saved, mask=mask_bh)
         y = acc
         if LN:
             mean = tl.sum(tl.where(mask_h[None, :], y, 0.0), axis=1) / H

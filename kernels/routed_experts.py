@@ -61,7 +61,14 @@ def _routed_experts_fwd_kernel(
                 acc = tl.dot(xt, wt, acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + expert * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        tl.store(pre_ptr + rows[:, None] * H + offs_h[None, :], acc, mask=mask_mh)
+        # saved for the backward: relu(pre) for relu without LayerNorm, else pre (the op's contract)
+        saved = acc
+        if ACT == 1:
+            if LN:
+                saved = acc
+            else:
+                saved = tl.maximum(acc, 0.0)
+        tl.store(pre_ptr + rows[:, None] * H + offs_h[None, :], saved, mask=mask_mh)
         y = acc
         if LN:
             mean = tl.sum(tl.where(mask_h[None, :], y, 0.0), axis=1) / H

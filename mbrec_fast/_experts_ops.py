@@ -9,9 +9,10 @@ Triton/torch-backed, so there is no C++ schema):
 The default implementation of every op (the CPU kernel) is the
 "concatenated-weights" path: all experts share X, so the E small GEMMs become ONE GEMM of X[B, D] against the
 expert weights laid side by side [D, E*H]; bias is folded into that GEMM (addmm), then LayerNorm, activation and
-the gated reduction run on the [B, E, H] block. The forward stores the fp32 pre-activation [B, E, H] (one
-tensor the size of the expert outputs) and the gate probabilities [T, B, E]; the backward recomputes
-LayerNorm/activation from the pre-activation (cheap elementwise) instead of storing the activations too.
+the gated reduction run on the [B, E, H] block. The forward stores one fp32 [B, E, H] tensor (the size of the
+expert outputs) and the gate probabilities [T, B, E]: for relu/none without LayerNorm it is the activation itself
+(relu applied in place to the GEMM output; its derivative follows from it, so the backward recomputes nothing),
+otherwise the pre-activation, from which the backward recomputes LayerNorm/activation.
 
 On CUDA all four ops are overridden by Triton launchers from `mbrec_fast.kernels` (when Triton is installed);
 the backward launchers fall back to the torch code below for fp64 inputs.
@@ -131,9 +132,16 @@ def gated_experts_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], gates: 
                       gate_weight: Optional[Tensor], gate_bias: Optional[Tensor], gate_mask: Optional[Tensor],
                       ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], ln_eps: float,
                       activation: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (out [T, B, H] in x.dtype, pre-activation fp32, gate probs [T, B, E] fp32 or empty if gates given)."""
+    """Returns (out [T, B, H] in x.dtype, saved state fp32 (the activation for relu/none without LayerNorm, else the
+    pre-activation), gate probs [T, B, E] fp32 or empty if gates given)."""
     return _gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias,
                                     ln_eps, activation)
+
+
+def _saves_activation(activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
+    """The gated forward's saved tensor is the activation itself (relu or none, no LayerNorm: the derivative
+    follows from the output, so the backward recomputes nothing), else the pre-activation."""
+    return activation in ("relu", "none") and not _has_ln(ln_weight, ln_bias)
 
 
 def _gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps,
@@ -142,8 +150,13 @@ def _gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gat
     _check_finite_value(gates, "gates")
     x32 = x.to(_cdt(x))
     pre = _expert_pre(x32, weight, bias)
-    pre_beh = pre if x.dim() == 2 else pre.permute(1, 0, 2)
-    a = _normalize_activate(pre_beh, ln_weight, ln_bias, ln_eps, activation)
+    if _saves_activation(activation, ln_weight, ln_bias):
+        if activation == "relu":
+            pre = pre.relu_()  # the fresh GEMM output becomes the activation: no second [B, E, H] tensor
+        a = pre if x.dim() == 2 else pre.permute(1, 0, 2)
+    else:
+        pre_beh = pre if x.dim() == 2 else pre.permute(1, 0, 2)
+        a = _normalize_activate(pre_beh, ln_weight, ln_bias, ln_eps, activation)
     if gates is None:
         probs = _gate_probs(x32, gate_weight, gate_bias, gate_mask)  # [B, T, E]
         g = probs
@@ -195,11 +208,12 @@ def _gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate
             y = y + ln_bias.to(_cdt(x))
     else:
         y = pre_beh
-    a = _act(y, activation)
+    # relu/none without LayerNorm: `pre` holds the activation already (see _saves_activation)
+    a = y if _saves_activation(activation, ln_weight, ln_bias) else _act(y, activation)
     d_a = torch.bmm(g.transpose(1, 2), go)  # [B, E, H]
     d_g = torch.bmm(go, a.transpose(1, 2))  # [B, T, E]
-    if activation == "relu":  # one fused pass: d_a where a > 0
-        dy = torch.ops.aten.threshold_backward(d_a, a, 0)
+    if activation == "relu":  # one fused pass, in place: d_a where a > 0
+        dy = torch.ops.aten.threshold_backward.grad_input(d_a, a, 0, grad_input=d_a)
     else:
         dact = _act_grad(y, activation)
         dy = d_a if dact is None else d_a.mul_(dact)
@@ -303,7 +317,8 @@ def _check_route(route: Tensor, num_experts: int) -> None:
 def routed_experts_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], route: Tensor,
                        route_weight: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                        ln_eps: float, activation: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out [B, H] in x.dtype, sorted pre-activation [B*k, H] fp32, order [B*k], offsets [E+1])."""
+    """Returns (out [B, H] in x.dtype, sorted saved state [B*k, H] fp32 (the activation for relu/none without
+    LayerNorm, else the pre-activation), order [B*k], offsets [E+1])."""
     return _routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation)
 
 
@@ -328,7 +343,10 @@ def _routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, l
             else:
                 torch.mm(xs[s:t], w32[e], out=pre[s:t])
     sorted_expert = route.reshape(-1).index_select(0, order)
-    a = _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
+    if _saves_activation(activation, ln_weight, ln_bias):  # the saved tensor is the activation (as gated)
+        a = pre.relu_() if activation == "relu" else pre
+    else:
+        a = _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
     if route_weight is not None:
         a = a * route_weight.reshape(-1).to(_cdt(x)).index_select(0, order).unsqueeze(1)
     out = a.new_zeros((B, H))
@@ -389,14 +407,18 @@ def _routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln
         y = pre
     d_rw = _empty_like_dtype(x)
     if route_weight is not None:
-        a = _act(y, activation)
+        # relu/none without LayerNorm: `pre` holds the activation already (see _saves_activation)
+        a = y if _saves_activation(activation, ln_weight, ln_bias) else _act(y, activation)
         d_rw_sorted = (go * a).sum(-1)
         del a
         d_rw = torch.zeros(N, dtype=_cdt(x), device=x.device).index_copy_(0, order, d_rw_sorted)
         d_rw = d_rw.view(B, k).to(route_weight.dtype)
-        go = go * route_weight.reshape(-1).to(_cdt(x)).index_select(0, order).unsqueeze(1)
-    dact = _act_grad(y, activation)
-    dy = go if dact is None else go * dact
+        go = go.mul_(route_weight.reshape(-1).to(_cdt(x)).index_select(0, order).unsqueeze(1))
+    if activation == "relu":  # one fused pass, in place (go is this function's own gathered copy): go where y > 0
+        dy = torch.ops.aten.threshold_backward.grad_input(go, y, 0, grad_input=go)
+    else:
+        dact = _act_grad(y, activation)
+        dy = go if dact is None else go * dact
     d_lnw, d_lnb = _empty_like_dtype(x), _empty_like_dtype(x)
     if with_ln:
         if ln_weight is not None:

@@ -32,8 +32,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Csr = Tuple[torch.Tensor, torch.Tensor]
 ScoreFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
-# Default block sizes, tuned for a 2-core Zen3 (512 KB L2 per core): a 256 x 256 fp32 score tile
-# (256 KB) stays in L2 next to the 64 KB item tile; see docs/evaluator.md for the sweep.
+# Default block sizes on CPU: 256 users per block (packed d-major, 64 KB at d = 64, stays in L2 while the
+# micro-kernel streams the item table past it); block_items is the score_fn block width and, for fp16/bf16
+# embeddings, the item rows converted to fp32 at a time (fp32 items are read in place). See docs/evaluator.md.
 DEFAULT_BLOCK_USERS = 256
 DEFAULT_BLOCK_ITEMS = 256
 # On a GPU one cuBLAS GEMM per block wants large tiles (2048 x 32768 fp32 = 256 MB of scores).

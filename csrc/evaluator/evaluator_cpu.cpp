@@ -1,13 +1,12 @@
-// CPU kernels of the full-ranking evaluator: blocked GEMM (one single-threaded at::mm per
-// block_users x block_items tile into a thread-local buffer) feeding per-user top-k heaps, with
-// threads over user blocks. Memory: outputs + threads * (block_users * block_items) floats.
+// CPU kernels of the full-ranking evaluator. topk_dot: threads over blocks of users; each block is scored
+// against the whole item table by the register-blocked micro-kernel of score_kernel.h, which compares
+// each tile with the users' current k-th best scores in registers and hands only the winners to the users'
+// candidate reservoirs. Memory: outputs + per thread one packed user block (and, for fp16/bf16 inputs,
+// block_items converted item rows). topk_merge / rank_metrics: see docs/evaluator.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -17,7 +16,9 @@
 #include "common/csr_checks.h"
 #include "common/rank_metrics.h"
 #include "common/topk_heap.h"
+#include "cpu_isa.h"
 #include "evaluator/evaluator.h"
+#include "evaluator/score_kernel.h"
 
 namespace mbrec_fast {
 
@@ -90,11 +91,11 @@ inline void reservoir_shrink(Reservoir& r, int64_t k) {
 }
 
 // Scans scores row[0, n) of items item0 + j (ids increasing, so a tie with the threshold loses and
-// the reject test is one compare). A vectorizable pre-filter checks 16 scores at once; a chunk with
-// a candidate is appended branch-free (every key is written, the count advances only for scores
-// above the threshold), so unpredictable accept/reject decisions cost no branch mispredictions.
+// the reject test is one compare). The variant's vector pre-filter skips chunks of 16 scores without a
+// candidate; a chunk with one is appended branch-free (every key is written, the count advances only for
+// scores above the threshold), so unpredictable accept/reject decisions cost no branch mispredictions.
 // The buffer has kChunk slots of slack beyond `limit`; it is shrunk to k once it holds >= limit.
-constexpr int64_t kChunk = 16;  // two 8-lane vectors: the pre-filter below assumes 16
+constexpr int64_t kChunk = 16;  // the pre-filter (ScoreKernel::next_hit_chunk) works on 16 scores
 
 // kAdmitTies: also keep scores equal to the threshold. Needed when ids do not increase across calls
 // (topk_merge takes blocks in any order, so a tie may still win on a lower id); it also admits -inf
@@ -105,23 +106,13 @@ inline bool passes(float s, float threshold) {
 }
 
 template <bool kAdmitTies = false>
-void reservoir_scan(const float* row, int64_t n, int64_t item0, Reservoir& r, int64_t k, int64_t limit) {
+void reservoir_scan(const mbrec_fast::ScoreKernel& kernel, const float* row, int64_t n, int64_t item0, Reservoir& r,
+                    int64_t k, int64_t limit) {
   int64_t j = 0;
-  for (; j + kChunk <= n; j += kChunk) {
+  while (true) {
+    j = kernel.next_hit_chunk(row, j, n, r.threshold, kAdmitTies);
+    if (j + kChunk > n) break;
     const float threshold = r.threshold;
-#if defined(__AVX2__)
-    // Two 8-lane ordered compares (a NaN compares false, as in passes()); gcc leaves the scalar loop
-    // below unvectorized.
-    const __m256 th = _mm256_set1_ps(threshold);
-    constexpr int kPred = kAdmitTies ? _CMP_GE_OQ : _CMP_GT_OQ;
-    const __m256 hit = _mm256_or_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), th, kPred),
-                                    _mm256_cmp_ps(_mm256_loadu_ps(row + j + 8), th, kPred));
-    if (_mm256_movemask_ps(hit) == 0) continue;
-#else
-    int any = 0;
-    for (int64_t t = 0; t < kChunk; ++t) any |= static_cast<int>(passes<kAdmitTies>(row[j + t], threshold));
-    if (!any) continue;
-#endif
     int64_t m = r.n;
     for (int64_t t = 0; t < kChunk; ++t) {
       const float s = row[j + t];
@@ -130,6 +121,7 @@ void reservoir_scan(const float* row, int64_t n, int64_t item0, Reservoir& r, in
     }
     r.n = m;
     if (r.n >= limit) reservoir_shrink(r, k);
+    j += kChunk;
   }
   for (; j < n; ++j) {
     const float s = row[j];
@@ -151,6 +143,70 @@ void reservoir_finish(Reservoir& r, int64_t k, float* out_s, int64_t* out_i) {
     } else {
       out_s[j] = kNegInf;
       out_i[j] = -1;
+    }
+  }
+}
+
+// The scoring micro-kernel variant of this CPU (or the one MBREC_FAST_CPU_ISA forces).
+const ScoreKernel& selected_score_kernel() {
+  switch (cpu_isa_selected()) {
+    case CpuIsa::kAvx512:
+      return *score_kernel_avx512();
+    case CpuIsa::kAvx2:
+      return *score_kernel_avx2();
+    default:
+      return *score_kernel_portable();
+  }
+}
+
+// Copies users rows[0, nu) into d-major panels of nr users ([panel][d][nr], zero past nu), in fp32.
+template <typename T>
+void pack_user_panels(const T* src, const int64_t* rows, int64_t nu, int64_t d, int64_t nr, float* dst) {
+  const int64_t n_panels = (nu + nr - 1) / nr;
+  for (int64_t q = 0; q < n_panels; ++q) {
+    float* panel = dst + q * d * nr;
+    for (int64_t j = 0; j < nr; ++j) {
+      const int64_t row = q * nr + j;
+      if (row < nu) {
+        const T* u = src + rows[row] * d;
+        for (int64_t kk = 0; kk < d; ++kk) panel[kk * nr + j] = static_cast<float>(u[kk]);
+      } else {
+        for (int64_t kk = 0; kk < d; ++kk) panel[kk * nr + j] = 0.0f;
+      }
+    }
+  }
+}
+
+// One user of a block being scored: its reservoir and its cursor in the sorted exclude row.
+struct DotUser {
+  Reservoir res;
+  int64_t cursor, cursor_end;
+};
+
+struct DotBlock {
+  DotUser* users;
+  float* threshold;  // the kernel's copy of users[r].res.threshold
+  const int64_t* ex_idx;
+  int64_t k, limit, nr;
+};
+
+// The kernel's callback: item `item` beats the thresholds of the users in `bits` (lanes of panel `panel`).
+// Items come in increasing id order, so each user's exclude cursor only moves forward and a score equal
+// to the threshold never wins (a lower id already holds it).
+void dot_block_hit(void* ctx, int64_t item, int64_t panel, const float* scores, uint32_t bits) {
+  DotBlock& b = *static_cast<DotBlock*>(ctx);
+  while (bits != 0) {
+    const int j = __builtin_ctz(bits);
+    bits &= bits - 1;
+    const int64_t row = panel * b.nr + j;
+    DotUser& u = b.users[row];
+    const float s = scores[j];
+    while (u.cursor < u.cursor_end && b.ex_idx[u.cursor] < item) ++u.cursor;
+    if (u.cursor < u.cursor_end && b.ex_idx[u.cursor] == item) continue;
+    u.res.key[u.res.n++] = candidate_key(s, item);
+    if (u.res.n >= b.limit) {
+      reservoir_shrink(u.res, b.k);
+      b.threshold[row] = u.res.threshold;
     }
   }
 }
@@ -225,62 +281,67 @@ std::tuple<at::Tensor, at::Tensor> topk_dot_cpu(const at::Tensor& user_emb, cons
   auto top_scores = at::empty({b, k}, user_emb.options().dtype(at::kFloat));
   auto top_ids = at::empty({b, k}, user_emb.options().dtype(at::kLong));
   if (b == 0) return {top_scores, top_ids};
-  const int64_t bu = std::min(block_users, b), bi = std::min(block_items, n_items);
-  const bool convert = user_emb.scalar_type() != at::kFloat;
+  const ScoreKernel& kernel = selected_score_kernel();
+  const int64_t mr = kernel.mr, nr = kernel.nr;
+  const int64_t bu = std::min(block_users, b);
   const int64_t* uid = users.data_ptr<int64_t>();
   const int64_t* ex_ptr = excl_indptr.data_ptr<int64_t>();
   const int64_t* ex_idx = excl_indices.data_ptr<int64_t>();
   float* out_s = top_scores.data_ptr<float>();
   int64_t* out_i = top_ids.data_ptr<int64_t>();
   const int64_t n_blocks = (b + bu - 1) / bu;
+  const auto dtype = user_emb.scalar_type();
+  const bool convert = dtype != at::kFloat;
+  // fp32 items are read in place; fp16/bf16 ones are converted block_items rows at a time per thread.
+  const int64_t chunk = convert ? std::max<int64_t>(mr, std::min(block_items, n_items)) : n_items;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
-    // Thread-local buffers: the user tile, the score tile, a converted item tile (half inputs).
-    std::vector<float> score_buf(bu * bi);
-    at::Tensor user_tile = at::empty({bu, d}, f32);
-    at::Tensor item_tile = convert ? at::empty({bi, d}, f32) : at::Tensor();
-    const at::Tensor item_f32 = convert ? at::Tensor() : item_emb;
-    std::vector<int64_t> cursor(bu), cursor_end(bu);
-    const int64_t limit = 4 * k, cap = limit + kChunk;
+    const int64_t n_user_panels_max = (bu + nr - 1) / nr;
+    at::Tensor user_pack = at::empty({n_user_panels_max * d * nr}, f32);  // 64-byte aligned
+    float* upack = user_pack.data_ptr<float>();
+    std::vector<float> tail(mr * d);
+    at::Tensor item_buf = convert ? at::empty({chunk, d}, f32) : at::Tensor();
+    std::vector<float> threshold(n_user_panels_max * nr);
+    // Shrink at 2k (topk_merge: 4k): the threshold the kernel compares with stays fresher, which halves the
+    // tiles that reach the callback at 100k items, K = 100; nth_element over 2k keys per k appends is cheap.
+    const int64_t limit = 2 * k, cap = limit + 1;
     std::vector<uint64_t> res_keys(bu * cap);
-    std::vector<Reservoir> res(bu);
+    std::vector<DotUser> state(bu);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t u0 = blk * bu, nu = std::min(bu, b - u0);
-      at::Tensor rows = users.narrow(0, u0, nu);
-      at::Tensor users_f = user_tile.narrow(0, 0, nu);
-      users_f.copy_(user_emb.index_select(0, rows));
+      const int64_t n_user_panels = (nu + nr - 1) / nr;
+      if (dtype == at::kFloat) {
+        pack_user_panels(user_emb.data_ptr<float>(), uid + u0, nu, d, nr, upack);
+      } else if (dtype == at::kHalf) {
+        pack_user_panels(user_emb.data_ptr<at::Half>(), uid + u0, nu, d, nr, upack);
+      } else {
+        pack_user_panels(user_emb.data_ptr<at::BFloat16>(), uid + u0, nu, d, nr, upack);
+      }
+      for (int64_t r = 0; r < n_user_panels * nr; ++r) {
+        threshold[r] = r < nu ? kNegInf : std::numeric_limits<float>::infinity();
+      }
       for (int64_t r = 0; r < nu; ++r) {
-        res[r] = Reservoir{res_keys.data() + r * cap, 0, kNegInf};
-        cursor[r] = ex_ptr[uid[u0 + r]];
-        cursor_end[r] = ex_ptr[uid[u0 + r] + 1];
+        state[r] = DotUser{Reservoir{res_keys.data() + r * cap, 0, kNegInf}, ex_ptr[uid[u0 + r]],
+                           ex_ptr[uid[u0 + r] + 1]};
       }
-      for (int64_t i0 = 0; i0 < n_items; i0 += bi) {
-        const int64_t ni = std::min(bi, n_items - i0);
-        at::Tensor items_f;
+      DotBlock ctx{state.data(), threshold.data(), ex_idx, k, limit, nr};
+      for (int64_t i0 = 0; i0 < n_items; i0 += chunk) {
+        const int64_t ni = std::min(chunk, n_items - i0);
+        const float* items;
         if (convert) {
-          items_f = item_tile.narrow(0, 0, ni);
-          items_f.copy_(item_emb.narrow(0, i0, ni));
+          item_buf.narrow(0, 0, ni).copy_(item_emb.narrow(0, i0, ni));
+          items = item_buf.data_ptr<float>();
         } else {
-          items_f = item_f32.narrow(0, i0, ni);
+          items = item_emb.data_ptr<float>() + i0 * d;
         }
-        at::Tensor scores = at::from_blob(score_buf.data(), {nu, ni}, f32);
-        at::mm_out(scores, users_f, items_f.t());
-        const int64_t i1 = i0 + ni;
-        for (int64_t r = 0; r < nu; ++r) {
-          float* row = score_buf.data() + r * ni;
-          // Walk the sorted exclude row alongside the item block.
-          int64_t c = cursor[r];
-          const int64_t c_end = cursor_end[r];
-          while (c < c_end && ex_idx[c] < i1) {
-            if (ex_idx[c] >= i0) row[ex_idx[c] - i0] = kNegInf;
-            ++c;
-          }
-          cursor[r] = c;
-          reservoir_scan(row, ni, i0, res[r], k, limit);
-        }
+        const ScoreBlockArgs args{upack, n_user_panels, items, ni, i0, d, threshold.data(), tail.data(),
+                                  &dot_block_hit, &ctx};
+        kernel.score_block(args);
       }
-      for (int64_t r = 0; r < nu; ++r) reservoir_finish(res[r], k, out_s + (u0 + r) * k, out_i + (u0 + r) * k);
+      for (int64_t r = 0; r < nu; ++r) {
+        reservoir_finish(state[r].res, k, out_s + (u0 + r) * k, out_i + (u0 + r) * k);
+      }
     }
   });
   return {top_scores, top_ids};
@@ -310,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(const at::Tensor& block_scores
   // Reservoir selection (as in topk_dot): the old k best and every passing score of the block become
   // packed (score, id) keys; nth_element trims them to k whenever 4k are buffered. Excluded items are
   // skipped by scanning the block in segments between them (the exclude row is sorted).
+  const ScoreKernel& kernel = selected_score_kernel();
   at::parallel_for(0, b, 16, [&](int64_t r0, int64_t r1) {
     const int64_t limit = 4 * k, cap = limit + kChunk + k;
     std::vector<uint64_t> keys(cap);
@@ -329,10 +391,10 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(const at::Tensor& block_scores
       int64_t a = 0;
       for (; e != e_end && *e < item_start + w; ++e) {
         const int64_t x = *e - item_start;
-        if (x > a) reservoir_scan<true>(row + a, x - a, item_start + a, res, k, limit);
+        if (x > a) reservoir_scan<true>(kernel, row + a, x - a, item_start + a, res, k, limit);
         a = x + 1;
       }
-      if (a < w) reservoir_scan<true>(row + a, w - a, item_start + a, res, k, limit);
+      if (a < w) reservoir_scan<true>(kernel, row + a, w - a, item_start + a, res, k, limit);
       reservoir_finish(res, k, hs_all + r * k, hi_all + r * k);
     }
   });

@@ -1,23 +1,26 @@
 // Philox-4x32-10 blocks of many streams at once on the CPU (AVX2: 8 streams per vector), so that
 // the per-row stream setup of the sampler costs a fraction of the scalar rounds. The blocks are the
 // ones common/philox.h computes one at a time (same key, same counters); sample_row consumes them
-// through PhiloxStream's `pre` blocks and computes any further block itself.
+// through PhiloxStream's `pre` blocks and computes any further block itself. The AVX2 loop is compiled
+// for AVX2 by a target attribute and only runs when the caller says the CPU has it (cpu_isa.h); the
+// words are integers, so both paths give the same bits.
 #pragma once
 #include <cstdint>
-#if defined(__AVX2__)
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#define MBREC_PHILOX_AVX2 1
 #endif
 
 #include "common/philox.h"
 
 namespace mbrec {
 
-// out[i * n_blocks + j] = block j of stream (row0 + i), for i < n_rows, j < n_blocks.
-inline void philox_blocks_batch(uint64_t seed, uint64_t offset, int64_t row0, int64_t n_rows, uint32_t n_blocks,
-                                Philox4* out) {
-  const uint32_t k0 = philox_key0(seed, offset), k1 = philox_key1(seed, offset);
+#if defined(MBREC_PHILOX_AVX2)
+// Rows [0, i) of philox_blocks_batch by groups of 8 (one stream per lane); returns i.
+__attribute__((target("avx2"))) inline int64_t philox_blocks_batch_avx2(uint32_t k0, uint32_t k1, uint64_t offset,
+                                                                          int64_t row0, int64_t n_rows,
+                                                                          uint32_t n_blocks, Philox4* out) {
   int64_t i = 0;
-#if defined(__AVX2__)
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -64,6 +67,19 @@ inline void philox_blocks_batch(uint64_t seed, uint64_t offset, int64_t row0, in
       }
     }
   }
+  return i;
+}
+#endif
+
+// out[i * n_blocks + j] = block j of stream (row0 + i), for i < n_rows, j < n_blocks. simd: the CPU runs AVX2.
+inline void philox_blocks_batch(uint64_t seed, uint64_t offset, int64_t row0, int64_t n_rows, uint32_t n_blocks,
+                                Philox4* out, bool simd) {
+  const uint32_t k0 = philox_key0(seed, offset), k1 = philox_key1(seed, offset);
+  int64_t i = 0;
+#if defined(MBREC_PHILOX_AVX2)
+  if (simd) i = philox_blocks_batch_avx2(k0, k1, offset, row0, n_rows, n_blocks, out);
+#else
+  (void)simd;
 #endif
   for (; i < n_rows; ++i) {
     for (uint32_t blk = 0; blk < n_blocks; ++blk) {

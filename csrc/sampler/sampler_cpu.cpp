@@ -9,6 +9,7 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "sampler/philox_batch_cpu.h"
 #include "sampler/sampler_common.h"
 
@@ -150,14 +151,15 @@ Tensor sample_negatives_cpu(const Tensor& indptr, const Tensor& indices, const T
   const int64_t* pu = users.data_ptr<int64_t>();
   const int64_t* pb = behaviors.data_ptr<int64_t>();
   // The first Philox blocks of each row's stream (enough for num_neg draws without rejections, at
-  // most 4) are computed ahead for 64 rows at a time, 8 streams per AVX2 vector.
+  // most 4) are computed ahead for 64 rows at a time, 8 streams per AVX2 vector where the CPU has AVX2.
   constexpr int64_t kGroup = 64;
+  const bool simd = mbrec_fast::cpu_isa_selected() != mbrec_fast::CpuIsa::kPortable;
   const uint32_t n_pre = static_cast<uint32_t>(std::min<int64_t>(4, (num_neg + 3) / 4));
   at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
     std::vector<mbrec::Philox4> pre(kGroup * n_pre);
     for (int64_t g0 = b; g0 < e; g0 += kGroup) {
       const int64_t g1 = std::min(e, g0 + kGroup);
-      mbrec::philox_blocks_batch(P.seed, P.offset, g0, g1 - g0, n_pre, pre.data());
+      mbrec::philox_blocks_batch(P.seed, P.offset, g0, g1 - g0, n_pre, pre.data(), simd);
       for (int64_t row = g0; row < g1; ++row) {
         // Two-stage prefetch for graphs beyond the caches (random users are two dependent misses each):
         // the row offsets 16 rows ahead, the row's items 8 rows ahead (their offsets arrived by then).

@@ -1,0 +1,54 @@
+// AVX2 + FMA variant of the scoring micro-kernel: 6 items x 16 users per tile (12 ymm accumulators).
+// Compiled for AVX2 + FMA by the target pragma below (not by build flags); only run where cpu_isa.h says so.
+#include "evaluator/score_kernel.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+namespace mbrec_fast {
+namespace {
+
+struct Isa {
+  static constexpr const char* kName = "avx2";
+  static constexpr int W = 8, MR = 6, NV = 2;
+  using V = __m256;
+  using M = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_load_ps(p); }
+  static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static V bcast(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static M ge(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+  static M mor(M a, M b) { return _mm256_or_ps(a, b); }
+  static uint32_t bits(M m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+
+#include "evaluator/score_kernel_impl.h"
+
+}  // namespace
+}  // namespace mbrec_fast
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace mbrec_fast {
+const ScoreKernel* score_kernel_avx2() { return &kScoreKernel; }
+}  // namespace mbrec_fast
+
+#else
+namespace mbrec_fast {
+const ScoreKernel* score_kernel_avx2() { return nullptr; }
+}  // namespace mbrec_fast
+#endif

@@ -1,0 +1,54 @@
+// AVX-512 variant of the scoring micro-kernel: 12 items x 32 users per tile (24 zmm accumulators).
+// Compiled for AVX-512F by the target pragma below (not by build flags); only run where cpu_isa.h says so.
+#include "evaluator/score_kernel.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#endif
+
+namespace mbrec_fast {
+namespace {
+
+struct Isa {
+  static constexpr const char* kName = "avx512";
+  static constexpr int W = 16, MR = 12, NV = 2;
+  using V = __m512;
+  using M = __mmask16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_load_ps(p); }
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static V bcast(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static M ge(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+  static M mor(M a, M b) { return static_cast<M>(a | b); }
+  static uint32_t bits(M m) { return static_cast<uint32_t>(m); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+
+#include "evaluator/score_kernel_impl.h"
+
+}  // namespace
+}  // namespace mbrec_fast
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace mbrec_fast {
+const ScoreKernel* score_kernel_avx512() { return &kScoreKernel; }
+}  // namespace mbrec_fast
+
+#else
+namespace mbrec_fast {
+const ScoreKernel* score_kernel_avx512() { return nullptr; }
+}  // namespace mbrec_fast
+#endif
