@@ -26,6 +26,9 @@ MODEL_FAMILIES = {
     "mmoe": "mbrec_fast.training.multidomain",
     "ple": "mbrec_fast.training.multidomain",
     "star": "mbrec_fast.training.multidomain",
+    "adatt": "mbrec_fast.training.multidomain",
+    "adatt-sp": "mbrec_fast.training.multidomain",
+    "m2m": "mbrec_fast.training.multidomain",
     "syncrec": "mbrec_fast.training.sequential",
     "sasrec": "mbrec_fast.training.sequential",
 }
