@@ -503,8 +503,8 @@ def results_main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mbrec_fast.training.multidomain --results")
     p.add_argument("--results", action="store_true")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--groups", default="headline,pooled,ablations,cold")
-    p.add_argument("--ablation-seeds", type=int, default=3, help="seeds of the ablation and cold-item groups")
+    p.add_argument("--groups", default="headline,cold,pooled,ablations", help="groups to run, in this order")
+    p.add_argument("--ablation-seeds", type=int, default=3, help="seeds of the groups other than the headline")
     p.add_argument("--rows", default="docs/results/multidomain.json")
     p.add_argument("--md", default="docs/multidomain_ml100k.md")
     p.add_argument("--runs-root", default="runs/ml100k")
@@ -520,12 +520,9 @@ def results_main(argv: Optional[List[str]] = None) -> int:
     for g in groups:
         if g not in ML100K_GROUPS:
             raise ValueError(f"unknown group {g!r} (one of {', '.join(ML100K_GROUPS)})")
-    max_seeds = a.seeds
-    for seed in range(max_seeds):
-        for g in groups:
-            n_seeds = a.seeds if g in ("headline", "pooled") else min(a.seeds, a.ablation_seeds)
-            if seed >= n_seeds:
-                continue
+    for g in groups:  # group by group in the given order; within a group seed-major (whole seeds first)
+        n_seeds = a.seeds if g == "headline" else min(a.seeds, a.ablation_seeds)
+        for seed in range(n_seeds):
             for label, variant, extra in ML100K_GROUPS[g]:
                 if (label, variant, data_name, seed) in done:
                     continue
