@@ -463,16 +463,16 @@ ML100K_HEADLINE = [
 ]
 ML100K_POOLED = [(m, "loss pooled", argv + ["--loss", "pooled"]) for m, _, argv in ML100K_HEADLINE
                  if m in ("mlp", "mmoe-mdmt", "star-mdmt", "m3oe")]
-ML100K_ABLATIONS = [
-    ("m3oe", "n-shared 1", ["--model", "m3oe", "--n-shared", "1"]),
+ML100K_ABLATIONS = [  # one change at a time from the official configuration, cheapest / most telling first
+    ("m3oe", "architecture v1", ["--model", "m3oe", "--m3oe-variant", "v1", "--n-shared", "4"]),
     ("m3oe", "fusion-train bilevel", ["--model", "m3oe", "--fusion-train", "bilevel"]),
-    ("m3oe", "fusion-train joint", ["--model", "m3oe", "--fusion-train", "joint"]),
+    ("m3oe", "n-shared 1", ["--model", "m3oe", "--n-shared", "1"]),
     ("m3oe", "fixed-fusion", ["--model", "m3oe", "--fixed-fusion"]),
+    ("m3oe", "fusion-train joint", ["--model", "m3oe", "--fusion-train", "joint"]),
     ("m3oe", "concat modules", ["--model", "m3oe", "--m3oe-fusion", "concat"]),
     ("m3oe", "fully gated modules", ["--model", "m3oe", "--m3oe-fusion", "gated"]),
     ("m3oe", "no domain module", ["--model", "m3oe", "--no-domain-module"]),
     ("m3oe", "no task module", ["--model", "m3oe", "--no-task-module"]),
-    ("m3oe", "architecture v1", ["--model", "m3oe", "--m3oe-variant", "v1", "--n-shared", "4"]),
 ]
 ML100K_COLD = [
     ("m3rec", "cold-items 10", ["--model", "m3rec", "--cold-items", "10"]),
