@@ -505,6 +505,7 @@ def results_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--groups", default="headline,cold,pooled,ablations", help="groups to run, in this order")
     p.add_argument("--ablation-seeds", type=int, default=3, help="seeds of the groups other than the headline")
+    p.add_argument("--variants", default=None, help="comma-separated variants to run within the groups (default all)")
     p.add_argument("--rows", default="docs/results/multidomain.json")
     p.add_argument("--md", default="docs/multidomain_ml100k.md")
     p.add_argument("--runs-root", default="runs/ml100k")
@@ -524,6 +525,8 @@ def results_main(argv: Optional[List[str]] = None) -> int:
         n_seeds = a.seeds if g == "headline" else min(a.seeds, a.ablation_seeds)
         for seed in range(n_seeds):
             for label, variant, extra in ML100K_GROUPS[g]:
+                if a.variants and variant not in a.variants.split(","):
+                    continue
                 if (label, variant, data_name, seed) in done:
                     continue
                 run_dir = os.path.join(a.runs_root, f"{label}_{variant}".replace(" ", "_"), f"s{seed}")
