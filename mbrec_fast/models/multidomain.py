@@ -3,7 +3,7 @@
 Every model maps a batch {sparse, dense, domain} to logits [B, T] — one per task, for the domain the
 sample was observed in. All expert computation (experts, gated mixes, per-domain / per-(domain, task)
 layers and towers) runs through the fused expert ops `mbrec_fast::gated_experts_fwd` and
-`mbrec_fast::routed_experts_fwd` via `ExpertBank`; `impl="loop"` switches a bank to a Python loop of
+`mbrec_fast::routed_experts_fwd` via `ExpertBank` (a one-expert bank is a plain layer); `impl="loop"` switches a bank to a Python loop of
 per-expert Linear/LayerNorm/activation over the SAME parameters (the reference and the benchmark baseline).
 
 Baselines are head-based: a base model owns one head per (domain, task) pair. `setting` picks the form
