@@ -25,6 +25,9 @@ MODEL_FAMILIES = {
     "mmoe": "mbrec_fast.training.multidomain",
     "ple": "mbrec_fast.training.multidomain",
     "star": "mbrec_fast.training.multidomain",
+    "adatt": "mbrec_fast.training.multidomain",
+    "adatt-sp": "mbrec_fast.training.multidomain",
+    "m2m": "mbrec_fast.training.multidomain",
     "syncrec": "mbrec_fast.training.sequential",
     "sasrec": "mbrec_fast.training.sequential",
 }
@@ -40,7 +43,8 @@ FAMILIES = {  # training module -> (family title, its models with one-line descr
         "nmtr": "NMTR: one NCF head per behavior, cascaded scores, multi-task loss",
         "member": "MEMBER: visited / unvisited experts with hard gating",
     }),
-    "mbrec_fast.training.multidomain": ("multi-domain multi-task CTR (data: synthetic, movielens, kuairand)", {
+    "mbrec_fast.training.multidomain": (
+        "multi-domain multi-task CTR (data: ml100k, synthetic, movielens, kuairand, a table)", {
         "m3oe": "M3oE: domain, task and shared experts fused by learned weights",
         "m3rec": "M3REC: meta item-embedding generator + experts",
         "mlp": "one MLP per (domain, task)",
@@ -48,6 +52,9 @@ FAMILIES = {  # training module -> (family title, its models with one-line descr
         "mmoe": "MMoE: shared experts, one softmax gate per task",
         "ple": "PLE: shared and task-specific experts, progressive extraction",
         "star": "STAR: star-topology layers shared x per-domain weights",
+        "adatt": "AdaTT: task-specific and shared experts fused per (domain, task) head",
+        "adatt-sp": "AdaTT-sp: AdaTT without the shared experts",
+        "m2m": "M2M: scenario-conditioned meta experts and towers",
     }),
     "mbrec_fast.training.sequential": ("cross-domain sequential (data: synthetic, amazon)", {
         "syncrec": "SyNCRec: single- and cross-domain experts, negative-transfer gaps",

@@ -14,7 +14,7 @@ from mbrec_fast.training.multidomain import build_parser, make_step, predict, ru
 
 torch.set_num_threads(1)
 
-FORMS = [(m, "mdmt") for m in MODEL_NAMES] + [(m, s) for m in ("sharedbottom", "mmoe", "ple", "star") for s in ("mtl", "mdl")]
+FORMS = [(m, "mdmt") for m in MODEL_NAMES] + [(m, s) for m in ("sharedbottom", "mmoe", "ple", "star", "adatt") for s in ("mtl", "mdl")]
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,215 @@ def test_resume_is_exact(tmp_path):
                                                                str(tmp_path / "b" / "checkpoint.pt")]), progress=False)
     assert resumed["test"]["auc"] == pytest.approx(full["test"]["auc"], abs=1e-9)
     assert resumed["test"]["logloss"] == pytest.approx(full["test"]["logloss"], abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ ml100k + any table
+def test_ml100k_protocol(data_dir):
+    # the M3oE MovieLens protocol on MovieLens-100K: 3 age domains, click = rating > 3, like = rating > 4
+    from mbrec_fast.data.ctr import load_ml100k
+    data = load_ml100k(data_dir / "ml100k")
+    raw = pd.read_csv(data_dir / "ml100k" / "u.data", sep="\t", header=None, names=["u", "i", "r", "t"])
+    users = pd.read_csv(data_dir / "ml100k" / "u.user", sep="|", header=None, names=["u", "age", "g", "o", "z"])
+    age = raw["u"].map(users.set_index("u")["age"]).to_numpy()
+    assert len(data) == 100_000 and data.n_domains == 3 and data.task_names == ["click", "like"]
+    expect = np.where(age < 25, 0, np.where(age < 35, 1, 2))
+    assert np.array_equal(data.domain.numpy(), expect)  # rows keep u.data's order
+    assert data.domain_counts() == [26551, 35444, 38005]  # 26.6 % / 35.4 % / 38.0 %
+    assert np.array_equal(data.labels[:, 0].numpy(), (raw["r"] > 3).to_numpy().astype(np.float32))
+    assert np.array_equal(data.labels[:, 1].numpy(), (raw["r"] > 4).to_numpy().astype(np.float32))
+    assert data.labels.mean(0).tolist() == pytest.approx([0.5537, 0.2120], abs=1e-4)
+    assert data.sparse_names == ["user_id", "movie_id", "gender", "age_group", "occupation", "zip", "genre", "year"]
+    assert data.field_dims[:2] == [943, 1682] and data.n_dense == 19
+    # the default split slices the table in row order (the official code's sequential 8:1:1)
+    train, valid, test = data.split((0.8, 0.1, 0.1))
+    assert (len(train), len(valid), len(test)) == (80_000, 10_000, 10_000)
+    assert torch.equal(test.timestamp, torch.from_numpy(raw["t"].to_numpy()[90_000:].copy()))
+    early = data.split((0.8, 0.1, 0.1), order="time")[0]
+    assert int(early.timestamp.max()) <= int(data.split((0.8, 0.1, 0.1), order="time")[2].timestamp.min())
+
+
+def _table(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"user": rng.integers(0, 10, n), "item": rng.integers(0, 20, n), "cat": rng.integers(0, 3, n),
+                         "price": rng.random(n), "scenario": rng.choice(["app", "web"], n),
+                         "click": rng.integers(0, 2, n), "buy": rng.integers(0, 2, n)})
+
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv", "parquet"])
+def test_ratings_table_formats(tmp_path, suffix):
+    from mbrec_fast.data.ctr import load_ratings_table
+    df = _table()
+    path = tmp_path / f"t.{suffix}"
+    if suffix == "parquet":
+        df.to_parquet(path)
+    else:
+        df.to_csv(path, sep="\t" if suffix == "tsv" else ",", index=False)
+    data = load_ratings_table(path, domain_col="scenario", label_cols=["click", "buy"], sparse_cols=["user", "item", "cat"],
+                              dense_cols=["price"], item_cols=["item", "cat", "price"])
+    assert data.n_domains == 2 and data.domain_names == ["scenario=app", "scenario=web"]
+    assert np.array_equal(data.domain.numpy(), (df["scenario"] == "web").to_numpy().astype(np.int64))
+    assert np.array_equal(data.labels.numpy(), df[["click", "buy"]].to_numpy().astype(np.float32))
+    assert data.item_sparse_fields == [1, 2] and data.item_dense_cols == [0] and data.user_field == 0
+
+
+def test_ratings_table_bad_inputs(tmp_path):
+    # every bad input names its column: non-0/1 labels, a missing feature column, an unseen domain at test time
+    from mbrec_fast.data.ctr import load_ratings_table
+    kw = dict(domain_col="scenario", label_cols=["click"], sparse_cols=["user", "item"])
+    bad = _table().assign(click=lambda d: d["click"] * 2)
+    with pytest.raises(ValueError, match="label column 'click' must hold only 0/1"):
+        load_ratings_table(bad, **kw)
+    with pytest.raises(ValueError, match="column 'brand' is missing"):
+        load_ratings_table(_table(), **dict(kw, sparse_cols=["user", "item", "brand"]))
+    train, test = _table(seed=1), _table(seed=2)
+    test.loc[3, "scenario"] = "tv"
+    with pytest.raises(ValueError, match="domain column 'scenario' of the test data .* \\['tv'\\]"):
+        load_ratings_table([train, train, test], **kw)
+    with pytest.raises(ValueError, match="dense column 'scenario' must be numeric"):
+        load_ratings_table(_table(), **dict(kw, dense_cols=["scenario"]))
+    with pytest.raises(FileNotFoundError):
+        load_ratings_table(tmp_path / "none.csv", **kw)
+    # train / valid / test files: the split keeps them
+    parts = load_ratings_table([train, _table(seed=3), _table(n=30, seed=4)], **kw)
+    assert [len(p) for p in parts.split((0.8, 0.1, 0.1), order="sequential")] == [60, 60, 30]
+
+
+def test_cli_table_format(tmp_path):
+    # `--data FILE --format table` trains on any table
+    from mbrec_fast.cli import main
+    path = tmp_path / "t.csv"
+    _table(n=400).to_csv(path, index=False)
+    rc = main(["train", "--model", "mmoe", "--data", str(path), "--format", "table", "--domain-col", "scenario",
+               "--label-cols", "click,buy", "--sparse-cols", "user,item,cat", "--dense-cols", "price", "--epochs", "1",
+               "--batch-size", "64", "--run-dir", str(tmp_path / "r"), "--threads", "1"])
+    assert rc == 0 and (tmp_path / "r" / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ losses / fusion
+def test_balanced_loss_hand_computed():
+    # 3 samples of domain 0, 1 of domain 1, 2 domains x 2 tasks: sum over cells of the cell's mean BCE
+    from mbrec_fast.models.multidomain import balanced_bce_loss
+    logits = torch.tensor([[0.0, 1.0], [2.0, -1.0], [-3.0, 0.5], [1.5, 0.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 1.0]])
+    domain = torch.tensor([0, 0, 0, 1])
+
+    def bce(z, y):
+        p = 1 / (1 + math.exp(-z))
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    expect = 0.0
+    for d in (0, 1):
+        rows = [i for i in range(4) if int(domain[i]) == d]
+        for t in (0, 1):
+            expect += sum(bce(float(logits[i, t]), float(labels[i, t])) for i in rows) / len(rows)
+    assert float(balanced_bce_loss(logits, labels, domain, 3)) == pytest.approx(expect, rel=1e-6)  # domain 2 empty
+    pooled = sum(bce(float(logits[i, t]), float(labels[i, t])) for i in range(4) for t in (0, 1)) / 4
+    assert float(bce_loss(logits, labels)) == pytest.approx(pooled, rel=1e-6)
+
+
+def test_official_fusion_scalars_move_every_step(small):
+    # official training: the main Adam holds α/β (raw init 1, σ = 0.731) and moves them at every step
+    from mbrec_fast.training.multidomain import _optimizers
+    torch.manual_seed(0)
+    model = build_model("m3oe", small, emb_dim=8, expert_dim=16)
+    assert [p.numel() for p in model.fusion_parameters()] == [1, 1, 1, 1]
+    assert all(p.item() == 1.0 for p in model.fusion_parameters())
+    args = build_parser().parse_args(["--model", "m3oe", "--fusion-train", "joint", "--lr", "1e-2", "--weight-decay", "0"])
+    main_opt, fusion_opt = _optimizers(model, args)
+    assert fusion_opt is None
+    counter = {"steps": 0, "fusion_steps": 0}
+    step = make_step(model, main_opt, None, None, batch_size=64, bilevel_every=1, seed=0, counter=counter, loss="balanced")
+    for batch in list(small.batches(64, seed=0))[:4]:
+        before = [p.detach().clone() for p in model.fusion_parameters()]
+        main_opt.zero_grad()
+        step(batch)
+        assert all(not torch.equal(b, p) for b, p in zip(before, model.fusion_parameters()))
+    # bilevel (the paper): a separate optimizer, fusion step on a TRAINING batch; the main one never holds α/β
+    args = build_parser().parse_args(["--model", "m3oe", "--fusion-train", "bilevel", "--lr", "1e-2", "--weight-decay", "0",
+                                      "--fusion-lr", "1e-2"])
+    main_opt, fusion_opt = _optimizers(model, args)
+    assert not {id(p) for g in main_opt.param_groups for p in g["params"]} & {id(p) for p in model.fusion_parameters()}
+    assert {id(p) for g in fusion_opt.param_groups for p in g["params"]} == {id(p) for p in model.fusion_parameters()}
+
+
+@pytest.mark.parametrize("kw", [dict(fusion="concat"), dict(fusion="gated"), dict(variant="v1"),
+                                dict(variant="official", n_shared=1)])
+def test_m3oe_variants_fused_matches_loop(small, kw):
+    torch.manual_seed(0)
+    model = build_model("m3oe", small, emb_dim=8, expert_dim=16, rep_dim=24, star_dim=32, **kw)
+    batch = next(iter(small.batches(64, seed=0)))
+    out = model(batch)
+    bce_loss(out, batch["labels"]).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == {n for n, _ in model.named_parameters()}  # no dead parameter in any variant
+    if kw.get("fusion") == "gated":
+        assert model.fusion_parameters() == [] and model.shared.n_experts == 4 + 3 + 2
+    model.zero_grad()
+    model.set_impl("loop")
+    torch.testing.assert_close(model(batch), out, rtol=1e-4, atol=1e-5)
+
+
+def test_m3oe_official_architecture(small):
+    # STAR layer without activation, Linear-LN-ReLU mapping plus skip, LN in the towers, 4 shared experts
+    model = build_model("m3oe", small, emb_dim=8)
+    assert model.star.activation == "none" and model.star.ln_weight is None
+    assert model.skip is not None and model.mapping.ln_weight is not None
+    assert model.tower.layers[0].ln_weight is not None and model.shared.n_experts == 4
+    v1 = build_model("m3oe", small, emb_dim=8, variant="v1")
+    assert v1.star.activation == "relu" and v1.skip is None and v1.shared.n_experts == 1
+    assert [p.numel() for p in v1.fusion_parameters()] == [3, 2, 3, 2]
+    # the gate reads the detached representation: same forward as an undetached twin, but the representation's
+    # gradient lacks the gate path
+    twin = build_model("m3oe", small, emb_dim=8, detach_gate=False)
+    twin.load_state_dict(model.state_dict())
+    batch = next(iter(small.batches(32, seed=0)))
+    r0 = model.representation(batch).detach().requires_grad_(True)
+    grads = []
+    for m in (model, twin):
+        m.representation = lambda _batch: r0
+        out = m(batch)
+        grads.append(torch.autograd.grad(out.sum(), [r0, m.shared_gate_weight]))
+    torch.testing.assert_close(model(batch), twin(batch))
+    assert not torch.allclose(grads[0][0], grads[1][0]) and grads[0][1].abs().sum() > 0
+
+
+def test_adatt_formula(small):
+    # head h: (softmax(x G_h) + native residual on its own experts) mixing every expert's output
+    torch.manual_seed(0)
+    model = build_model("adatt", small, emb_dim=8, expert_dim=16, n_specific=2)
+    batch = next(iter(small.batches(16, seed=0)))
+    x = model.embedding(batch["sparse"], batch["dense"])
+    outs = model.experts.experts_out(x)  # [B, E, H]
+    assert outs.shape[1] == 6 * 2 + 2
+    sparse = build_model("adatt-sp", small, emb_dim=8, expert_dim=16)
+    assert sparse.experts.n_experts == 6 and sparse.n_shared == 0
+    heads = model.heads(batch["domain"])
+    for t in range(small.n_tasks):
+        for b in range(16):
+            h = int(heads[t, b])
+            g = torch.softmax(x[b] @ model.gate_weight[h] + model.gate_bias[h], -1)
+            g[2 * h:2 * h + 2] += model.native_weight[h]
+            mixed = g @ outs[b]
+            logit = model.tower(mixed.unsqueeze(0), torch.tensor([h]))
+            torch.testing.assert_close(model(batch)[b, t], logit[0, 0], rtol=1e-4, atol=1e-5)
+            break
+
+
+def test_m3rec_cold_item_split_and_generator_ablation(small):
+    from mbrec_fast.training.multidomain import cold_item_split
+    items = small.sparse[:, small.item_field]
+    counts = torch.bincount(items)
+    k = int(counts[counts > 0].min()) + 2  # the rarest items
+    train, valid, test, cold = cold_item_split(small, k)
+    cold_items = set(torch.nonzero((counts <= k) & (counts > 0)).flatten().tolist())
+    assert 0 < len(cold_items) < 50
+    assert set(cold.sparse[:, small.item_field].tolist()) == cold_items
+    assert not set(train.sparse[:, small.item_field].tolist()) & cold_items
+    assert len(train) + len(valid) + len(test) + len(cold) == len(small)
+    with pytest.raises(ValueError, match="cold_items"):
+        cold_item_split(small, 0)
+    model = build_model("m3rec", small, emb_dim=8, expert_dim=16)
+    model.fit_item_counts(train.sparse[:, small.item_field])
+    assert float(model.item_seen[sorted(cold_items)].sum()) == 0  # cold items use the generated embedding alone
+    plain = build_model("m3rec", small, emb_dim=8, expert_dim=16, use_generator=False)
+    assert plain.generator is None and plain(next(iter(cold.batches(8)))).shape == (8, 2)

@@ -9,6 +9,9 @@ Loaders:
 * `load_movielens` — MovieLens-1M in the layout of M3oE (domains by age group {1,18}/{25}/{35,45,50,56};
   click = rating > 3, like = rating > 4), from the merged CSV of `samples/ml1m_sample.csv` or the original
   `ratings.dat`/`users.dat`/`movies.dat` folder.
+* `load_ml100k` — MovieLens-100K (GroupLens files) with the M3oE paper's MovieLens protocol.
+* `load_ratings_table` — any CSV / TSV / Parquet table (or train/valid/test files) with a domain column and
+  0/1 label columns.
 * `load_kuairand` — KuaiRand rows (domain = tab, tasks click and long view), from the layout of
   `samples/kuairand_sample.csv` or a KuaiRand-Pure folder (logs joined with user and video features).
 * `make_synthetic_ctr` — seeded generator; see its docstring for the planted structure.
@@ -28,7 +31,7 @@ from torch import Tensor
 from .._checks import reads_data_file
 
 __all__ = ["CTRData", "CTRBatches", "default_data_root", "load_movielens", "load_kuairand", "make_synthetic_ctr",
-           "load_ctr", "ML1M_AGE_DOMAINS", "ML1M_GENRES"]
+           "load_ctr", "load_ml100k", "load_ratings_table", "ML1M_AGE_DOMAINS", "ML1M_GENRES"]
 
 ML1M_AGE_DOMAINS: Tuple[Tuple[int, ...], ...] = ((1, 18), (25,), (35, 45, 50, 56))
 ML1M_GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -66,6 +69,9 @@ class CTRData:
     item_dense_cols: List[int] = field(default_factory=list)
     true_probs: Optional[Tensor] = None
     name: str = "ctr"
+    timestamp: Optional[Tensor] = None
+    default_split_order: str = "random"
+    fixed_split: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         n = self.sparse.shape[0]
@@ -96,22 +102,43 @@ class CTRData:
     def subset(self, index: Tensor) -> "CTRData":
         """Rows `index` (same vocabularies)."""
         tp = None if self.true_probs is None else self.true_probs[index]
+        ts = None if self.timestamp is None else self.timestamp[index]
         return replace(self, sparse=self.sparse[index], dense=self.dense[index], domain=self.domain[index],
-                       labels=self.labels[index], true_probs=tp)
+                       labels=self.labels[index], true_probs=tp, timestamp=ts, fixed_split=None)
 
-    def split(self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Tuple["CTRData", ...]:
-        """Random split (M3oE uses 8:1:1). Returns one CTRData per fraction."""
+    def split(self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+              order: Optional[str] = None) -> Tuple["CTRData", ...]:
+        """Split into consecutive slices (M3oE uses 8:1:1) of the rows in `order`: "random" (a seeded shuffle),
+        "sequential" (the table's row order, as the official M3oE code slices its table) or "time" (ascending
+        `timestamp`, ties by row order). Default: the dataset's `default_split_order`. One CTRData per fraction."""
         if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
             raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions}")
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(self), generator=g)
+        order = order or self.default_split_order
+        if self.fixed_split is not None:  # the table came as train / valid / test files: keep them
+            if order != "sequential" or len(fractions) != len(self.fixed_split):
+                raise ValueError(f"dataset {self.name!r} came as {len(self.fixed_split)} files: split it with "
+                                 f"order='sequential' and {len(self.fixed_split)} fractions")
+            bounds = np.cumsum([0] + list(self.fixed_split))
+            return tuple(self.subset(torch.arange(int(bounds[i]), int(bounds[i + 1]))) for i in range(len(self.fixed_split)))
+        if order == "random":
+            g = torch.Generator().manual_seed(seed)
+            perm = torch.randperm(len(self), generator=g)
+        elif order == "sequential":
+            perm = torch.arange(len(self))
+        elif order == "time":
+            if self.timestamp is None:
+                raise ValueError(f"order='time' needs timestamps; dataset {self.name!r} has none")
+            perm = torch.from_numpy(np.argsort(self.timestamp.cpu().numpy(), kind="stable"))
+        else:
+            raise ValueError(f"order must be 'random', 'sequential' or 'time', got {order!r}")
         bounds = np.round(np.cumsum([0.0] + list(fractions)) * len(self)).astype(int)
         return tuple(self.subset(perm[bounds[i]:bounds[i + 1]]) for i in range(len(fractions)))
 
     def to(self, device) -> "CTRData":
         tp = None if self.true_probs is None else self.true_probs.to(device)
+        ts = None if self.timestamp is None else self.timestamp.to(device)
         return replace(self, sparse=self.sparse.to(device), dense=self.dense.to(device), domain=self.domain.to(device),
-                       labels=self.labels.to(device), true_probs=tp)
+                       labels=self.labels.to(device), true_probs=tp, timestamp=ts)
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 drop_last: bool = False) -> "CTRBatches":
@@ -238,6 +265,154 @@ def load_movielens(path: Optional[Union[str, os.PathLike]] = None, *, click_thre
     return _frame_to_ctr(df, sparse_cols, multi_hot, [f"genre_{g}" for g in ML1M_GENRES], domain, labels,
                          ["click", "like"], names, "movielens", "user_id", "movie_id", ["movie_id", "genre"],
                          list(range(len(ML1M_GENRES))))
+
+
+# ----------------------------------------------------------------------------------------------- any ratings table
+def _read_table(path, sep: Optional[str]):
+    """A DataFrame from CSV / TSV / Parquet (by suffix; `sep` overrides the text separator)."""
+    import pandas as pd
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return pd.read_parquet(p)
+    if sep is None:
+        sep = "\t" if suffix in (".tsv", ".tab") else ","
+    return pd.read_csv(p, sep=sep)
+
+
+def load_ratings_table(path, *, domain_col: str, label_cols: Sequence[str], sparse_cols: Sequence[str],
+                       dense_cols: Sequence[str] = (), user_col: Optional[str] = None, item_col: Optional[str] = None,
+                       item_cols: Sequence[str] = (), domains: Optional[Sequence] = None,
+                       time_col: Optional[str] = None, sep: Optional[str] = None, name: str = "table",
+                       split_order: str = "random") -> CTRData:
+    """Any multi-domain multi-task table as CTRData: one row per sample, a domain column, 0/1 label columns.
+
+    `path`: a CSV / TSV / Parquet file, a DataFrame, or a list of them — then they are the train, valid and
+    test parts in that order (the split is fixed to them, and a domain value absent from the first part is an
+    error). `sparse_cols` become id fields (factorized over all rows), `dense_cols` float features;
+    `user_col` / `item_col` (default: the first two sparse columns) and `item_cols` (item-side features,
+    sparse or dense) feed M3REC. `domains`: the domain values in domain-id order (default: the sorted values
+    of the training part). Labels must be 0/1 (or booleans); every bad input names its column.
+    """
+    import pandas as pd
+    parts = list(path) if isinstance(path, (list, tuple)) else [path]
+    frames, sources = [], []
+    for part in parts:
+        if isinstance(part, pd.DataFrame):
+            frames.append(part)
+            sources.append("DataFrame")
+        else:
+            frames.append(_read_table(part, sep))
+            sources.append(str(part))
+    if not label_cols:
+        raise ValueError("label_cols must name at least one label column")
+    needed = [domain_col, *label_cols, *sparse_cols, *dense_cols, *item_cols] + ([time_col] if time_col else [])
+    for frame, src in zip(frames, sources):
+        missing = [c for c in dict.fromkeys(needed) if c not in frame.columns]
+        if missing:
+            raise ValueError(f"column {missing[0]!r} is missing from {src} (missing: {missing})")
+    for c in item_cols:
+        if c not in sparse_cols and c not in dense_cols:
+            raise ValueError(f"item column {c!r} must also be in sparse_cols or dense_cols")
+    for role, c in (("user_col", user_col), ("item_col", item_col)):
+        if c is not None and c not in sparse_cols:
+            raise ValueError(f"{role} {c!r} must be one of sparse_cols")
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
+    for c in label_cols:
+        values = pd.to_numeric(df[c], errors="coerce") if df[c].dtype != bool else df[c].astype(np.int64)
+        bad = ~values.isin([0, 1])
+        if bad.any():
+            raise ValueError(f"label column {c!r} must hold only 0/1, found {sorted(map(str, df[c][bad].unique()[:5]))}")
+    for c in dense_cols:
+        if not pd.api.types.is_numeric_dtype(df[c]) or df[c].isna().any():
+            raise ValueError(f"dense column {c!r} must be numeric without missing values")
+    train_dom = frames[0][domain_col]
+    if domains is None:
+        domains = sorted(train_dom.dropna().unique().tolist())
+    domains = list(domains)
+    dom_index = {v: d for d, v in enumerate(domains)}
+    for frame, src, part in zip(frames, sources, ("training", "validation", "test")):
+        unseen = sorted(set(frame[domain_col].unique().tolist()) - set(dom_index), key=str)
+        if unseen:
+            where = "the given domains" if part == "training" else "the training data"
+            raise ValueError(f"domain column {domain_col!r} of the {part} data ({src}) has values {unseen[:5]} "
+                             f"absent from {where}")
+    domain = df[domain_col].map(dom_index).to_numpy()
+    labels = np.stack([df[c].astype(np.float64).to_numpy() for c in label_cols], 1)
+    dense = df[list(dense_cols)].to_numpy(np.float32) if dense_cols else np.zeros((len(df), 0), np.float32)
+    sparse_cols = list(sparse_cols)
+    user_col = user_col or sparse_cols[0]
+    item_col = item_col or sparse_cols[min(1, len(sparse_cols) - 1)]
+    data = _frame_to_ctr(df, sparse_cols, dense, list(dense_cols), domain, labels, list(label_cols),
+                         [f"{domain_col}={v}" for v in domains], name, user_col, item_col,
+                         [c for c in item_cols if c in sparse_cols] or [item_col],
+                         [list(dense_cols).index(c) for c in item_cols if c in dense_cols])
+    if time_col:
+        data.timestamp = torch.from_numpy(np.array(pd.to_numeric(df[time_col]), dtype=np.int64))
+    if len(frames) > 1:
+        data.fixed_split = tuple(len(f) for f in frames)
+    data.default_split_order = "sequential" if len(frames) > 1 else split_order
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- MovieLens-100K
+ML100K_GENRES = ("unknown",) + ML1M_GENRES
+ML100K_AGE_DOMAINS = ((0, 25), (25, 35), (35, 200))  # [lo, hi) ages: <25 (<18 and 18-24), 25-34, 35+
+
+
+def _ml1m_age_code(age: np.ndarray) -> np.ndarray:
+    """MovieLens-1M's age groups for exact ages: 1 (<18), 18, 25, 35, 45, 50, 56 (lower bound of the group)."""
+    bounds = np.array([18, 25, 35, 45, 50, 56])
+    codes = np.array([1, 18, 25, 35, 45, 50, 56])
+    return codes[np.searchsorted(bounds, age, side="right")]
+
+
+def load_ml100k(path: Optional[Union[str, os.PathLike]] = None, *, click_threshold: int = 3, like_threshold: int = 4,
+                zip_prefix: int = 2, split_order: str = "sequential") -> CTRData:
+    """MovieLens-100K (the GroupLens files u.data, u.user, u.item) with the M3oE paper's MovieLens protocol.
+
+    Domains by age: <25 (ML-1M's groups "<18" and "18-24"), 25-34, 35+; tasks click = rating > 3 and
+    like = rating > 4. Sparse fields: user id, movie id, gender, age group (ML-1M's codes), occupation,
+    zip prefix (`zip_prefix` characters), first genre, release year; dense: the 19-genre multi-hot. Rows
+    keep u.data's order (GroupLens ship it neither by user nor by time), which the default split slices
+    sequentially as the official M3oE code does; `timestamp` allows split order "time".
+    """
+    import pandas as pd
+    p = pathlib.Path(path) if path is not None else default_data_root() / "ml100k"
+    for f in ("u.data", "u.user", "u.item"):
+        if not (p / f).exists():
+            raise FileNotFoundError(f"MovieLens-100K file {p / f} not found")
+    ratings = pd.read_csv(p / "u.data", sep="\t", header=None, names=["user_id", "movie_id", "rating", "timestamp"])
+    users = pd.read_csv(p / "u.user", sep="|", header=None, names=["user_id", "age", "gender", "occupation", "zip"],
+                        dtype={"zip": str})
+    items = pd.read_csv(p / "u.item", sep="|", header=None, encoding="latin-1",
+                        names=["movie_id", "title", "date", "video_date", "url", *ML100K_GENRES])
+    df = ratings.merge(users, on="user_id", how="left", validate="many_to_one")
+    df = df.merge(items, on="movie_id", how="left", validate="many_to_one")
+    if df["age"].isna().any() or df["title"].isna().any():
+        raise ValueError(f"u.data at {p} rates users or movies absent from u.user / u.item")
+    age = df["age"].to_numpy()
+    domain = np.zeros(len(df), np.int64)
+    for d, (lo, hi) in enumerate(ML100K_AGE_DOMAINS):
+        domain[(age >= lo) & (age < hi)] = d
+    flags = df[list(ML100K_GENRES)].to_numpy(np.float32)
+    first = np.where(flags.any(1), flags.argmax(1), 0)
+    df = df.assign(domain=domain, click=(df["rating"] > click_threshold).astype(np.int64),
+                   like=(df["rating"] > like_threshold).astype(np.int64), age_group=_ml1m_age_code(age),
+                   zip=df["zip"].str[:zip_prefix], genre=np.array(ML100K_GENRES)[first],
+                   year=df["date"].astype(str).str[-4:].where(df["date"].notna(), "none"))
+    genre_cols = list(ML100K_GENRES)
+    data = load_ratings_table(df, domain_col="domain", label_cols=["click", "like"],
+                              sparse_cols=["user_id", "movie_id", "gender", "age_group", "occupation", "zip", "genre",
+                                           "year"],
+                              dense_cols=genre_cols, user_col="user_id", item_col="movie_id",
+                              item_cols=["movie_id", "genre", "year", *genre_cols], domains=[0, 1, 2],
+                              time_col="timestamp", name="ml100k", split_order=split_order)
+    data.domain_names = ["age <25", "age 25-34", "age 35+"]
+    data.dense_names = [f"genre_{g}" for g in ML100K_GENRES]
+    return data
 
 
 # ----------------------------------------------------------------------------------------------- KuaiRand
@@ -412,6 +587,8 @@ def load_ctr(name: str, path: Optional[str] = None, **kwargs) -> CTRData:
         return load_movielens(path, **kwargs)
     if key == "kuairand":
         return load_kuairand(path, **kwargs)
+    if key in ("ml100k", "ml-100k"):
+        return load_ml100k(path, **kwargs)
     if key == "synthetic":
         return make_synthetic_ctr(**kwargs)
-    raise ValueError(f"unknown CTR dataset {name!r} (movielens, kuairand, synthetic)")
+    raise ValueError(f"unknown CTR dataset {name!r} (movielens, ml100k, kuairand, synthetic)")

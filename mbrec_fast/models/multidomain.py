@@ -3,7 +3,7 @@
 Every model maps a batch {sparse, dense, domain} to logits [B, T] — one per task, for the domain the
 sample was observed in. All expert computation (experts, gated mixes, per-domain / per-(domain, task)
 layers and towers) runs through the fused expert ops `mbrec_fast::gated_experts_fwd` and
-`mbrec_fast::routed_experts_fwd` via `ExpertBank`; `impl="loop"` switches a bank to a Python loop of
+`mbrec_fast::routed_experts_fwd` via `ExpertBank` (a one-expert bank is a plain layer); `impl="loop"` switches a bank to a Python loop of
 per-expert Linear/LayerNorm/activation over the SAME parameters (the reference and the benchmark baseline).
 
 Baselines are head-based: a base model owns one head per (domain, task) pair. `setting` picks the form
@@ -23,9 +23,11 @@ from .. import _experts_ops as _ops
 from ..experts import gated_experts, routed_experts
 
 __all__ = ["ExpertBank", "RoutedMLP", "FeatureEmbedding", "MLPPerHead", "SharedBottom", "MMoE", "PLE", "STAR",
-           "M3oE", "M3REC", "PerGroup", "build_model", "MODEL_NAMES", "bce_loss"]
+           "M3oE", "M3REC", "AdaTT", "M2M", "PerGroup", "build_model", "MODEL_NAMES", "bce_loss", "balanced_bce_loss",
+           "ctr_loss"]
 
-MODEL_NAMES = ("m3oe", "m3rec", "mlp", "sharedbottom", "mmoe", "ple", "star")
+MODEL_NAMES = ("m3oe", "m3rec", "mlp", "sharedbottom", "mmoe", "ple", "star", "adatt", "adatt-sp", "m2m")
+MDMT_ONLY = ("mlp", "m3oe", "m3rec", "m2m")  # built per (domain, task) already or MDMT by design
 
 
 # ================================================================================================ op calls
@@ -105,6 +107,8 @@ class ExpertBank(nn.Module):
         (STAR passes W_shared * W_d)."""
         w = self.weight if weight is None else weight
         b = self.bias if bias is None else bias
+        if self.n_experts == 1:  # every row has the one expert: a plain layer (the op's routing is pure overhead here)
+            return self._one(x, 0, w, b)
         if self.impl == "loop":
             out = x.new_zeros(x.shape[0], self.d_out)
             for e in range(self.n_experts):
@@ -164,6 +168,24 @@ class FeatureEmbedding(nn.Module):
 def bce_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """BCE summed over tasks, mean over samples (the objective of the M3oE paper)."""
     return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1).mean()
+
+
+def balanced_bce_loss(logits: Tensor, labels: Tensor, domain: Tensor, n_domains: int) -> Tensor:
+    """Domain-balanced BCE (the official M3oE trainer's loss): the mean BCE of each (domain, task) cell of the
+    batch, summed over the cells present — every domain weighs alike, whatever its share of the samples."""
+    per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # [B, T]
+    sums = per.new_zeros(n_domains, per.shape[1]).index_add(0, domain, per)
+    counts = torch.bincount(domain, minlength=n_domains).to(per.dtype).unsqueeze(1)
+    return (sums / counts.clamp(min=1)).sum()
+
+
+def ctr_loss(kind: str, logits: Tensor, batch: Dict[str, Tensor], n_domains: int) -> Tensor:
+    """`kind` "pooled" (bce_loss: sum over tasks, mean over samples) or "balanced" (balanced_bce_loss)."""
+    if kind == "pooled":
+        return bce_loss(logits, batch["labels"])
+    if kind == "balanced":
+        return balanced_bce_loss(logits, batch["labels"], batch["domain"], n_domains)
+    raise ValueError(f"loss must be 'pooled' or 'balanced', got {kind!r}")
 
 
 class _CTRModel(nn.Module):
@@ -384,52 +406,180 @@ class PerGroup(nn.Module):
         return out
 
 
+class AdaTT(_CTRModel):
+    """AdaTT (Li et al., KDD'23) with the (domain, task) heads as its tasks: `n_specific` experts per head plus
+    `n_shared` shared experts (AdaTT-sp, `sparse=True`: none), all Linear-LN-ReLU over the input. Head h's
+    fusion unit adds a softmax gate over every expert (logits from the input) and a native residual, its own
+    experts weighted by learned scalars (init 1) — both as one given-gates call of the gated op. One fusion
+    level; a tower per head."""
+
+    name = "adatt"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_specific=1, n_shared=2,
+                 expert_dim=64, tower=(32,), sparse=False, impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        n_heads, d = n_domains * n_tasks, self.embedding.out_dim
+        self.n_heads, self.n_specific = n_heads, n_specific
+        self.n_shared = 0 if sparse else n_shared
+        n_exp = n_heads * n_specific + self.n_shared
+        self.experts = ExpertBank(n_exp, d, expert_dim, impl=impl)
+        self.gate_weight = nn.Parameter(torch.randn(n_heads, d, n_exp) * 0.01)
+        self.gate_bias = nn.Parameter(torch.zeros(n_heads, n_exp))
+        self.native_weight = nn.Parameter(torch.ones(n_heads, n_specific))
+        own = torch.arange(n_heads).unsqueeze(1) * n_specific + torch.arange(n_specific)  # [heads, n_specific]
+        self.register_buffer("own_experts", own, persistent=False)
+        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], impl=impl)
+
+    def forward(self, batch):
+        x = self.embedding(batch["sparse"], batch["dense"])
+        heads = self.heads(batch["domain"])
+        logits = torch.einsum("bd,gde->gbe", x, self.gate_weight) + self.gate_bias.unsqueeze(1)
+        native = torch.zeros_like(self.gate_bias).scatter(1, self.own_experts, self.native_weight)  # [heads, E]
+        gates = torch.softmax(logits, -1) + native.unsqueeze(1)
+        mixed = self.experts.gated(x, gates=gates)  # [heads, B, H]
+        mixed = _select_heads(mixed, heads) if self.n_domains > 1 else mixed
+        return self.tower(mixed.reshape(-1, mixed.shape[-1]), heads.reshape(-1)).view(self.n_tasks, -1).t()
+
+
+class M2M(_CTRModel):
+    """M2M (Zhang et al., WSDM'22), from the paper's description, on the expert layers:
+
+    * scenario knowledge s_d: a learned embedding per domain (no scenario-side features here);
+    * backbone: `n_experts` shared Linear-LN-ReLU experts over the input;
+    * meta attention per (domain, task): a query from a meta unit (a layer whose weights are generated from
+      s_d) applied to the task embedding, softmax attention over the experts' outputs;
+    * meta tower per (domain, task): a residual ReLU layer whose weights are generated from s_d and the task
+      (routed op with the generated per-head weights, as STAR passes its products), then a linear output per task.
+    Because s_d depends only on the domain, every generated weight is one tensor per domain (or head).
+    """
+
+    name = "m2m"
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_experts=4, expert_dim=64,
+                 impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        H, d, n_heads = expert_dim, self.embedding.out_dim, n_domains * n_tasks
+        self.expert_dim = H
+        self.experts = ExpertBank(n_experts, d, H, impl=impl)
+        self.scenario = nn.Embedding(n_domains, emb_dim)
+        self.task_emb = nn.Parameter(torch.randn(n_tasks, H) * 0.1)
+        nn.init.normal_(self.scenario.weight, std=1.0)
+        scale = 1 / math.sqrt(H * emb_dim)
+        self.query_gen = nn.Parameter(torch.randn(emb_dim, H * H) * scale)  # meta unit of the attention
+        self.tower_gen = nn.Parameter(torch.randn(n_tasks, emb_dim, H * H) * scale)  # meta tower weights per task
+        self.tower_gen_bias = nn.Parameter(torch.zeros(n_tasks, emb_dim, H))
+        self.meta_tower = ExpertBank(n_heads, H, H, layer_norm=False, activation="relu", impl=impl)
+        self.out = ExpertBank(n_tasks, H, 1, layer_norm=False, activation="none", impl=impl)
+
+    def forward(self, batch):
+        x = self.embedding(batch["sparse"], batch["dense"])
+        dom = batch["domain"]
+        B, T, D, H = x.shape[0], self.n_tasks, self.n_domains, self.expert_dim
+        outs = self.experts.experts_out(x)  # [B, E, H]
+        s = self.scenario.weight  # [D, e]
+        w_query = (s @ self.query_gen).view(D, H, H)
+        queries = torch.relu(torch.einsum("th,dhk->dtk", self.task_emb, w_query))  # [D, T, H]
+        q = queries[dom].transpose(0, 1)  # [T, B, H]
+        att = torch.softmax(torch.einsum("tbh,beh->tbe", q, outs) / math.sqrt(H), -1)
+        mixed = torch.einsum("tbe,beh->tbh", att, outs)  # [T, B, H]
+        w_tower = torch.einsum("de,tek->dtk", s, self.tower_gen).reshape(D * T, H, H) + self.meta_tower.weight
+        b_tower = torch.einsum("de,teh->dth", s, self.tower_gen_bias).reshape(D * T, H) + self.meta_tower.bias
+        heads = self.heads(dom).reshape(-1)
+        h = mixed.reshape(T * B, H)
+        h = h + self.meta_tower.routed(h, heads, weight=w_tower, bias=b_tower)
+        tasks = torch.arange(T, device=x.device).repeat_interleave(B)
+        return self.out.routed(h, tasks).view(T, B).t()
+
+
 # ================================================================================================ M3oE
+M3OE_VARIANTS = {
+    # the official code (Applied-Machine-Learning-Lab/M3oE, MDMTRec): see docs/multidomain.md
+    "official": dict(star_dim=512, rep_dim=256, star_activation="none", rep_skip=True, tower_layer_norm=True,
+                     detach_gate=True, scalar_fusion=True, fusion_init=1.0, star_init="xavier", tower_hidden=None),
+    # this package before issue 15 (the paper's text as first read)
+    "v1": dict(star_dim=None, rep_dim=64, star_activation="relu", rep_skip=False, tower_layer_norm=False,
+               detach_gate=False, scalar_fusion=False, fusion_init=0.0, star_init="star", tower_hidden=32),
+}
+
+
 class M3oE(_CTRModel):
     """M3oE (Zhang et al., SIGIR'24).
 
-    * STAR-style domain representation `x (W_shared ⊙ W_d) + b_shared + b_d` (routed over domains), then a shared
-      MLP layer to a common space;
-    * shared experts mixed by a softmax gate per (domain, task);
+    * STAR-style domain representation `x (W_shared ⊙ W_d) + b_shared + b_d` (routed over domains), then a
+      Linear-LayerNorm-ReLU mapping plus a Linear-LayerNorm-ReLU skip of the input (official) — or, variant
+      "v1", a ReLU after the STAR layer and a Linear+ReLU mapping without skip;
+    * shared experts mixed by a softmax gate per (domain, task) (gate input detached in the official code);
     * one expert per domain mixed with `α_d·D_d + (1-α_d)/(D-1)·Σ_{j≠d} D_j`, one per task with α_t likewise
       (both mixes are the gated op with given per-sample weights);
-    * fusion `shared + β_d·domain_mix + β_t·task_mix`; α, β = sigmoid of trainable scalars (`fusion_parameters()`),
-      which the main optimizer must not hold — they are trained on held-out batches (first-order bi-level);
-    * a two-layer tower per (domain, task).
+    * fusion `shared + β_d·domain_mix + β_t·task_mix`; α, β = sigmoid of trainable scalars (`fusion_parameters()`):
+      four scalars (official) or one per domain / per task (v1). `fusion="concat"` and `fusion="gated"` are the
+      paper's ablations "concat modules" (tower reads [shared; domain_mix; task_mix]) and "fully gated modules"
+      (one softmax gate per (domain, task) over all shared, domain and task experts, no α/β);
+    * a two-layer tower per (domain, task) (Linear-LN-ReLU-Linear in the official code).
     Ablations: `fixed_fusion` (all α, β = 0.5, no AutoML), `use_domain_module`, `use_task_module`.
     """
 
     name = "m3oe"
-
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_shared=1, expert_dim=64, rep_dim=64,
-                 tower=(32,), fixed_fusion=False, use_domain_module=True, use_task_module=True, impl="fused", **_):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
-        d = self.embedding.out_dim
-        self.use_domain_module, self.use_task_module, self.fixed_fusion = use_domain_module, use_task_module, fixed_fusion
-        # domain representation: STAR layer (routed over domains) + shared mapping layer
-        self.star = ExpertBank(n_domains, d, rep_dim, layer_norm=False, activation="relu", impl=impl)
-        nn.init.ones_(self.star.weight)
-        nn.init.zeros_(self.star.bias)
-        self.star_shared_weight = nn.Parameter(torch.empty(d, rep_dim).uniform_(-1, 1) / math.sqrt(d))
-        self.star_shared_bias = nn.Parameter(torch.zeros(rep_dim))
-        self.mapping = ExpertBank(1, rep_dim, rep_dim, layer_norm=False, activation="relu", impl=impl)
-        n_heads = n_domains * n_tasks
-        self.shared = ExpertBank(n_shared, rep_dim, expert_dim, impl=impl)
-        self.shared_gate_weight = nn.Parameter(torch.randn(n_heads, rep_dim, n_shared) * 0.01)
-        self.shared_gate_bias = nn.Parameter(torch.zeros(n_heads, n_shared))
-        self.domain_experts = ExpertBank(n_domains, rep_dim, expert_dim, impl=impl) if use_domain_module else None
-        self.task_experts = ExpertBank(n_tasks, rep_dim, expert_dim, impl=impl) if use_task_module else None
-        # fusion scalars (pre-sigmoid): α per domain, α per task, β per domain, β per task
-        names = ("alpha_domain", "alpha_task", "beta_domain", "beta_task")
-        sizes = (n_domains, n_tasks, n_domains, n_tasks)
-        for nm, n in zip(names, sizes):
-            if fixed_fusion:
-                self.register_buffer(nm, torch.zeros(n))  # sigmoid(0) = 0.5, never trained
-            else:
-                setattr(self, nm, nn.Parameter(torch.zeros(n)))
-        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], impl=impl)
-
     _FUSION = ("alpha_domain", "alpha_task", "beta_domain", "beta_task")
+
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_shared=None, expert_dim=64,
+                 variant="official", fusion="add", fixed_fusion=False, use_domain_module=True, use_task_module=True,
+                 impl="fused", **kwargs):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+        if variant not in M3OE_VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(M3OE_VARIANTS)}, got {variant!r}")
+        if fusion not in ("add", "concat", "gated"):
+            raise ValueError(f"fusion must be 'add', 'concat' or 'gated', got {fusion!r}")
+        if n_shared is None:  # the official MovieLens script uses 4; v1 used the paper's text (1 on MovieLens)
+            n_shared = 4 if variant == "official" else 1
+        cfg = dict(M3OE_VARIANTS[variant])
+        cfg.update({k: v for k, v in kwargs.items() if k in cfg and v is not None})
+        if variant == "v1" and "rep_dim" not in kwargs:
+            cfg["rep_dim"] = expert_dim
+        self.variant, self.fusion, self.cfg = variant, fusion, cfg
+        d, rep_dim = self.embedding.out_dim, cfg["rep_dim"]
+        star_dim = cfg["star_dim"] or rep_dim
+        self.use_domain_module, self.use_task_module = use_domain_module, use_task_module
+        self.fixed_fusion = fixed_fusion or fusion == "gated"
+        # domain representation: STAR layer (routed over domains) + mapping (+ skip)
+        self.star = ExpertBank(n_domains, d, star_dim, layer_norm=False, activation=cfg["star_activation"], impl=impl)
+        self.star_shared_weight = nn.Parameter(torch.empty(d, star_dim))
+        self.star_shared_bias = nn.Parameter(torch.zeros(star_dim))
+        nn.init.zeros_(self.star.bias)
+        if cfg["star_init"] == "xavier":  # official: both factors xavier-uniform
+            nn.init.xavier_uniform_(self.star_shared_weight)
+            for w in self.star.weight:
+                nn.init.xavier_uniform_(w)
+        else:  # STAR's own init: W_d = 1
+            nn.init.ones_(self.star.weight)
+            nn.init.uniform_(self.star_shared_weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
+        ln = cfg["rep_skip"]  # the official mapping and skip are Linear-LN-ReLU
+        self.mapping = ExpertBank(1, star_dim, rep_dim, layer_norm=ln, activation="relu", impl=impl)
+        self.skip = ExpertBank(1, d, rep_dim, layer_norm=True, activation="relu", impl=impl) if cfg["rep_skip"] else None
+        n_heads = n_domains * n_tasks
+        n_dom = n_domains if use_domain_module else 0
+        n_task = n_tasks if use_task_module else 0
+        if fusion == "gated":  # one bank of shared + domain + task experts, one gate per head over all of them
+            self.shared = ExpertBank(n_shared + n_dom + n_task, rep_dim, expert_dim, impl=impl)
+            n_gate = n_shared + n_dom + n_task
+            self.domain_experts = self.task_experts = None
+        else:
+            self.shared = ExpertBank(n_shared, rep_dim, expert_dim, impl=impl)
+            n_gate = n_shared
+            self.domain_experts = ExpertBank(n_domains, rep_dim, expert_dim, impl=impl) if use_domain_module else None
+            self.task_experts = ExpertBank(n_tasks, rep_dim, expert_dim, impl=impl) if use_task_module else None
+        self.shared_gate_weight = nn.Parameter(torch.randn(n_heads, rep_dim, n_gate) * 0.01)
+        self.shared_gate_bias = nn.Parameter(torch.zeros(n_heads, n_gate))
+        # fusion scalars (pre-sigmoid): α domain, α task, β domain, β task (one each, or one per domain / task)
+        sizes = (1, 1, 1, 1) if cfg["scalar_fusion"] else (n_domains, n_tasks, n_domains, n_tasks)
+        for nm, n in zip(self._FUSION, sizes):
+            if self.fixed_fusion or (fusion == "concat" and nm.startswith("beta")):
+                self.register_buffer(nm, torch.zeros(n))  # sigmoid(0) = 0.5, never trained (unused by concat)
+            else:
+                setattr(self, nm, nn.Parameter(torch.full((n,), float(cfg["fusion_init"]))))
+        tower_in = expert_dim * (1 + (fusion == "concat") * ((n_dom > 0) + (n_task > 0)))
+        hidden = cfg["tower_hidden"] or expert_dim
+        self.tower = RoutedMLP(n_heads, [tower_in, hidden, 1], impl=impl, layer_norm=cfg["tower_layer_norm"])
 
     def fusion_parameters(self) -> List[nn.Parameter]:
         """The α/β scalars (empty with fixed_fusion)."""
@@ -438,6 +588,10 @@ class M3oE(_CTRModel):
     def main_parameters(self) -> List[nn.Parameter]:
         """Every parameter except the fusion scalars."""
         return [p for n, p in self.named_parameters() if n not in self._FUSION]
+
+    def fusion_weights(self) -> Dict[str, List[float]]:
+        """The α/β after the sigmoid."""
+        return {n: torch.sigmoid(getattr(self, n).detach()).cpu().tolist() for n in self._FUSION}
 
     @staticmethod
     def _balance(alpha: Tensor, own: Tensor, n: int) -> Tensor:
@@ -448,30 +602,52 @@ class M3oE(_CTRModel):
         a = alpha.unsqueeze(-1)
         return onehot * a + (1 - onehot) * (1 - a) / (n - 1)
 
+    def _scalar(self, name: str, index: Tensor) -> Tensor:
+        """σ(scalar) for each entry of `index` (per-domain / per-task scalars indexed, a single one broadcast)."""
+        v = torch.sigmoid(getattr(self, name))
+        return v[index] if v.numel() > 1 else v.expand(index.shape[0])
+
     def representation(self, batch) -> Tensor:
         x = self.embedding(batch["sparse"], batch["dense"])
         dom = batch["domain"]
         w = self.star_shared_weight.unsqueeze(0) * self.star.weight
         b = self.star_shared_bias.unsqueeze(0) + self.star.bias
         r = self.star.routed(x, dom, weight=w, bias=b)
-        return self.mapping.routed(r, torch.zeros_like(dom))
+        zero = torch.zeros_like(dom)
+        r = self.mapping.routed(r, zero)
+        if self.skip is not None:
+            r = r + self.skip.routed(x, zero)
+        return r
 
     def forward(self, batch):
         dom = batch["domain"]
         r = self.representation(batch)
         B, T, D = r.shape[0], self.n_tasks, self.n_domains
         heads = self.heads(dom)  # [T, B]
-        shared = self.shared.gated(r, self.shared_gate_weight, self.shared_gate_bias)  # [D*T, B, H]
+        if self.cfg["detach_gate"]:  # gate logits from the detached representation, mixes as given gates
+            logits = torch.einsum("bd,gde->gbe", r.detach(), self.shared_gate_weight) + self.shared_gate_bias.unsqueeze(1)
+            shared = self.shared.gated(r, gates=torch.softmax(logits, -1))
+        else:
+            shared = self.shared.gated(r, self.shared_gate_weight, self.shared_gate_bias)  # [D*T, B, H]
         fused = _select_heads(shared, heads) if D > 1 else shared  # [T, B, H]
+        parts = [fused]
         if self.domain_experts is not None:
-            gates = self._balance(torch.sigmoid(self.alpha_domain)[dom], dom, D).unsqueeze(0)  # [1, B, D]
+            gates = self._balance(self._scalar("alpha_domain", dom), dom, D).unsqueeze(0)  # [1, B, D]
             domain_mix = self.domain_experts.gated(r, gates=gates.contiguous())  # [1, B, H]
-            fused = fused + torch.sigmoid(self.beta_domain)[dom].view(1, B, 1) * domain_mix
+            if self.fusion == "concat":
+                parts.append(domain_mix.expand(T, B, -1))
+            else:
+                fused = fused + self._scalar("beta_domain", dom).view(1, B, 1) * domain_mix
         if self.task_experts is not None:
             tasks = torch.arange(T, device=r.device)
-            gates = self._balance(torch.sigmoid(self.alpha_task), tasks, T).unsqueeze(1).expand(T, B, T)  # [T, B, T]
+            gates = self._balance(self._scalar("alpha_task", tasks), tasks, T).unsqueeze(1).expand(T, B, T)  # [T, B, T]
             task_mix = self.task_experts.gated(r, gates=gates.contiguous())  # [T, B, H]
-            fused = fused + torch.sigmoid(self.beta_task).view(T, 1, 1) * task_mix
+            if self.fusion == "concat":
+                parts.append(task_mix)
+            else:
+                fused = fused + self._scalar("beta_task", tasks).view(T, 1, 1) * task_mix
+        if self.fusion == "concat":
+            fused = torch.cat(parts, -1)
         return self.tower(fused.reshape(T * B, -1), heads.reshape(-1)).view(T, B).t()
 
 
@@ -498,7 +674,7 @@ class M3REC(_CTRModel):
 
     def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, user_field=0, item_field=1, item_sparse_fields=(),
                  item_dense_cols=(), emb_dim=16, n_shared=2, expert_dim=64, tower=(32,), cold_prob=0.1,
-                 min_item_count=1, n_heads_attn=2, impl="fused", **_):
+                 min_item_count=1, n_heads_attn=2, use_generator=True, impl="fused", **_):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
         self.user_field, self.item_field, self.cold_prob, self.min_item_count = user_field, item_field, cold_prob, min_item_count
         self.item_side_fields = [f for f in item_sparse_fields if f != item_field]
@@ -506,7 +682,8 @@ class M3REC(_CTRModel):
         n_users, n_items = field_dims[user_field], field_dims[item_field]
         # MIEG
         gen_in = emb_dim * len(self.item_side_fields) + len(self.item_dense_cols)
-        self.generator = RoutedMLP(1, [max(gen_in, 1), 2 * emb_dim, emb_dim], impl=impl)
+        self.use_generator = use_generator  # False: the ablation without MIEG (every item its id embedding alone)
+        self.generator = RoutedMLP(1, [max(gen_in, 1), 2 * emb_dim, emb_dim], impl=impl) if use_generator else None
         self.register_buffer("item_seen", torch.ones(n_items))
         # UPT
         self.user_scenario = nn.Embedding(n_users * n_domains, emb_dim)
@@ -528,12 +705,8 @@ class M3REC(_CTRModel):
         counts = torch.bincount(item_ids.cpu(), minlength=self.item_seen.numel()).float()
         self.item_seen.copy_((counts >= self.min_item_count).float().to(self.item_seen.device))
 
-    def forward(self, batch):
-        sparse, dense, dom = batch["sparse"], batch["dense"], batch["domain"]
-        B, S, T = sparse.shape[0], self.n_domains, self.n_tasks
-        fields = self.embedding.fields(sparse)  # [B, F, e]
-        # MIEG
-        item = sparse[:, self.item_field]
+    def _generated_item(self, fields: Tensor, dense: Tensor, dom: Tensor, item: Tensor, B: int) -> Tensor:
+        """MIEG: `m_i·e_id(i) + g_i`, the id part dropped for unseen items (and with `cold_prob` in training)."""
         parts = [fields[:, self.item_side_fields].flatten(1)] if self.item_side_fields else []
         if self.item_dense_cols:
             parts.append(dense[:, self.item_dense_cols])
@@ -542,7 +715,18 @@ class M3REC(_CTRModel):
         keep = self.item_seen[item]
         if self.training and self.cold_prob > 0:
             keep = keep * (torch.rand(B, device=keep.device) >= self.cold_prob).float()
-        item_vec = keep.unsqueeze(1) * fields[:, self.item_field] + generated
+        return keep.unsqueeze(1) * fields[:, self.item_field] + generated
+
+    def forward(self, batch):
+        sparse, dense, dom = batch["sparse"], batch["dense"], batch["domain"]
+        B, S, T = sparse.shape[0], self.n_domains, self.n_tasks
+        fields = self.embedding.fields(sparse)  # [B, F, e]
+        # MIEG
+        item = sparse[:, self.item_field]
+        if self.generator is None:
+            item_vec = fields[:, self.item_field]
+        else:
+            item_vec = self._generated_item(fields, dense, dom, item, B)
         # UPT
         user = sparse[:, self.user_field]
         scen = torch.arange(S, device=sparse.device)
@@ -567,7 +751,7 @@ class M3REC(_CTRModel):
 
 # ================================================================================================ factory
 _BASE = {"mlp": MLPPerHead, "sharedbottom": SharedBottom, "mmoe": MMoE, "ple": PLE, "star": STAR, "m3oe": M3oE,
-         "m3rec": M3REC}
+         "m3rec": M3REC, "adatt": AdaTT, "adatt-sp": AdaTT, "m2m": M2M}
 
 
 def build_model(name: str, data, *, setting: str = "mdmt", impl: str = "fused", **kwargs) -> nn.Module:
@@ -580,15 +764,17 @@ def build_model(name: str, data, *, setting: str = "mdmt", impl: str = "fused", 
         raise ValueError(f"setting must be mdmt, mtl or mdl, got {setting!r}")
     cls = _BASE[key]
     extra = dict(kwargs)
+    if key == "adatt-sp":
+        extra["sparse"] = True
     if key == "m3rec":
         extra.update(user_field=data.user_field if data.user_field is not None else 0,
                      item_field=data.item_field if data.item_field is not None else 1,
                      item_sparse_fields=data.item_sparse_fields, item_dense_cols=data.item_dense_cols)
     make = lambda nd, nt: cls(data.field_dims, data.n_dense, nd, nt, impl=impl, **extra)  # noqa: E731
-    if setting == "mdmt" or key in ("mlp", "m3oe", "m3rec"):
+    if setting == "mdmt" or key in MDMT_ONLY:
         model = make(data.n_domains, data.n_tasks)
     else:
         model = PerGroup(make, setting, data.n_domains, data.n_tasks)
     model.model_name = key
-    model.setting = setting if key not in ("mlp", "m3oe", "m3rec") else "mdmt"
+    model.setting = setting if key not in MDMT_ONLY else "mdmt"
     return model
