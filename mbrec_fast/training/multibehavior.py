@@ -29,7 +29,7 @@ from .checkpoint import load_checkpoint
 from .common import Trainer, format_table, init_distributed, is_main_process, log, seed_everything, world
 
 __all__ = ["train_main", "evaluate_main", "build_parser", "build_model", "load_data", "evaluate_model", "results_markdown",
-           "metrics_table", "MODELS"]
+           "metrics_table", "MODELS", "check_protocol", "result_rows", "write_result_rows", "variant_label"]
 
 # name -> (module, class name); the first three live in baselines.py, the rest in their own modules
 MODELS = {
@@ -47,6 +47,15 @@ MODEL_DEFAULTS = {
     "nmtr": {"neg_ratio": 4, "reg": 0.0},
     "member": {"dim": 32},
 }
+# (model, --variant) -> defaults of that configuration: the faithful MEMBER takes the official code's
+# optimiser settings (Adam lr 5e-3, batch 1,024, weight decay 1e-7, no L2 term in the loss)
+VARIANT_DEFAULTS = {
+    ("member", "faithful"): {"lr": 5e-3, "batch_size": 1024, "weight_decay": 1e-7, "reg": 0.0},
+}
+GENERIC_DEFAULTS = {"dim": 64, "neg_ratio": 1, "reg": 1e-4, "lr": 1e-3, "batch_size": 4096, "weight_decay": 0.0}
+PROTOCOLS = ("full", "pool", "both")
+# --ablation -> MEMBER constructor arguments
+ABLATIONS = {"avg": {"gate": "avg"}, "single-expert": {"single_expert": True}}
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -59,9 +68,11 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--behaviors", default=None, help="comma-separated cascade order for a table (weakest first)")
     p.add_argument("--valid", default="leave-one-out", choices=["leave-one-out", "none"])
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=None, help="default 4096 (MEMBER faithful 1024)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (MEMBER faithful 5e-3)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 0 (MEMBER faithful 1e-7)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adagrad"],
+                   help="adam, or adagrad (the NMTR paper's optimiser, lr 0.01 there)")
     p.add_argument("--dim", type=int, default=None, help="embedding size (default 64; MEMBER 32)")
     p.add_argument("--neg-ratio", type=int, default=None, help="negatives per positive (default 1; NeuMF/NMTR 4)")
     p.add_argument("--reg", type=float, default=None, help="L2 on the embedding rows of a batch (default 1e-4)")
@@ -83,6 +94,18 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="LightGCN/MEMBER propagation layers; NMTR MLP tower depth")
     p.add_argument("--loss-weights", default=None, help="NMTR per-behavior loss weights, comma-separated")
     p.add_argument("--interaction", default=None, help="NMTR interaction function: gmf, mlp or neumf")
+    p.add_argument("--variant", default=None, choices=["legacy", "faithful"],
+                   help="MEMBER configuration: legacy (default) or faithful (the official code's choices)")
+    p.add_argument("--ablation", default=None, choices=sorted(ABLATIONS),
+                   help="MEMBER ablation: avg (the paper's 'w/ AVG', expert scores averaged) or single-expert")
+    p.add_argument("--protocol", default="full",
+                   help="evaluation: full (full ranking, overall / visited / unvisited targets), pool (the MEMBER "
+                        "paper's per-pool settings) or both")
+    p.add_argument("--pool-others", default="exclude", choices=["exclude", "zero"],
+                   help="pool protocol: items outside the pool are removed (exclude) or kept with score 0 (zero, "
+                        "the official MEMBER code)")
+    p.add_argument("--pool-scores", default="model", choices=["model", "expert"],
+                   help="pool protocol: rank each pool by the model's score, or by that pool's MEMBER expert alone")
     return p
 
 
@@ -102,12 +125,20 @@ def _model_kwargs(args) -> Dict[str, Any]:
         extra.setdefault("loss_weights", [float(x) for x in args.loss_weights.split(",")])
     if args.interaction is not None:
         extra.setdefault("interaction", args.interaction)
+    if getattr(args, "variant", None) is not None or getattr(args, "ablation", None) is not None:
+        if args.model != "member":
+            raise SystemExit(f"--variant and --ablation apply to --model member, not {args.model!r}")
+        if args.variant is not None:
+            extra.setdefault("variant", args.variant)
+        for key, value in ABLATIONS.get(args.ablation, {}).items():
+            extra.setdefault(key, value)
     return extra
 
 
 def _fill_defaults(args) -> None:
-    defaults = {"dim": 64, "neg_ratio": 1, "reg": 1e-4}
+    defaults = dict(GENERIC_DEFAULTS)
     defaults.update(MODEL_DEFAULTS.get(args.model, {}))
+    defaults.update(VARIANT_DEFAULTS.get((args.model, getattr(args, "variant", None)), {}))
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -176,12 +207,37 @@ def _to_device(csr, device):
     return tuple(t.to(device) for t in csr)
 
 
+def check_protocol(protocol: str, data=None) -> None:
+    """ValueError naming --protocol for an unknown protocol, or a pool protocol on data without
+    auxiliary behaviors (no visited pool exists there)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol != "full" and data is not None and data.n_behaviors < 2:
+        raise ValueError(f"--protocol {protocol}: the per-pool protocol needs auxiliary behaviors, and data set "
+                         f"{data.name!r} has only {data.behavior_names}")
+
+
 def evaluate_model(model: nn.Module, data, split: str, ks=(10, 20, 50, 100), device="cpu",
-                   distributed: bool = False) -> Dict[str, float]:
-    """Full-ranking HR/NDCG@K on `split`, overall and on visited / unvisited held-out items (flat dict)."""
+                   distributed: bool = False, protocol: str = "full", pool_others: str = "exclude",
+                   pool_scores: str = "model") -> Dict[str, float]:
+    """HR/NDCG@K on `split` (flat dict). protocol "full": full ranking, overall and on visited / unvisited
+    held-out items; "pool": the MEMBER paper's per-pool settings (keys "visited_pool_hr@10", ...; see
+    `mbrec_fast.models.member.evaluate_by_pool`); "both": both."""
+    check_protocol(protocol, data)
+    out: Dict[str, float] = {}
+    ks = [k for k in ks if k <= data.n_items]
+    if protocol in ("pool", "both"):
+        from ..models.member import evaluate_by_pool
+        out.update(evaluate_by_pool(model, data, split, ks, device, others=pool_others, scores=pool_scores,
+                                    distributed=distributed))
+    if protocol in ("full", "both"):
+        out.update(_evaluate_full(model, data, split, ks, device, distributed))
+    return out
+
+
+def _evaluate_full(model: nn.Module, data, split: str, ks, device, distributed: bool) -> Dict[str, float]:
     from ..evaluator import evaluate_full_ranking
     targets, labels = data.split(split)
-    ks = [k for k in ks if k <= data.n_items]
     scorer = model.scorer()
     res = evaluate_full_ranking(**scorer.evaluator_kwargs(), exclude=_to_device(data.exclude(split), device),
                                 targets=_to_device(targets, device), ks=ks, metrics=("hr", "ndcg"),
@@ -196,10 +252,15 @@ def evaluate_model(model: nn.Module, data, split: str, ks=(10, 20, 50, 100), dev
     return out
 
 
+# (label, key prefix) of the result rows: full ranking by target group, then the two pool settings
+TARGET_ROWS = (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_"),
+               ("visited pool", "visited_pool_"), ("unvisited pool", "unvisited_pool_"))
+
+
 def metrics_table(metrics: Dict[str, float], ks) -> str:
     """Rows overall / visited / unvisited, columns HR@K and NDCG@K."""
     rows = []
-    for group, prefix in (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_")):
+    for group, prefix in TARGET_ROWS:
         n = metrics.get(f"{prefix}users")
         if not n:  # absent, or no held-out item of this kind (e.g. Retail Rocket has no visited ones)
             continue
@@ -227,8 +288,14 @@ def _timing_lines(timings: Dict[str, float], load_s: float, epochs: int) -> str:
 
 # ------------------------------------------------------------------------------------------ entry points
 def train_main(argv: Optional[List[str]] = None) -> int:
+    import sys
+    argv_used = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _fill_defaults(args)
+    try:
+        check_protocol(args.protocol)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -244,14 +311,22 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     data = load_data(args.data, valid=args.valid, seed=args.seed, behaviors=args.behaviors)
     load_s = time.perf_counter() - t0
     log(data.summary() + f"  (loaded in {load_s:.1f}s)")
+    try:
+        check_protocol(args.protocol, data)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
 
     seed_everything(args.seed)
     model = build_model(args.model, data, dim=args.dim, reg=args.reg, neg_ratio=args.neg_ratio,
                         **_model_kwargs(args)).to(device)
     model.name = args.model
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                           weight_decay=args.weight_decay)
+    if args.protocol != "full" and args.pool_scores == "expert" and not hasattr(model, "expert_scorer"):
+        raise SystemExit(f"--pool-scores expert: model {args.model!r} has no experts (only member has)")
+    # one Adam over every parameter equals MEMBER's official two Adams (one per expert): Adam keeps
+    # per-parameter state and skips the parameters a step leaves without gradient (zero_grad(set_to_none))
+    opt_cls = torch.optim.Adagrad if args.optimizer == "adagrad" else torch.optim.Adam
+    opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     forward: nn.Module = _LossModule(model)
     if distributed:
         forward = nn.parallel.DistributedDataParallel(
@@ -272,7 +347,8 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     def evaluate(split):
         if split == "valid" and not has_valid:
             return None
-        return evaluate_model(model, data, split, args.ks, device, distributed)
+        return evaluate_model(model, data, split, args.ks, device, distributed, protocol=args.protocol,
+                              pool_others=args.pool_others, pool_scores=args.pool_scores)
 
     run_dir = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(str(args.data).rstrip('/'))}")
     resume = args.resume
@@ -294,12 +370,13 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     if is_main_process():
         path = os.path.join(run_dir, "metrics.json")
         summary = json.load(open(path))
-        summary.update({"dataset": data.name, "n_params": n_params, "load_s": load_s, "world_size": world_size})
+        summary.update({"dataset": data.name, "n_params": n_params, "load_s": load_s, "world_size": world_size,
+                        "command": "mbrec-fast train " + " ".join(argv_used)})
         with open(path, "w") as f:
             json.dump(summary, f, indent=1, default=float)
     if result.best_epoch is not None:
         log(f"best validation {args.monitor} = {result.best_valid[args.monitor]:.4f} at epoch {result.best_epoch}")
-    log(f"test ({data.name}, full ranking over {data.n_items:,} items):")
+    log(f"test ({data.name}, protocol {args.protocol}, {data.n_items:,} items):")
     log(metrics_table(result.test, args.ks))
     log(_timing_lines(result.timings, load_s, result.epochs_run))
     log(f"outputs in {run_dir}: metrics.json, history.json, curves.png, checkpoint.pt" +
@@ -316,7 +393,14 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--protocol", default="full", help="full, pool or both (see mbrec-fast train --help)")
+    p.add_argument("--pool-others", default="exclude", choices=["exclude", "zero"])
+    p.add_argument("--pool-scores", default="model", choices=["model", "expert"])
     args = p.parse_args(argv)
+    try:
+        check_protocol(args.protocol)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
@@ -341,16 +425,82 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     model.to(device).eval()
     ks = args.ks or cfg.get("ks") or [10, 20, 50, 100]
     t0 = time.perf_counter()
-    with torch.no_grad():
-        metrics = evaluate_model(model, data, args.split, ks, device)
+    try:
+        with torch.no_grad():
+            metrics = evaluate_model(model, data, args.split, ks, device, protocol=args.protocol,
+                                     pool_others=args.pool_others, pool_scores=args.pool_scores)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
     eval_s = time.perf_counter() - t0
-    print(f"{name} on {data.name} ({args.split}, full ranking over {data.n_items:,} items; "
+    print(f"{name} on {data.name} ({args.split}, protocol {args.protocol}, {data.n_items:,} items; "
           f"data {load_s:.1f}s, evaluation {eval_s:.1f}s)")
     print(metrics_table(metrics, ks))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": name, "split": args.split, "metrics": metrics, "eval_s": eval_s}, f, indent=1)
+            json.dump({"model": name, "split": args.split, "protocol": args.protocol, "metrics": metrics,
+                       "eval_s": eval_s}, f, indent=1)
     return 0
+
+
+def variant_label(cfg: Dict[str, Any]) -> str:
+    """Short description of a run's configuration beyond the model name (e.g. "faithful, ablation=avg")."""
+    parts: List[str] = []
+    if cfg.get("model") == "member":
+        parts.append(cfg.get("variant") or "legacy")
+    if cfg.get("ablation"):
+        parts.append(f"ablation={cfg['ablation']}")
+    parts += [f"{k}={cfg[k]}" for k in ("interaction", "layers", "loss_weights") if cfg.get(k) is not None]
+    if cfg.get("optimizer", "adam") != "adam":
+        parts.append(f"optimizer={cfg['optimizer']}")
+    parts += list(cfg.get("model_arg") or [])
+    return ", ".join(parts)
+
+
+def result_rows(run_dir: str) -> List[Dict[str, Any]]:
+    """The rows of docs/results/multibehavior.json for one finished run: one per (protocol, targets) with its
+    test metrics. Pool rows say how other-pool items were treated ("pool_others"); a `pool_zero.json`
+    written by `mbrec-fast evaluate --protocol pool --pool-others zero --json` adds the official variant."""
+    s = json.load(open(os.path.join(run_dir, "metrics.json")))
+    cfg = s.get("config") or {}
+    common = {"model": s.get("model"), "variant": variant_label(cfg), "data": s.get("dataset"),
+              "seed": cfg.get("seed"), "epochs": s.get("epochs_run"), "command": s.get("command"),
+              "best_epoch": s.get("best_epoch"),
+              "selection": "best validation epoch" if s.get("best_epoch") else "last epoch (no validation)",
+              "wall_s": round(s["timings_s"]["wall"] + s.get("load_s", 0.0), 1)}
+    sources = [(s.get("test") or {}, cfg.get("pool_others", "exclude"))]
+    zero = os.path.join(run_dir, "pool_zero.json")
+    if os.path.isfile(zero):
+        sources.append((json.load(open(zero))["metrics"], "zero"))
+    rows = []
+    for k, (metrics, others) in enumerate(sources):
+        for label, prefix in TARGET_ROWS:
+            pool = "pool" in label
+            if k > 0 and not pool or not metrics.get(f"{prefix}users"):
+                continue
+            values = {key[len(prefix):]: round(float(v), 6) for key, v in metrics.items()
+                      if key.startswith(prefix) and "@" in key[len(prefix):] and not key[len(prefix):].startswith(("visited", "unvisited"))}
+            row = dict(common, protocol="pool" if pool else "full", targets=label.split()[0],
+                       users=int(metrics[f"{prefix}users"]), metrics=values)
+            if pool:
+                row["pool_others"] = others
+            rows.append(row)
+    return rows
+
+
+def write_result_rows(run_dirs: List[str], json_path: str) -> int:
+    """Adds (or replaces, same model / variant / data / seed / protocol / targets / pool_others) the rows of
+    finished runs in `json_path`; returns the number of rows written."""
+    rows = json.load(open(json_path)) if os.path.isfile(json_path) else []
+    key = lambda r: (r["model"], r["variant"], r["data"], r["seed"], r["protocol"], r["targets"], r.get("pool_others"))
+    new = [r for d in run_dirs if os.path.isfile(os.path.join(d, "metrics.json")) for r in result_rows(d)]
+    keys = {key(r) for r in new}
+    rows = [r for r in rows if key(r) not in keys] + new
+    rows.sort(key=lambda r: (r["data"], r["model"], r["variant"], r["seed"], r["protocol"], r.get("pool_others") or "",
+                             ["overall", "visited", "unvisited"].index(r["targets"])))
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(rows, f, indent=1)
+    return len(new)
 
 
 def results_markdown(run_dirs: List[str], ks=(10, 20, 50, 100)) -> str:
@@ -364,10 +514,9 @@ def results_markdown(run_dirs: List[str], ks=(10, 20, 50, 100)) -> str:
         s = json.load(open(path))
         test = s.get("test") or {}
         cfg = s.get("config") or {}
-        variant = list(cfg.get("model_arg") or []) + [f"{k}={cfg[k]}" for k in ("interaction", "layers", "loss_weights")
-                                                      if cfg.get(k) is not None]
-        label = str(s.get("model")) + (f" ({', '.join(variant)})" if variant else "")
-        for group, prefix in (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_")):
+        variant = variant_label(cfg)
+        label = str(s.get("model")) + (f" ({variant})" if variant else "")
+        for group, prefix in TARGET_ROWS:
             if not test.get(f"{prefix}users"):
                 continue
             vals = [f"{test.get(f'{prefix}{m}@{k}', float('nan')):.4f}" for k in ks for m in ("hr", "ndcg")]
@@ -378,9 +527,11 @@ def results_markdown(run_dirs: List[str], ks=(10, 20, 50, 100)) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m mbrec_fast.training.multibehavior table RUN_DIR...
+if __name__ == "__main__":  # python -m mbrec_fast.training.multibehavior table|rows ...
     import sys
     if len(sys.argv) > 1 and sys.argv[1] == "table":
         print(results_markdown(sys.argv[2:]))
+    elif len(sys.argv) > 2 and sys.argv[1] == "rows":   # rows JSON_PATH RUN_DIR...
+        print(f"{write_result_rows(sys.argv[3:], sys.argv[2])} rows written to {sys.argv[2]}")
     else:
         raise SystemExit(train_main(sys.argv[1:]))
