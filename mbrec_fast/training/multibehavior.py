@@ -29,7 +29,7 @@ from .checkpoint import load_checkpoint
 from .common import Trainer, format_table, init_distributed, is_main_process, log, seed_everything, world
 
 __all__ = ["train_main", "evaluate_main", "build_parser", "build_model", "load_data", "evaluate_model", "results_markdown",
-           "metrics_table", "MODELS", "check_protocol", "result_rows", "write_result_rows", "variant_label"]
+           "metrics_table", "MODELS", "check_protocol", "result_rows", "write_result_rows", "variant_label", "summary_markdown"]
 
 # name -> (module, class name); the first three live in baselines.py, the rest in their own modules
 MODELS = {
@@ -503,6 +503,40 @@ def write_result_rows(run_dirs: List[str], json_path: str) -> int:
     return len(new)
 
 
+def summary_markdown(json_path: str, data: Optional[str] = None, ks=(10, 20, 50, 100)) -> str:
+    """Markdown table of docs/results/multibehavior.json: one line per (model, variant, protocol, targets,
+    pool_others), mean ± std over the seeds present (std shown from 2 seeds up), with the seed count."""
+    import statistics
+    rows = [r for r in json.load(open(json_path)) if data is None or r["data"] == data]
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["data"], r["model"], r["variant"], r["protocol"], r.get("pool_others") or "",
+                           r["targets"], r["epochs"]), []).append(r)
+    header = ["model", "data", "protocol", "targets"] + [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + \
+             ["seeds", "epochs", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = {"overall": 0, "visited": 1, "unvisited": 2}
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], order[k[5]])):
+        data_name, model, variant, protocol, others, targets, epochs = key
+        runs = groups[key]
+        cells = []
+        for k in ks:
+            for m in ("hr", "ndcg"):
+                vals = [r["metrics"].get(f"{m}@{k}") for r in runs if f"{m}@{k}" in r["metrics"]]
+                if not vals:
+                    cells.append("")
+                elif len(vals) == 1:
+                    cells.append(f"{vals[0]:.4f}")
+                else:
+                    cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
+        label = model + (f" ({variant})" if variant else "")
+        proto = protocol + (f" (others {others})" if others else "")
+        wall = statistics.mean(r["wall_s"] for r in runs)
+        lines.append("| " + " | ".join([label, data_name, proto, f"{targets} ({runs[0]['users']})"] + cells
+                                        + [str(len(runs)), str(epochs), f"{wall:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
 def results_markdown(run_dirs: List[str], ks=(10, 20, 50, 100)) -> str:
     """A markdown results table (one row per run and target group) from runs' metrics.json files."""
     header = ["model", "data", "targets"] + [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + ["epochs", "wall s"]
@@ -533,5 +567,7 @@ if __name__ == "__main__":  # python -m mbrec_fast.training.multibehavior table|
         print(results_markdown(sys.argv[2:]))
     elif len(sys.argv) > 2 and sys.argv[1] == "rows":   # rows JSON_PATH RUN_DIR...
         print(f"{write_result_rows(sys.argv[3:], sys.argv[2])} rows written to {sys.argv[2]}")
+    elif len(sys.argv) > 2 and sys.argv[1] == "summary":  # summary JSON_PATH [DATA]
+        print(summary_markdown(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
     else:
         raise SystemExit(train_main(sys.argv[1:]))
