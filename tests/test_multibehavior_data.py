@@ -204,3 +204,19 @@ def test_synthetic_at_scale_is_consistent():
 def test_synthetic_bad_funnel():
     with pytest.raises(ValueError, match="funnel"):
         synthetic_multibehavior(10, 10, funnel=(1.0, 0.5))
+
+
+def test_tmall_matches_meta_and_the_issue_counts(data_dir, monkeypatch):
+    """MB-CGCN's Tmall: view -> cart -> buy, one held-out purchase per user; 12,852 held-out items were
+    touched (viewed or carted) in training, 2,597 not."""
+    data = load_dataset(data_dir / "tmall", valid="none")
+    meta = json.loads((data_dir / "tmall" / "meta.json").read_text())
+    assert (data.n_users, data.n_items) == (meta["n_users"], meta["n_items"]) == (15449, 11953)
+    assert data.behavior_names == ["view", "cart", "buy"] and data.target == 2
+    counts = [data.train.csr(r)[1].numel() for r in range(3)]
+    assert counts == [meta["interactions"][b] for b in ("view", "cart", "buy")] == [858505, 180027, 92180]
+    assert data.valid is None and data.test[1].numel() == 15449
+    assert int(data.test_visited.sum()) == 12852 and int((data.test_visited == 0).sum()) == 2597
+    # the name under the data root resolves to the same folder (mbrec-fast train --data tmall)
+    monkeypatch.setenv("MBREC_FAST_DATA", str(data_dir))
+    assert load_dataset("tmall", valid="none").n_users == 15449

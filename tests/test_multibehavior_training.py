@@ -266,3 +266,72 @@ def test_plain_pytorch_reference_the_benchmark_runs(tiny):
         dense = dense_topk_evaluate(rows, tiny.n_users, tiny.n_items, tiny.exclude("test"), tiny.test, (10, 20))
     for key in ("hr@10", "ndcg@10", "hr@20", "ndcg@20"):
         assert dense["all"][key] == pytest.approx(fused[key], abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------------------- MEMBER protocols
+def test_cli_member_faithful_avg_both_protocols_and_result_rows(tmp_path):
+    from mbrec_fast.training.multibehavior import write_result_rows
+    run = tmp_path / "avg"
+    argv = ["--model", "member", "--variant", "faithful", "--ablation", "avg", "--data", "synthetic:120x90",
+            "--valid", "none", "--epochs", "1", "--dim", "8", "--protocol", "both", "--ks", "10", "20",
+            "--out", str(run), "--no-progress"]
+    assert train_main(argv) == 0
+    summary = json.loads((run / "metrics.json").read_text())
+    cfg = summary["config"]
+    assert (cfg["lr"], cfg["batch_size"], cfg["weight_decay"], cfg["reg"]) == (5e-3, 1024, 1e-7, 0.0)  # official
+    assert summary["command"] == "mbrec-fast train " + " ".join(argv)
+    for key in ("hr@10", "visited_hr@10", "unvisited_ndcg@20", "visited_pool_hr@10", "unvisited_pool_ndcg@20"):
+        assert 0.0 <= summary["test"][key] <= 1.0, key
+    ckpt = load_checkpoint(str(run / "checkpoint.pt"))
+    assert any(k.startswith("model.experts.1.") or k.startswith("experts.1.") for k in ckpt["model"])
+    # the official "other pool scored 0" variant, from the checkpoint, as extra rows
+    assert cli_main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--protocol", "pool",
+                     "--pool-others", "zero", "--json", str(run / "pool_zero.json")]) == 0
+    out = tmp_path / "rows.json"
+    assert write_result_rows([str(run)], str(out)) == 7
+    rows = json.loads(out.read_text())
+    assert {(r["protocol"], r["targets"], r.get("pool_others")) for r in rows} == {
+        ("full", "overall", None), ("full", "visited", None), ("full", "unvisited", None),
+        ("pool", "visited", "exclude"), ("pool", "unvisited", "exclude"),
+        ("pool", "visited", "zero"), ("pool", "unvisited", "zero")}
+    row = next(r for r in rows if r["protocol"] == "full" and r["targets"] == "overall")
+    assert row["variant"] == "faithful, ablation=avg" and row["seed"] == 0 and row["epochs"] == 1
+    assert row["metrics"]["hr@10"] == pytest.approx(summary["test"]["hr@10"], abs=1e-6)
+    assert row["selection"] == "last epoch (no validation)"
+    assert write_result_rows([str(run)], str(out)) == 7 and len(json.loads(out.read_text())) == 7  # replaced
+
+
+def test_cli_protocol_and_variant_errors_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="--protocol"):  # the CLI prints it in one line (mbrec_fast.cli.main)
+        train_main(_args(tmp_path / "a", extra=["--protocol", "pools"]))
+    with pytest.raises(SystemExit, match="--variant"):
+        train_main(_args(tmp_path / "b", extra=["--variant", "faithful"]))
+    with pytest.raises(SystemExit, match="--pool-scores expert.*no experts"):
+        train_main(_args(tmp_path / "c", extra=["--protocol", "pool", "--pool-scores", "expert"]))
+    table = tmp_path / "buys.csv"
+    table.write_text("user,item,behavior\n" + "".join(f"{u},{(u * 7 + j) % 30},buy\n" for u in range(20) for j in range(4)))
+    with pytest.raises(ValueError, match="--protocol pool.*auxiliary"):
+        train_main(["--model", "bpr", "--data", str(table), "--protocol", "pool", "--epochs", "1",
+                    "--out", str(tmp_path / "d"), "--no-progress"])
+
+
+def test_cli_adagrad_option(tmp_path):
+    assert train_main(_args(tmp_path, "bpr", ["--optimizer", "adagrad", "--epochs", "1"])) == 0
+    state = load_checkpoint(str(tmp_path / "checkpoint.pt"))["optimizers"]["main"]["state"]
+    assert all("sum" in s for s in state.values())     # Adagrad's accumulator, not Adam's moments
+
+
+def test_results_summary_is_mean_and_std_over_seeds(tmp_path):
+    from mbrec_fast.training.multibehavior import summary_markdown
+    base = {"model": "member", "variant": "faithful", "data": "tmall", "protocol": "full", "targets": "overall",
+            "epochs": 12, "command": "x", "wall_s": 10.0, "users": 5}
+    rows = [dict(base, seed=0, metrics={"hr@10": 0.2, "ndcg@10": 0.1}),
+            dict(base, seed=1, metrics={"hr@10": 0.4, "ndcg@10": 0.1}),
+            dict(base, seed=0, variant="faithful, ablation=avg", metrics={"hr@10": 0.1, "ndcg@10": 0.05})]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    table = summary_markdown(str(path), "tmall", ks=(10,))
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert "| member (faithful) | tmall | full | overall (5) | 0.3000 ± 0.1414 | 0.1000 ± 0.0000 | 2 | 12 | 10 |" in lines
+    assert "| member (faithful, ablation=avg) | tmall | full | overall (5) | 0.1000 | 0.0500 | 1 | 12 | 10 |" in lines

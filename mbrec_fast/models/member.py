@@ -39,7 +39,7 @@ from .base import MultiBehaviorModel, Scorer
 from .lightgcn import BipartiteAdjacency, check_model_kwargs, csr_to_edges, drop_edges, lightgcn_propagate
 
 __all__ = ["MEMBER", "KeyedCsr", "gated_scores_dense_reference", "pool_restricted_scorer", "evaluate_by_pool",
-           "EXCLUDED_SCORE"]
+           "EXCLUDED_SCORE", "VARIANTS", "OFFICIAL_PHASES", "official_propagate"]
 
 Csr = Tuple[torch.Tensor, torch.Tensor]
 
@@ -98,15 +98,20 @@ def gated_scores_dense_reference(user_v, item_v, user_n, item_n, aux_csr: Csr, n
 EXCLUDED_SCORE = -1e30
 
 
-def pool_restricted_scorer(scorer: Scorer, aux_csr: Csr, n_items: int, pool: str) -> Scorer:
+def pool_restricted_scorer(scorer: Scorer, aux_csr: Csr, n_items: int, pool: str, others: str = "exclude") -> Scorer:
     """A scorer that ranks only the user's visited items (pool="visited") or only the others
     ("unvisited"), for the paper's per-pool protocol; works for any model's scorer.
 
-    Items outside the pool get EXCLUDED_SCORE. Pool membership per [users x item range] block comes
-    from the auxiliary CSR by binary search; the only mask is the block's own [b, block] one.
+    others="exclude": items outside the pool get EXCLUDED_SCORE (they rank after every candidate, so they
+    are removed for HR/NDCG). others="zero": they keep score 0, as in the official MEMBER code (they
+    then outrank every candidate with a negative score). Pool membership per [users x item range] block
+    comes from the auxiliary CSR by binary search; the only mask is the block's own [b, block] one.
     """
     if pool not in ("visited", "unvisited"):
         raise ValueError(f"pool must be 'visited' or 'unvisited', got {pool!r}")
+    if others not in ("exclude", "zero"):
+        raise ValueError(f"others must be 'exclude' or 'zero', got {others!r}")
+    fill = EXCLUDED_SCORE if others == "exclude" else 0.0
     keyed = KeyedCsr(aux_csr, n_items)
 
     def score_fn(users: torch.Tensor, item_start: int, item_end: int) -> torch.Tensor:
@@ -117,42 +122,94 @@ def pool_restricted_scorer(scorer: Scorer, aux_csr: Csr, n_items: int, pool: str
         rows, items = keyed.block_entries(users.to(s.device), item_start, item_end)
         in_pool = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
         in_pool[rows, items - item_start] = True
-        return s.masked_fill(~in_pool if pool == "visited" else in_pool, EXCLUDED_SCORE)
+        return s.masked_fill(~in_pool if pool == "visited" else in_pool, fill)
 
-    return Scorer(score_fn=score_fn, n_items=n_items)
+    return Scorer(score_fn=score_fn, n_items=n_items, block_items=scorer.block_items)
 
 
-def evaluate_by_pool(model, data, split: str = "test", ks: Sequence[int] = (10, 20), device="cpu") -> Dict[str, float]:
-    """HR/NDCG@K of visited targets ranked among the user's visited items only, and of unvisited
-    targets ranked among the other items only (keys "visited_pool_hr@10", "unvisited_pool_ndcg@20", ...).
-    The full-ranking protocol (every item a candidate) is `mbrec_fast.training.multibehavior.evaluate_model`."""
+def evaluate_by_pool(model, data, split: str = "test", ks: Sequence[int] = (10, 20), device="cpu",
+                     others: str = "exclude", scores: str = "model", distributed: bool = False) -> Dict[str, float]:
+    """The MEMBER paper's per-pool settings: visited targets ranked among the user's visited items (the
+    items of the user's auxiliary training rows), unvisited targets among the other items; the user's
+    training purchases (and validation items at test time) masked as in full ranking. Keys
+    "visited_pool_hr@10", "unvisited_pool_ndcg@20", ..., "visited_pool_users".
+
+    others: "exclude" (items outside the pool removed) or "zero" (kept with score 0, the official code).
+    scores: "model" (the model's own score, any model) or "expert" (each pool ranked by the matching MEMBER
+    expert alone, as the official code's visited / unvisited settings; a ValueError for models without
+    experts). The full-ranking protocol is `mbrec_fast.training.multibehavior.evaluate_model`.
+    """
     from ..evaluator import evaluate_full_ranking
+    if scores not in ("model", "expert"):
+        raise ValueError(f"scores must be 'model' or 'expert', got {scores!r}")
+    if scores == "expert" and not hasattr(model, "expert_scorer"):
+        raise ValueError(f"pool scores='expert' needs a model with visited / unvisited experts (MEMBER), "
+                         f"got {type(model).__name__}")
+    if data.n_behaviors < 2:
+        raise ValueError(f"the per-pool protocol needs auxiliary behaviors; {data.name!r} has only {data.behavior_names}")
     targets, labels = data.split(split)
     aux = tuple(t.to(device) for t in data.aux_csr())
     out: Dict[str, float] = {}
     with torch.no_grad():
-        base = model.scorer()
-        for pool, group in (("visited", "visited"), ("unvisited", "unvisited")):
-            sc = pool_restricted_scorer(base, aux, data.n_items, pool)
+        base = model.scorer() if scores == "model" else None
+        for role, pool in enumerate(("visited", "unvisited")):
+            pool_base = base if base is not None else model.expert_scorer(role)
+            sc = pool_restricted_scorer(pool_base, aux, data.n_items, pool, others)
             res = evaluate_full_ranking(None, None, exclude=tuple(t.to(device) for t in data.exclude(split)),
                                         targets=tuple(t.to(device) for t in targets), ks=list(ks),
                                         metrics=("hr", "ndcg"), score_fn=sc.score_fn, n_items=data.n_items,
+                                        block_items=sc.block_items,
                                         users=data.eval_users(split).to(device), target_groups=labels.to(device),
-                                        group_names=["unvisited", "visited"])
-            out.update({f"{pool}_pool_{k}": v for k, v in res.groups[group].items()})
-            out[f"{pool}_pool_users"] = float(res.group_users[group])
+                                        group_names=["unvisited", "visited"],
+                                        process_group="default" if distributed else None)
+            out.update({f"{pool}_pool_{k}": v for k, v in res.groups[pool].items()})
+            out[f"{pool}_pool_users"] = float(res.group_users[pool])
     return out
+
+
+#: named configurations. "faithful" follows the official code (K-Kyungho/MEMBER) wherever the earlier
+#: version of this module ("legacy") differs; every knob stays a constructor argument, so an ablation can
+#: change one of them at a time. See docs/models_multibehavior.md for what each knob does and why.
+VARIANTS: Dict[str, Dict[str, object]] = {
+    "legacy": dict(pool_weight=1.0, unvisited_all_purchases=True, neg_scale=1.0, gen_neg=1, gen_experts="both",
+                   gen_pairs="adjacent", gen_negatives="item", propagation="mean", init_std=0.1,
+                   layers_visited_global=None, cl_sampling="batch", schedule="joint", reg=1e-4),
+    "faithful": dict(pool_weight=0.0, unvisited_all_purchases=False, neg_scale=2.0, gen_neg=3,
+                     gen_experts="unvisited", gen_pairs="all", gen_negatives="pair", propagation="official",
+                     init_std=1.0, layers_visited_global=4, cl_sampling="table", schedule="official", reg=0.0),
+}
+_CHOICES = {"gen_experts": ("both", "unvisited"), "gen_pairs": ("adjacent", "all"), "gen_negatives": ("item", "pair"),
+            "propagation": ("mean", "official"), "cl_sampling": ("batch", "table"), "schedule": ("joint", "official"),
+            "gate": ("hard", "avg")}
+#: the phases of one epoch under schedule="official", in order (each a full pass over the purchase batches)
+OFFICIAL_PHASES = ("ssl_visited", "ssl_unvisited", "bpr")
+
+
+def official_propagate(adj: BipartiteAdjacency, user_emb: torch.Tensor, item_emb: torch.Tensor,
+                       n_layers: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The official code's propagation: e_0 + sum_l (1 + 1/l) * e_l, e_l = L2-normalize(A e_{l-1}) per node
+    (its lightGCN.py appends each normalized layer twice, once divided by l)."""
+    if n_layers < 0:
+        raise ValueError(f"n_layers must be >= 0, got {n_layers}")
+    u_sum, i_sum = user_emb, item_emb
+    u, i = user_emb, item_emb
+    for layer in range(1, n_layers + 1):
+        u, i = adj.step(u, i)
+        u, i = F.normalize(u, dim=-1), F.normalize(i, dim=-1)
+        w = 1.0 + 1.0 / layer
+        u_sum, i_sum = u_sum + w * u, i_sum + w * i
+    return u_sum, i_sum
 
 
 class _Expert(nn.Module):
     """Global and local embedding tables of one expert."""
 
-    def __init__(self, n_users: int, n_items: int, dim: int):
+    def __init__(self, n_users: int, n_items: int, dim: int, init_std: float = 0.1):
         super().__init__()
         self.glo_user, self.glo_item = nn.Embedding(n_users, dim), nn.Embedding(n_items, dim)
         self.loc_user, self.loc_item = nn.Embedding(n_users, dim), nn.Embedding(n_items, dim)
         for emb in (self.glo_user, self.glo_item, self.loc_user, self.loc_item):
-            nn.init.normal_(emb.weight, std=0.1)
+            nn.init.normal_(emb.weight, std=init_std)
 
 
 def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -166,14 +223,27 @@ class MEMBER(MultiBehaviorModel):
     """Visited / unvisited experts with hard gating from the auxiliary CSR (see the module docstring).
 
     behavior_csrs: per-behavior training CSRs in cascade order (target last; at least 2 behaviors).
+    variant: "legacy" (this package's first version, the default until the faithful one measures better)
+    or "faithful" (the official code's choices, see VARIANTS); any knob below left at None takes the
+    variant's value, so one knob can be changed at a time.
     lambda_visited / lambda_unvisited: global-vs-local mix per expert. con_visited / con_unvisited and
     temp_*: InfoNCE weights and temperatures. gen_weight, gen_batch, gen_neg: generative loss weight,
-    edges per batch per behavior pair, uniform negatives per edge. cl_nodes: users and items per batch in
-    each InfoNCE (the first distinct ones of the shuffled batch). pool_weight: weight of the two
-    in-pool BPR terms (0 disables them). unvisited_all_purchases: the unvisited expert's in-pool term
-    uses every purchase as a positive (True) or only unvisited purchases (False; on data where every
-    training purchase is visited, e.g. Beibei, that expert then never sees a positive).
-    reg: L2 on the layer-0 rows of the batch. single_expert: the ablation (one expert, no gating).
+    edges per batch per behavior pair, negatives per edge. cl_nodes: users and items in each InfoNCE.
+    pool_weight: weight of the two in-pool BPR terms (0 disables them). unvisited_all_purchases: the
+    unvisited expert's in-pool term uses every purchase as a positive (True) or only unvisited ones.
+    neg_scale: BPR on s_pos - neg_scale * s_neg (the official alpha, 2 on Tmall).
+    gen_experts: "both" or "unvisited" (the official code: the generative loss only in that expert).
+    gen_pairs: "adjacent" (behavior r's edges from r + 1's local embeddings) or "all" (every lower behavior
+    from every higher one: cart->view, buy->cart, buy->view). gen_negatives: "item" (the edge's user with
+    random items) or "pair" (random users with random items, the official code).
+    propagation: "mean" (LightGCN layer mean) or "official" (layers L2-normalized and summed).
+    init_std: N(0, init_std^2) initialisation. layers_visited_global: layers of the visited expert's
+    global graph (None: n_layers). cl_sampling: InfoNCE nodes from the batch ("batch") or drawn uniformly
+    from the whole tables ("table"). schedule: "joint" (every loss at every step) or "official" (per epoch a
+    visited-expert self-supervised pass, an unvisited-expert one, then a gated-BPR pass; batches carry
+    their "phase"). gate: "hard" (MEMBER) or "avg" (the paper's "w/ AVG" ablation: the two experts' scores
+    averaged for every item). reg: L2 on the layer-0 rows of the batch. single_expert: the ablation (one
+    expert, no gating).
     """
 
     name = "member"
@@ -181,28 +251,62 @@ class MEMBER(MultiBehaviorModel):
     def __init__(self, n_users: int, n_items: int, behavior_csrs: Sequence[Csr], dim: int = 32, n_layers: int = 2,
                  lambda_visited: float = 0.5, lambda_unvisited: float = 0.5, con_visited: float = 0.1,
                  con_unvisited: float = 0.1, temp_visited: float = 0.6, temp_unvisited: float = 0.7,
-                 gen_weight: float = 0.1, gen_batch: int = 1024, gen_neg: int = 1, edge_dropout: float = 0.2,
-                 cl_nodes: int = 1024, pool_weight: float = 1.0, neg_ratio: int = 1, reg: float = 1e-4,
-                 single_expert: bool = False, unvisited_all_purchases: bool = True):
+                 gen_weight: float = 0.1, gen_batch: int = 1024, gen_neg: Optional[int] = None,
+                 edge_dropout: float = 0.2, cl_nodes: int = 1024, pool_weight: Optional[float] = None,
+                 neg_ratio: int = 1, reg: Optional[float] = None, single_expert: bool = False,
+                 unvisited_all_purchases: Optional[bool] = None, variant: str = "legacy", gate: str = "hard",
+                 neg_scale: Optional[float] = None, gen_experts: Optional[str] = None, gen_pairs: Optional[str] = None,
+                 gen_negatives: Optional[str] = None, propagation: Optional[str] = None,
+                 init_std: Optional[float] = None, layers_visited_global: Optional[int] = None,
+                 cl_sampling: Optional[str] = None, schedule: Optional[str] = None):
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        knobs = dict(VARIANTS[variant])
+        given = dict(pool_weight=pool_weight, unvisited_all_purchases=unvisited_all_purchases, neg_scale=neg_scale,
+                     gen_neg=gen_neg, gen_experts=gen_experts, gen_pairs=gen_pairs, gen_negatives=gen_negatives,
+                     propagation=propagation, init_std=init_std, layers_visited_global=layers_visited_global,
+                     cl_sampling=cl_sampling, schedule=schedule, reg=reg)
+        knobs.update({k: v for k, v in given.items() if v is not None})
+        for key, allowed in _CHOICES.items():
+            value = gate if key == "gate" else knobs[key]
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
         R = len(behavior_csrs)
         if R < 2:
             raise ValueError("MEMBER needs at least one auxiliary behavior besides the target (got 1 behavior)")
         for name, v in (("lambda_visited", lambda_visited), ("lambda_unvisited", lambda_unvisited)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
+        gen_neg = int(knobs["gen_neg"])
         if dim < 1 or neg_ratio < 1 or n_layers < 0 or gen_batch < 1 or gen_neg < 1 or cl_nodes < 2:
             raise ValueError("dim, neg_ratio, gen_batch, gen_neg must be >= 1, cl_nodes >= 2 and n_layers >= 0")
         if not 0.0 <= edge_dropout < 1.0:
             raise ValueError(f"edge_dropout must lie in [0, 1), got {edge_dropout}")
+        if single_expert and gate == "avg":
+            raise ValueError("gate='avg' averages two experts: it cannot be combined with single_expert=True")
+        if float(knobs["init_std"]) <= 0 or float(knobs["neg_scale"]) <= 0:
+            raise ValueError("init_std and neg_scale must be > 0")
+        lvg = knobs["layers_visited_global"]
+        if lvg is not None and int(lvg) < 0:
+            raise ValueError(f"layers_visited_global must be >= 0, got {lvg}")
         self.n_users, self.n_items, self.n_behaviors, self.dim, self.n_layers = n_users, n_items, R, dim, n_layers
+        self.variant, self.gate = variant, gate
         self.lambdas = (float(lambda_visited), float(lambda_unvisited))
         self.con = (float(con_visited), float(con_unvisited))
         self.temps = (float(temp_visited), float(temp_unvisited))
-        self.gen_weight, self.gen_batch, self.gen_neg = float(gen_weight), int(gen_batch), int(gen_neg)
-        self.edge_dropout, self.cl_nodes, self.pool_weight = float(edge_dropout), int(cl_nodes), float(pool_weight)
-        self.neg_ratio, self.reg, self.single_expert = int(neg_ratio), float(reg), bool(single_expert)
-        self.unvisited_all_purchases = bool(unvisited_all_purchases)
+        self.gen_weight, self.gen_batch, self.gen_neg = float(gen_weight), int(gen_batch), gen_neg
+        self.edge_dropout, self.cl_nodes = float(edge_dropout), int(cl_nodes)
+        self.pool_weight = float(knobs["pool_weight"])
+        self.neg_ratio, self.reg, self.single_expert = int(neg_ratio), float(knobs["reg"]), bool(single_expert)
+        self.unvisited_all_purchases = bool(knobs["unvisited_all_purchases"])
+        self.neg_scale = float(knobs["neg_scale"])
+        self.gen_experts, self.gen_pairs, self.gen_negatives = knobs["gen_experts"], knobs["gen_pairs"], knobs["gen_negatives"]
+        self.propagation, self.cl_sampling, self.schedule = knobs["propagation"], knobs["cl_sampling"], knobs["schedule"]
+        self.init_std = float(knobs["init_std"])
+        self.layers_visited_global = n_layers if lvg is None else int(lvg)
+        # under the official schedule a self-supervised step touches one expert only
+        self.ddp_find_unused_parameters = self.schedule == "official"
 
         csrs = [tuple(t.cpu().long() for t in c) for c in behavior_csrs]
         self.local_adj = [BipartiteAdjacency.from_csr(c, n_items) for c in csrs]
@@ -229,10 +333,11 @@ class MEMBER(MultiBehaviorModel):
         self._aug: Optional[Tuple[BipartiteAdjacency, BipartiteAdjacency]] = None
         self._aug_key: Optional[Tuple[int, int]] = None
 
-        self.experts = nn.ModuleList([_Expert(n_users, n_items, dim) for _ in range(1 if single_expert else 2)])
+        self.experts = nn.ModuleList([_Expert(n_users, n_items, dim, self.init_std)
+                                      for _ in range(1 if single_expert else 2)])
 
     @classmethod
-    def from_data(cls, data, dim: int = 32, reg: float = 1e-4, neg_ratio: int = 1, **kwargs) -> "MEMBER":
+    def from_data(cls, data, dim: int = 32, reg: Optional[float] = None, neg_ratio: int = 1, **kwargs) -> "MEMBER":
         """Model on `data`'s per-behavior training graphs (extra kwargs go to the constructor)."""
         check_model_kwargs(cls, kwargs)
         csrs = [data.behavior_csr(r) for r in range(data.n_behaviors)]
@@ -246,14 +351,31 @@ class MEMBER(MultiBehaviorModel):
     def _lambda(self, role: int) -> float:
         return self.lambdas[0 if self.single_expert else role]
 
-    def propagate_expert(self, expert: _Expert) -> Dict[str, object]:
-        """Global and local propagated embeddings of one expert (autograd on)."""
-        gu, gi = lightgcn_propagate(self.union_adj, expert.glo_user.weight, expert.glo_item.weight, self.n_layers)
-        per_behavior = [lightgcn_propagate(adj, expert.loc_user.weight, expert.loc_item.weight, self.n_layers)
-                        for adj in self.local_adj]
-        lu = torch.stack([p[0] for p in per_behavior]).mean(0)
-        li = torch.stack([p[1] for p in per_behavior]).mean(0)
-        return {"glo": (gu, gi), "loc": (lu, li), "per_behavior": per_behavior}
+    def generative_pairs(self) -> List[Tuple[int, int]]:
+        """(lower, higher) behavior pairs of the generative loss: lower's edges scored with higher's local
+        embeddings."""
+        R = self.n_behaviors
+        if self.gen_pairs == "adjacent":
+            return [(r, r + 1) for r in range(R - 1)]
+        return [(lo, hi) for hi in range(1, R) for lo in range(hi)]
+
+    def _propagate(self, adj: BipartiteAdjacency, user_emb, item_emb, n_layers: int):
+        fn = official_propagate if self.propagation == "official" else lightgcn_propagate
+        return fn(adj, user_emb, item_emb, n_layers)
+
+    def propagate_expert(self, expert: _Expert, parts: Sequence[str] = ("glo", "loc")) -> Dict[str, object]:
+        """Global and/or local propagated embeddings of one expert (autograd on)."""
+        out: Dict[str, object] = {}
+        if "glo" in parts:
+            layers = self.layers_visited_global if expert is self.experts[0] else self.n_layers
+            out["glo"] = self._propagate(self.union_adj, expert.glo_user.weight, expert.glo_item.weight, layers)
+        if "loc" in parts:
+            per_behavior = [self._propagate(adj, expert.loc_user.weight, expert.loc_item.weight, self.n_layers)
+                            for adj in self.local_adj]
+            out["loc"] = (torch.stack([p[0] for p in per_behavior]).mean(0),
+                          torch.stack([p[1] for p in per_behavior]).mean(0))
+            out["per_behavior"] = per_behavior
+        return out
 
     def _all_embeddings(self) -> List[Dict[str, object]]:
         return [self.propagate_expert(e) for e in self.experts]
@@ -269,11 +391,12 @@ class MEMBER(MultiBehaviorModel):
         """Gated scores of (users, items); items may be [B] or [B, k] (users [B] broadcast)."""
         if self.single_expert:
             return self._expert_score(embs[0], self.lambdas[0], users, items)
-        u = users.unsqueeze(-1).expand_as(items) if items.dim() > users.dim() else users
-        vis = self.aux.contains(u, items)
         s_v = self._expert_score(embs[0], self.lambdas[0], users, items)
         s_n = self._expert_score(embs[1], self.lambdas[1], users, items)
-        return torch.where(vis, s_v, s_n)
+        if self.gate == "avg":
+            return 0.5 * (s_v + s_n)
+        u = users.unsqueeze(-1).expand_as(items) if items.dim() > users.dim() else users
+        return torch.where(self.aux.contains(u, items), s_v, s_n)
 
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Training-time gated scores of (users[j], items[j]) from a fresh propagation."""
@@ -298,6 +421,9 @@ class MEMBER(MultiBehaviorModel):
                 return Scorer(user_emb=ue.contiguous(), item_emb=ie.contiguous())
             uv, iv = self._concat(embs[0], self.lambdas[0])
             un, in_ = self._concat(embs[1], self.lambdas[1])
+            if self.gate == "avg":   # (s_v + s_n) / 2 is one dot product over the concatenation
+                return Scorer(user_emb=(0.5 * torch.cat([uv, un], 1)).contiguous(),
+                              item_emb=torch.cat([iv, in_], 1).contiguous())
         aux = self.aux
 
         def score_fn(users: torch.Tensor, item_start: int, item_end: int) -> torch.Tensor:
@@ -310,6 +436,13 @@ class MEMBER(MultiBehaviorModel):
 
         # a GEMM plus a sparse fix-up per block: wide blocks amortize the per-call gathers and searches
         return Scorer(score_fn=score_fn, n_items=self.n_items, block_items=None if un.is_cuda else 2048)
+
+    def expert_scorer(self, role: int) -> Scorer:
+        """Dot-product scorer of one expert alone (role 0 = visited, 1 = unvisited), for every item."""
+        with torch.no_grad():
+            ex = self.expert(role)
+            ue, ie = self._concat(self.propagate_expert(ex), self._lambda(role))
+        return Scorer(user_emb=ue.contiguous(), item_emb=ie.contiguous())
 
     # ------------------------------------------------------------------------------ augmentation
     def on_epoch_start(self, data, epoch: int, seed: int) -> None:
@@ -351,16 +484,53 @@ class MEMBER(MultiBehaviorModel):
         return out
 
     def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
-        dev = self.experts[0].glo_user.weight.device
+        """Loss of one batch. Under schedule="official" the batch's "phase" says which terms: the visited
+        expert's InfoNCE, the unvisited expert's InfoNCE + generative loss, or the gated BPR alone."""
         if self._aug is None:
             self._build_augmented(0, 0)
+        phase = batch.get("phase", "joint")
+        if phase == "ssl_visited":
+            emb = self.propagate_expert(self.expert(0), ("loc",))
+            cl = self._contrastive(0, emb, batch)
+            total = self.con[0] * cl
+            return total, {"cl_visited": float(cl.detach()), "loss": float(total.detach())}
+        if phase == "ssl_unvisited":
+            emb = self.propagate_expert(self.expert(1), ("glo", "loc"))
+            cl = self._contrastive(1, emb, batch)
+            total = self.con[1] * cl
+            parts = {"cl_unvisited": float(cl.detach())}
+            gen = self._generative([emb], batch)
+            if gen is not None:
+                total = total + self.gen_weight * gen
+                parts["gen"] = float(gen.detach())
+            parts["loss"] = float(total.detach())
+            return total, parts
+        if phase not in ("joint", "bpr"):
+            raise ValueError(f"unknown MEMBER batch phase {phase!r}")
+
+        dev = self.experts[0].glo_user.weight.device
         u, p, n = batch["users"].to(dev).long(), batch["pos"].to(dev).long(), batch["neg"].to(dev).long()
         embs = self._all_embeddings()
         s_pos = self._gated(embs, u, p)
         s_neg = self._gated(embs, u, n)
-        bpr = F.softplus(s_neg - s_pos.unsqueeze(-1)).mean()
+        bpr = F.softplus(self.neg_scale * s_neg - s_pos.unsqueeze(-1)).mean()
         total = bpr
         parts = {"bpr": float(bpr.detach())}
+        if phase == "joint":
+            total = total + self._joint_extras(embs, batch, u, p, parts)
+        if self.reg:
+            l2 = 0.0
+            for ex in self.experts:
+                for tab_u, tab_i in ((ex.glo_user, ex.glo_item), (ex.loc_user, ex.loc_item)):
+                    l2 = l2 + tab_u(u).pow(2).sum() + tab_i(p).pow(2).sum() + tab_i(n).pow(2).sum() / n.shape[1]
+            total = total + self.reg * l2 / u.numel()
+        parts["loss"] = float(total.detach())
+        return total, parts
+
+    def _joint_extras(self, embs, batch, u, p, parts: Dict[str, float]) -> torch.Tensor:
+        """In-pool BPR, InfoNCE and generative terms of the joint schedule (every term at every step)."""
+        dev = u.device
+        total = torch.zeros((), device=dev)
         if self.pool_weight and "pool_neg" in batch:
             # each expert ranks purchases above its own pool: the visited expert inside the visited pool
             # (visited purchases only), the unvisited expert above never-touched items
@@ -377,54 +547,60 @@ class MEMBER(MultiBehaviorModel):
                 term = F.softplus(s_n - s_p).mean()
                 total = total + self.pool_weight * term
                 parts[key] = float(term.detach())
-
-        # contrastive: visited expert's local view vs its augmented visited-purchase view, unvisited
-        # expert's global view vs its augmented other-purchase view
-        cu = _first_distinct(u, self.cl_nodes)
-        ci = _first_distinct(p, self.cl_nodes)
-        for role, aug in ((0, self._aug[0]), (1, self._aug[1])):
-            if not self.con[role]:
-                continue
-            ex = self.expert(role)
-            emb = embs[0 if self.single_expert else role]
-            if role == 0:
-                (zu, zi), tables = emb["loc"], (ex.loc_user.weight, ex.loc_item.weight)
-            else:
-                (zu, zi), tables = emb["glo"], (ex.glo_user.weight, ex.glo_item.weight)
-            au, ai = lightgcn_propagate(aug, tables[0], tables[1], self.n_layers)
-            t = self.temps[role]
-            cl = 0.5 * (_info_nce(zu[cu], au[cu], t) + _info_nce(zi[ci], ai[ci], t))
-            total = total + self.con[role] * cl
-            parts["cl_visited" if role == 0 else "cl_unvisited"] = float(cl.detach())
-
-        # generative: behavior r's edges from behavior r + 1's local embeddings, in every expert
+        for role in (0, 1):
+            if self.con[role]:
+                cl = self._contrastive(role, embs[0 if self.single_expert else role], batch)
+                total = total + self.con[role] * cl
+                parts["cl_visited" if role == 0 else "cl_unvisited"] = float(cl.detach())
         if self.gen_weight:
-            gen_terms = []
-            for r in range(self.n_behaviors - 1):
-                key = f"gen_users_{r}"
-                if key not in batch:
-                    continue
-                gu, gi, gn = (batch[f"gen_{k}_{r}"].to(dev).long() for k in ("users", "items", "neg"))
-                for emb in embs:
-                    hu, hi = emb["per_behavior"][r + 1]
-                    pos_logit = (hu[gu] * hi[gi]).sum(-1)
-                    neg_logit = (hu[gu].unsqueeze(1) * hi[gn]).sum(-1)
-                    logits = torch.cat([pos_logit, neg_logit.reshape(-1)])
-                    labels = torch.cat([torch.ones_like(pos_logit), torch.zeros(neg_logit.numel(), device=dev)])
-                    gen_terms.append(F.binary_cross_entropy_with_logits(logits, labels))
-            if gen_terms:
-                gen = torch.stack(gen_terms).mean()
+            gen_embs = embs if self.gen_experts == "both" else [embs[-1]]
+            gen = self._generative(gen_embs, batch)
+            if gen is not None:
                 total = total + self.gen_weight * gen
                 parts["gen"] = float(gen.detach())
+        return total
 
-        if self.reg:
-            l2 = 0.0
-            for ex in self.experts:
-                for tab_u, tab_i in ((ex.glo_user, ex.glo_item), (ex.loc_user, ex.loc_item)):
-                    l2 = l2 + tab_u(u).pow(2).sum() + tab_i(p).pow(2).sum() + tab_i(n).pow(2).sum() / n.shape[1]
-            total = total + self.reg * l2 / u.numel()
-        parts["loss"] = float(total.detach())
-        return total, parts
+    def _contrastive(self, role: int, emb: Dict[str, object], batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """InfoNCE of the visited expert's local view vs its augmented visited-purchase view (role 0), or
+        of the unvisited expert's global view vs its augmented other-purchase view (role 1)."""
+        ex = self.expert(role)
+        if role == 0:
+            (zu, zi), tables, layers = emb["loc"], (ex.loc_user.weight, ex.loc_item.weight), self.n_layers
+        else:
+            (zu, zi), tables = emb["glo"], (ex.glo_user.weight, ex.glo_item.weight)
+            layers = self.layers_visited_global if ex is self.experts[0] else self.n_layers
+        dev = zu.device
+        if "cl_users" in batch:
+            cu, ci = batch["cl_users"].to(dev).long(), batch["cl_items"].to(dev).long()
+        else:
+            cu = _first_distinct(batch["users"].to(dev).long(), self.cl_nodes)
+            ci = _first_distinct(batch["pos"].to(dev).long(), self.cl_nodes)
+        au, ai = self._propagate(self._aug[role], tables[0], tables[1], layers)
+        t = self.temps[role]
+        return 0.5 * (_info_nce(zu[cu], au[cu], t) + _info_nce(zi[ci], ai[ci], t))
+
+    def _generative(self, embs: List[Dict[str, object]], batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """Mean BCE over (lower, higher) pairs and experts: lower's edges vs negatives, scored with
+        higher's local embeddings. Negatives: the edge's user with random items, or random (user, item)."""
+        terms = []
+        for lo, hi in self.generative_pairs():
+            key = f"{lo}_{hi}"
+            if f"gen_users_{key}" not in batch:
+                continue
+            for emb in embs:
+                hu, hi_ = emb["per_behavior"][hi]
+                dev = hu.device
+                gu, gi, gn = (batch[f"gen_{k}_{key}"].to(dev).long() for k in ("users", "items", "neg"))
+                pos_logit = (hu[gu] * hi_[gi]).sum(-1)
+                if f"gen_negusers_{key}" in batch:
+                    nu = batch[f"gen_negusers_{key}"].to(dev).long()
+                    neg_logit = (hu[nu] * hi_[gn]).sum(-1)
+                else:
+                    neg_logit = (hu[gu].unsqueeze(1) * hi_[gn]).sum(-1)
+                logits = torch.cat([pos_logit, neg_logit.reshape(-1)])
+                labels = torch.cat([torch.ones_like(pos_logit), torch.zeros(neg_logit.numel(), device=dev)])
+                terms.append(F.binary_cross_entropy_with_logits(logits, labels))
+        return torch.stack(terms).mean() if terms else None
 
 
 def _first_distinct(x: torch.Tensor, limit: int) -> torch.Tensor:
@@ -437,10 +613,15 @@ def _first_distinct(x: torch.Tensor, limit: int) -> torch.Tensor:
 
 
 class _MemberBatches:
-    """Epoch batches of MEMBER: purchases with uniform negatives (package sampler), pool negatives
-    [B, 2] (visited pool, unvisited pool) per purchase and, per lower behavior r, `gen_batch` edges of r (a per-epoch permutation of r's edges
-    walked in order, so edges are drawn without replacement) with uniform item negatives.
-    Every draw is seeded by (seed, epoch, batch index)."""
+    """Epoch batches of MEMBER, every draw seeded by (seed, epoch, batch index).
+
+    Joint schedule: purchases with uniform negatives (package sampler), pool negatives [B, 2] (visited
+    pool, unvisited pool) and, per generative (lower, higher) pair, `gen_batch` edges of the lower
+    behavior (a per-epoch permutation of its edges walked in order: no replacement) with negatives.
+    Official schedule: the same number of batches three times, tagged "phase": "ssl_visited" (InfoNCE
+    nodes only), "ssl_unvisited" (InfoNCE nodes and generative edges), then "bpr" (purchases and
+    uniform negatives). With cl_sampling="table", InfoNCE nodes are `cl_nodes` distinct users and items
+    drawn uniformly from the whole tables."""
 
     def __init__(self, model: MEMBER, data, epoch: int, batch_size: int, seed: int):
         u, i = data.pairs(data.target)
@@ -450,7 +631,27 @@ class _MemberBatches:
         self.seed, self.epoch = seed, epoch
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.pairs) * (len(OFFICIAL_PHASES) if self.model.schedule == "official" else 1)
+
+    def _gen_edges(self, batch: Dict[str, torch.Tensor], perms, b: int, gen: torch.Generator) -> None:
+        m = self.model
+        for lo, hi in m.generative_pairs():
+            perm = perms[lo]
+            n_e = perm.numel()
+            if n_e == 0:
+                continue
+            idx = perm[(torch.arange(m.gen_batch) + b * m.gen_batch) % n_e]
+            key = f"{lo}_{hi}"
+            batch[f"gen_users_{key}"] = m.behavior_edges[lo][0][idx]
+            batch[f"gen_items_{key}"] = m.behavior_edges[lo][1][idx]
+            batch[f"gen_neg_{key}"] = torch.randint(0, m.n_items, (m.gen_batch, m.gen_neg), generator=gen)
+            if m.gen_negatives == "pair":
+                batch[f"gen_negusers_{key}"] = torch.randint(0, m.n_users, (m.gen_batch, m.gen_neg), generator=gen)
+
+    def _cl_nodes(self, batch: Dict[str, torch.Tensor], gen: torch.Generator) -> None:
+        m = self.model
+        batch["cl_users"] = torch.randperm(m.n_users, generator=gen)[:m.cl_nodes]
+        batch["cl_items"] = torch.randperm(m.n_items, generator=gen)[:m.cl_nodes]
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         m = self.model
@@ -459,18 +660,28 @@ class _MemberBatches:
             g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 10 + r))
             perms.append(torch.randperm(m.behavior_edges[r][0].numel(), generator=g))
         base = epoch_seed(self.seed, self.epoch, 2)
+        if m.schedule == "official":
+            n_batches = len(self.pairs)
+            for phase_index, phase in enumerate(OFFICIAL_PHASES[:2]):
+                stream = epoch_seed(self.seed, self.epoch, 20 + phase_index)
+                for b in range(n_batches):
+                    gen = torch.Generator().manual_seed((stream + b) & ((1 << 62) - 1))
+                    batch: Dict[str, torch.Tensor] = {"phase": phase}
+                    self._cl_nodes(batch, gen)
+                    if phase == "ssl_unvisited" and m.gen_weight:
+                        self._gen_edges(batch, perms, b, gen)
+                    yield batch
+            for batch in self.pairs:
+                batch["phase"] = "bpr"
+                yield batch
+            return
         for b, batch in enumerate(self.pairs):
             if m.pool_weight:
                 batch["pool_neg"] = m.pool_negatives(batch["users"], batch["pos"], self.pairs.graph,
                                                      seed=base, offset=b * self.pairs.batch_size)
+            gen = torch.Generator().manual_seed((base + b) & ((1 << 62) - 1))
+            if m.cl_sampling == "table":
+                self._cl_nodes(batch, torch.Generator().manual_seed(epoch_seed(base, b, 3)))
             if m.gen_weight:
-                gen = torch.Generator().manual_seed((base + b) & ((1 << 62) - 1))
-                for r, perm in enumerate(perms):
-                    n_e = perm.numel()
-                    if n_e == 0:
-                        continue
-                    idx = perm[(torch.arange(m.gen_batch) + b * m.gen_batch) % n_e]
-                    batch[f"gen_users_{r}"] = m.behavior_edges[r][0][idx]
-                    batch[f"gen_items_{r}"] = m.behavior_edges[r][1][idx]
-                    batch[f"gen_neg_{r}"] = torch.randint(0, m.n_items, (m.gen_batch, m.gen_neg), generator=gen)
+                self._gen_edges(batch, perms, b, gen)
             yield batch

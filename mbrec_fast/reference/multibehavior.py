@@ -132,14 +132,15 @@ def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, bat
                 pool.append(row)
             batch["pool_neg"] = torch.tensor(pool)
         if model.gen_weight:
-            for r, (eu, ei) in enumerate(edges):
+            for lo, hi in model.generative_pairs():
+                eu, ei = edges[lo]
                 if not eu:
                     continue
                 pick = [rnd.randrange(len(eu)) for _ in range(model.gen_batch)]
-                batch[f"gen_users_{r}"] = torch.tensor([eu[j] for j in pick])
-                batch[f"gen_items_{r}"] = torch.tensor([ei[j] for j in pick])
-                batch[f"gen_neg_{r}"] = torch.tensor([[rnd.randrange(sampler.n_items) for _ in range(model.gen_neg)]
-                                                      for _ in pick])
+                batch[f"gen_users_{lo}_{hi}"] = torch.tensor([eu[j] for j in pick])
+                batch[f"gen_items_{lo}_{hi}"] = torch.tensor([ei[j] for j in pick])
+                batch[f"gen_neg_{lo}_{hi}"] = torch.tensor([[rnd.randrange(sampler.n_items) for _ in range(model.gen_neg)]
+                                                            for _ in pick])
         return batch
     return _run_epoch(model, optimizer, len(users), batch_size, rnd, make_batch)
 

@@ -35,8 +35,9 @@ from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, 
 from .common import (Trainer, check_cli_args, format_table, init_distributed, is_main_process, log, seed_everything,
                      world)
 
-__all__ = ["train_main", "evaluate_main", "build_parser", "build_evaluate_parser", "build_model", "load_data", "evaluate_model", "results_markdown",
-           "metrics_table", "MODELS"]
+__all__ = ["train_main", "evaluate_main", "build_parser", "build_evaluate_parser", "build_model", "load_data",
+           "evaluate_model", "results_markdown", "metrics_table", "MODELS", "check_protocol", "result_rows",
+           "write_result_rows", "variant_label", "summary_markdown"]
 
 # name -> (module, class name); the first three live in baselines.py, the rest in their own modules
 MODELS = {
@@ -54,9 +55,30 @@ MODEL_DEFAULTS = {
     "nmtr": {"neg_ratio": 4, "reg": 0.0},
     "member": {"dim": 32},
 }
+# (model, --variant) -> defaults of that configuration: the faithful MEMBER takes the official code's
+# optimiser settings (Adam lr 5e-3, batch 1,024, weight decay 1e-7, no L2 term in the loss)
+VARIANT_DEFAULTS = {
+    ("member", "faithful"): {"lr": 5e-3, "batch_size": 1024, "weight_decay": 1e-7, "reg": 0.0},
+}
+GENERIC_DEFAULTS = {"dim": 64, "neg_ratio": 1, "reg": 1e-4, "lr": 1e-3, "batch_size": 4096, "weight_decay": 0.0}
+PROTOCOLS = ("full", "pool", "both")
+# --ablation -> MEMBER constructor arguments
+ABLATIONS = {"avg": {"gate": "avg"}, "single-expert": {"single_expert": True}}
 
 
 # ------------------------------------------------------------------------------------------ parsing
+def add_protocol_options(p: argparse.ArgumentParser) -> None:
+    """--protocol, --pool-others and --pool-scores, shared by train and evaluate."""
+    p.add_argument("--protocol", default="full",
+                   help="evaluation: full (full ranking, overall / visited / unvisited targets), pool (the MEMBER "
+                        "paper's per-pool settings) or both")
+    p.add_argument("--pool-others", default="exclude", choices=["exclude", "zero"],
+                   help="pool protocol: items outside the pool are removed (exclude) or kept with score 0 (zero, "
+                        "the official MEMBER code)")
+    p.add_argument("--pool-scores", default="model", choices=["model", "expert"],
+                   help="pool protocol: rank each pool by the model's score, or by that pool's MEMBER expert alone")
+
+
 def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=(
         "Train a multi-behavior recommender (purchases helped by views, carts) and rank\n"
@@ -69,9 +91,11 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--valid", default="leave-one-out", choices=["leave-one-out", "none"],
                    help="validation split for early stopping: each user's last purchase, or none")
     p.add_argument("--epochs", type=int, default=10, help="training epochs (at most)")
-    p.add_argument("--batch-size", type=int, default=4096, help="training pairs per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--batch-size", type=int, default=None, help="training pairs per step (default 4096; MEMBER faithful 1024)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; MEMBER faithful 5e-3)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 0; MEMBER faithful 1e-7)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adagrad"],
+                   help="adam, or adagrad (the NMTR paper's optimiser, lr 0.01 there)")
     p.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=None, metavar="N",
                    help="embedding size (default 64; MEMBER 32; --dim is an alias)")
     p.add_argument("--neg-ratio", type=int, default=None, help="negatives per positive (default 1; NeuMF/NMTR 4)")
@@ -93,6 +117,11 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="LightGCN/MEMBER propagation layers; NMTR MLP tower depth")
     p.add_argument("--loss-weights", default=None, help="NMTR per-behavior loss weights, comma-separated")
     p.add_argument("--interaction", default=None, help="NMTR interaction function: gmf, mlp or neumf")
+    p.add_argument("--variant", default=None, choices=["legacy", "faithful"],
+                   help="MEMBER configuration: legacy (default) or faithful (the official code's choices)")
+    p.add_argument("--ablation", default=None, choices=sorted(ABLATIONS),
+                   help="MEMBER ablation: avg (the paper's 'w/ AVG', expert scores averaged) or single-expert")
+    add_protocol_options(p)
     return p
 
 
@@ -112,12 +141,20 @@ def _model_kwargs(args) -> Dict[str, Any]:
         extra.setdefault("loss_weights", [float(x) for x in args.loss_weights.split(",")])
     if args.interaction is not None:
         extra.setdefault("interaction", args.interaction)
+    if getattr(args, "variant", None) is not None or getattr(args, "ablation", None) is not None:
+        if args.model != "member":
+            raise SystemExit(f"--variant and --ablation apply to --model member, not {args.model!r}")
+        if args.variant is not None:
+            extra.setdefault("variant", args.variant)
+        for key, value in ABLATIONS.get(args.ablation, {}).items():
+            extra.setdefault(key, value)
     return extra
 
 
 def _fill_defaults(args) -> None:
-    defaults = {"dim": 64, "neg_ratio": 1, "reg": 1e-4}
+    defaults = dict(GENERIC_DEFAULTS)
     defaults.update(MODEL_DEFAULTS.get(args.model, {}))
+    defaults.update(VARIANT_DEFAULTS.get((args.model, getattr(args, "variant", None)), {}))
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -186,14 +223,40 @@ def _to_device(csr, device):
     return tuple(t.to(device) for t in csr)
 
 
+def check_protocol(protocol: str, data=None) -> None:
+    """ValueError naming --protocol for an unknown protocol, or a pool protocol on data without
+    auxiliary behaviors (no visited pool exists there)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol != "full" and data is not None and data.n_behaviors < 2:
+        raise ValueError(f"--protocol {protocol}: the per-pool protocol needs auxiliary behaviors, and data set "
+                         f"{data.name!r} has only {data.behavior_names}")
+
+
 def evaluate_model(model: nn.Module, data, split: str, ks=(10, 20, 50, 100), device="cpu",
-                   distributed: bool = False, progress: bool = False) -> Dict[str, float]:
-    """Full-ranking HR/NDCG@K on `split`, overall and on visited / unvisited held-out items (flat dict).
-    progress: show a bar (users ranked, users/s, time left) on stderr while ranking."""
+                   distributed: bool = False, protocol: str = "full", pool_others: str = "exclude",
+                   pool_scores: str = "model", progress: bool = False) -> Dict[str, float]:
+    """HR/NDCG@K on `split` (flat dict). protocol "full": full ranking, overall and on visited / unvisited
+    held-out items; "pool": the MEMBER paper's per-pool settings (keys "visited_pool_hr@10", ...; see
+    `mbrec_fast.models.member.evaluate_by_pool`); "both": both. progress: a bar (users ranked, users/s, time
+    left) on stderr while ranking in full."""
+    check_protocol(protocol, data)
+    out: Dict[str, float] = {}
+    ks = [k for k in ks if k <= data.n_items]
+    if protocol in ("pool", "both"):
+        from ..models.member import evaluate_by_pool
+        out.update(evaluate_by_pool(model, data, split, ks, device, others=pool_others, scores=pool_scores,
+                                    distributed=distributed))
+    if protocol in ("full", "both"):
+        out.update(_evaluate_full(model, data, split, ks, device, distributed, progress))
+    return out
+
+
+def _evaluate_full(model: nn.Module, data, split: str, ks, device, distributed: bool,
+                   progress: bool = False) -> Dict[str, float]:
     from .._progress import ranking_progress
     from ..evaluator import evaluate_full_ranking
     targets, labels = data.split(split)
-    ks = [k for k in ks if k <= data.n_items]
     scorer = model.scorer()
     users = data.eval_users(split)
     with ranking_progress(progress and is_main_process(), f"ranking {split}",
@@ -211,8 +274,14 @@ def evaluate_model(model: nn.Module, data, split: str, ks=(10, 20, 50, 100), dev
     return out
 
 
-GROUPS = (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_"))
+# (label, key prefix) of the result rows: full ranking by target group, then the two pool settings
+TARGET_ROWS = (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_"),
+               ("visited pool", "visited_pool_"), ("unvisited pool", "unvisited_pool_"))
+GROUPS = TARGET_ROWS[:3]
+POOL_ROWS = (("pool vis.", "visited_pool_"), ("pool unvis", "unvisited_pool_"))  # short labels for the table
 VISITED_NOTE = "visited = the user viewed or carted the held-out item in training"
+POOL_NOTE = ("pool vis. / pool unvis = the MEMBER paper's per-pool settings (candidates: the user's visited / "
+             "unvisited items)")
 
 
 def ranking_table(rows: List[Any], ks, metrics=("hr", "ndcg")) -> str:
@@ -236,10 +305,13 @@ def ranking_table(rows: List[Any], ks, metrics=("hr", "ndcg")) -> str:
 
 
 def metrics_table(metrics: Dict[str, float], ks) -> str:
-    """Rows overall / visited / unvisited (always all three, in this order), columns HR@K and NDCG@K."""
-    ks = [k for k in ks if f"hr@{k}" in metrics]
+    """Rows overall / visited / unvisited (all three, in this order, when full ranking ran), then the two pool
+    settings when the pool protocol ran; columns HR@K and NDCG@K."""
+    full = "users" in metrics
+    groups = (GROUPS if full else ()) + tuple(r for r in POOL_ROWS if f"{r[1]}users" in metrics)
+    ks = [k for k in ks if any(f"{prefix}hr@{k}" in metrics for _, prefix in groups)]
     rows = [(group, {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)} if prefix else metrics,
-             metrics.get(f"{prefix}users", 0)) for group, prefix in GROUPS]
+             metrics.get(f"{prefix}users", 0)) for group, prefix in groups]
     return ranking_table(rows, ks)
 
 
@@ -259,12 +331,15 @@ def _timing_lines(timings: Dict[str, float], load_s: float, epochs: int) -> str:
 
 # ------------------------------------------------------------------------------------------ entry points
 def train_main(argv: Optional[List[str]] = None) -> int:
+    import sys
+    argv_used = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.model is None:
         parser.error(f"--model is required (one of {', '.join(sorted(MODELS))})")
     _fill_defaults(args)
     check_cli_args(args)
+    check_protocol(args.protocol)
     monitors = [f"{m}@{k}" for k in args.ks for m in METRICS]
     if args.monitor not in monitors:
         raise ValueError(f"--monitor {args.monitor!r} is not a validation metric; choose one of {monitors}")
@@ -283,14 +358,19 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     data = load_data(args.data, valid=args.valid, seed=args.seed, behaviors=args.behaviors)
     load_s = time.perf_counter() - t0
     log(textwrap.fill(data.summary() + f" (loaded in {load_s:.1f}s)", 79, subsequent_indent="  "))
+    check_protocol(args.protocol, data)
 
     seed_everything(args.seed)
     model = build_model(args.model, data, dim=args.dim, reg=args.reg, neg_ratio=args.neg_ratio,
                         **_model_kwargs(args)).to(device)
     model.name = args.model
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                           weight_decay=args.weight_decay)
+    if args.protocol != "full" and args.pool_scores == "expert" and not hasattr(model, "expert_scorer"):
+        raise SystemExit(f"--pool-scores expert: model {args.model!r} has no experts (only member has)")
+    # one Adam over every parameter equals MEMBER's official two Adams (one per expert): Adam keeps
+    # per-parameter state and skips the parameters a step leaves without gradient (zero_grad(set_to_none))
+    opt_cls = torch.optim.Adagrad if args.optimizer == "adagrad" else torch.optim.Adam
+    opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     forward: nn.Module = _LossModule(model)
     if distributed:
         forward = nn.parallel.DistributedDataParallel(
@@ -313,7 +393,10 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     def evaluate(split):
         if split == "valid" and not has_valid:
             return None
-        return evaluate_model(model, data, split, args.ks, device, distributed, progress=show_progress)
+        # the early-stopping monitor is a full-ranking metric: validation always includes full ranking
+        protocol = "full" if split == "valid" and args.protocol == "pool" else args.protocol
+        return evaluate_model(model, data, split, args.ks, device, distributed, protocol=protocol,
+                              pool_others=args.pool_others, pool_scores=args.pool_scores, progress=show_progress)
 
     run_dir = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(str(args.data).rstrip('/'))}")
     resume = resolve_resume(args.resume, run_dir, log)
@@ -330,14 +413,17 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     if is_main_process():
         path = os.path.join(run_dir, "metrics.json")
         summary = json.load(open(path))
-        summary.update({"dataset": data.name, "n_params": n_params, "load_s": load_s, "world_size": world_size})
+        summary.update({"dataset": data.name, "n_params": n_params, "load_s": load_s, "world_size": world_size,
+                        "command": "mbrec-fast train " + " ".join(argv_used)})
         with open(path, "w") as f:
             json.dump(summary, f, indent=1, default=float)
     if result.best_epoch is not None:
         log(f"best validation {args.monitor} = {result.best_valid[args.monitor]:.4f} at epoch {result.best_epoch}")
-    log(f"test ({data.name}, full ranking over {data.n_items:,} items):")
+    log(f"test ({data.name}, protocol {args.protocol}, {data.n_items:,} items):")
     log(metrics_table(result.test, args.ks))
     log(VISITED_NOTE)
+    if args.protocol != "full":
+        log(POOL_NOTE)
     log(_timing_lines(result.timings, load_s, result.epochs_run))
     log(f"outputs in {run_dir}:\n  metrics.json, history.json, curves.png, checkpoint.pt" +
         (", best.pt" if result.best_epoch is not None else ""))
@@ -351,12 +437,15 @@ def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.Argumen
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
         p.add_argument("--ks", type=int, nargs="+", default=None, help="cut-offs K (default: the training run's)")
         p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    return evaluate_parser("Full-ranking evaluation of a multi-behavior checkpoint (best.pt or checkpoint.pt).",
+        add_protocol_options(p)
+    return evaluate_parser("Full-ranking and per-pool evaluation of a multi-behavior checkpoint (best.pt or "
+                           "checkpoint.pt).",
                            options, output_dest="json", prog=prog)
 
 
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     args = parse_evaluate_args(build_evaluate_parser(), argv)
+    check_protocol(args.protocol)
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
@@ -382,17 +471,116 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     ks = args.ks or cfg.get("ks") or [10, 20, 50, 100]
     t0 = time.perf_counter()
     with torch.no_grad():
-        metrics = evaluate_model(model, data, args.split, ks, device,
+        metrics = evaluate_model(model, data, args.split, ks, device, protocol=args.protocol,
+                                 pool_others=args.pool_others, pool_scores=args.pool_scores,
                                  progress=progress_enabled(False if args.no_progress else None))
     eval_s = time.perf_counter() - t0
-    print(f"{name} on {data.name} ({args.split}, full ranking over {data.n_items:,} items; "
+    print(f"{name} on {data.name} ({args.split}, protocol {args.protocol}, {data.n_items:,} items; "
           f"data {load_s:.1f}s, evaluation {eval_s:.1f}s)")
     print(metrics_table(metrics, ks))
     print(VISITED_NOTE)
+    if args.protocol != "full":
+        print(POOL_NOTE)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": name, "split": args.split, "metrics": metrics, "eval_s": eval_s}, f, indent=1)
+            json.dump({"model": name, "split": args.split, "protocol": args.protocol, "metrics": metrics,
+                       "eval_s": eval_s}, f, indent=1)
     return 0
+
+
+def variant_label(cfg: Dict[str, Any]) -> str:
+    """Short description of a run's configuration beyond the model name (e.g. "faithful, ablation=avg")."""
+    parts: List[str] = []
+    if cfg.get("model") == "member":
+        parts.append(cfg.get("variant") or "legacy")
+    if cfg.get("ablation"):
+        parts.append(f"ablation={cfg['ablation']}")
+    parts += [f"{k}={cfg[k]}" for k in ("interaction", "layers", "loss_weights") if cfg.get(k) is not None]
+    if cfg.get("optimizer", "adam") != "adam":
+        parts.append(f"optimizer={cfg['optimizer']}")
+    parts += list(cfg.get("model_arg") or [])
+    return ", ".join(parts)
+
+
+def result_rows(run_dir: str) -> List[Dict[str, Any]]:
+    """The rows of docs/results/multibehavior.json for one finished run: one per (protocol, targets) with its
+    test metrics. Pool rows say how other-pool items were treated ("pool_others"); a `pool_zero.json`
+    written by `mbrec-fast evaluate --protocol pool --pool-others zero --json` adds the official variant."""
+    s = json.load(open(os.path.join(run_dir, "metrics.json")))
+    cfg = s.get("config") or {}
+    common = {"model": s.get("model"), "variant": variant_label(cfg), "data": s.get("dataset"),
+              "seed": cfg.get("seed"), "epochs": s.get("epochs_run"), "command": s.get("command"),
+              "best_epoch": s.get("best_epoch"),
+              "selection": "best validation epoch" if s.get("best_epoch") else "last epoch (no validation)",
+              "wall_s": round(s["timings_s"]["wall"] + s.get("load_s", 0.0), 1)}
+    sources = [(s.get("test") or {}, cfg.get("pool_others", "exclude"))]
+    zero = os.path.join(run_dir, "pool_zero.json")
+    if os.path.isfile(zero):
+        sources.append((json.load(open(zero))["metrics"], "zero"))
+    rows = []
+    for k, (metrics, others) in enumerate(sources):
+        for label, prefix in TARGET_ROWS:
+            pool = "pool" in label
+            if k > 0 and not pool or not metrics.get(f"{prefix}users"):
+                continue
+            values = {key[len(prefix):]: round(float(v), 6) for key, v in metrics.items()
+                      if key.startswith(prefix) and "@" in key[len(prefix):] and not key[len(prefix):].startswith(("visited", "unvisited"))}
+            row = dict(common, protocol="pool" if pool else "full", targets=label.split()[0],
+                       users=int(metrics[f"{prefix}users"]), metrics=values)
+            if pool:
+                row["pool_others"] = others
+            rows.append(row)
+    return rows
+
+
+def write_result_rows(run_dirs: List[str], json_path: str) -> int:
+    """Adds (or replaces, same model / variant / data / seed / protocol / targets / pool_others) the rows of
+    finished runs in `json_path`; returns the number of rows written."""
+    rows = json.load(open(json_path)) if os.path.isfile(json_path) else []
+    key = lambda r: (r["model"], r["variant"], r["data"], r["seed"], r["protocol"], r["targets"], r.get("pool_others"))
+    new = [r for d in run_dirs if os.path.isfile(os.path.join(d, "metrics.json")) for r in result_rows(d)]
+    keys = {key(r) for r in new}
+    rows = [r for r in rows if key(r) not in keys] + new
+    rows.sort(key=lambda r: (r["data"], r["model"], r["variant"], r["seed"], r["protocol"], r.get("pool_others") or "",
+                             ["overall", "visited", "unvisited"].index(r["targets"])))
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(rows, f, indent=1)
+    return len(new)
+
+
+def summary_markdown(json_path: str, data: Optional[str] = None, ks=(10, 20, 50, 100)) -> str:
+    """Markdown table of docs/results/multibehavior.json: one line per (model, variant, protocol, targets,
+    pool_others), mean ± std over the seeds present (std shown from 2 seeds up), with the seed count."""
+    import statistics
+    rows = [r for r in json.load(open(json_path)) if data is None or r["data"] == data]
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["data"], r["model"], r["variant"], r["protocol"], r.get("pool_others") or "",
+                           r["targets"], r["epochs"]), []).append(r)
+    header = ["model", "data", "protocol", "targets"] + [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + \
+             ["seeds", "epochs", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = {"overall": 0, "visited": 1, "unvisited": 2}
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], order[k[5]])):
+        data_name, model, variant, protocol, others, targets, epochs = key
+        runs = groups[key]
+        cells = []
+        for k in ks:
+            for m in ("hr", "ndcg"):
+                vals = [r["metrics"].get(f"{m}@{k}") for r in runs if f"{m}@{k}" in r["metrics"]]
+                if not vals:
+                    cells.append("")
+                elif len(vals) == 1:
+                    cells.append(f"{vals[0]:.4f}")
+                else:
+                    cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
+        label = model + (f" ({variant})" if variant else "")
+        proto = protocol + (f" (others {others})" if others else "")
+        wall = statistics.mean(r["wall_s"] for r in runs)
+        lines.append("| " + " | ".join([label, data_name, proto, f"{targets} ({runs[0]['users']})"] + cells
+                                        + [str(len(runs)), str(epochs), f"{wall:.0f}"]) + " |")
+    return "\n".join(lines)
 
 
 def results_markdown(run_dirs: List[str], ks=(10, 20, 50, 100)) -> str:
@@ -406,10 +594,9 @@ def results_markdown(run_dirs: List[str], ks=(10, 20, 50, 100)) -> str:
         s = json.load(open(path))
         test = s.get("test") or {}
         cfg = s.get("config") or {}
-        variant = list(cfg.get("model_arg") or []) + [f"{k}={cfg[k]}" for k in ("interaction", "layers", "loss_weights")
-                                                      if cfg.get(k) is not None]
-        label = str(s.get("model")) + (f" ({', '.join(variant)})" if variant else "")
-        for group, prefix in (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisited_")):
+        variant = variant_label(cfg)
+        label = str(s.get("model")) + (f" ({variant})" if variant else "")
+        for group, prefix in TARGET_ROWS:
             if not test.get(f"{prefix}users"):
                 continue
             vals = [f"{test.get(f'{prefix}{m}@{k}', float('nan')):.4f}" for k in ks for m in ("hr", "ndcg")]
@@ -420,9 +607,13 @@ def results_markdown(run_dirs: List[str], ks=(10, 20, 50, 100)) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m mbrec_fast.training.multibehavior table RUN_DIR...
+if __name__ == "__main__":  # python -m mbrec_fast.training.multibehavior table|rows ...
     import sys
     if len(sys.argv) > 1 and sys.argv[1] == "table":
         print(results_markdown(sys.argv[2:]))
+    elif len(sys.argv) > 2 and sys.argv[1] == "rows":   # rows JSON_PATH RUN_DIR...
+        print(f"{write_result_rows(sys.argv[3:], sys.argv[2])} rows written to {sys.argv[2]}")
+    elif len(sys.argv) > 2 and sys.argv[1] == "summary":  # summary JSON_PATH [DATA]
+        print(summary_markdown(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
     else:
         raise SystemExit(train_main(sys.argv[1:]))
