@@ -13,7 +13,30 @@ from typing import Dict, List, Sequence
 
 import torch
 
-__all__ = ["sampled_metrics_reference", "full_ranking_metrics_reference"]
+__all__ = ["sampled_metrics_reference", "full_ranking_metrics_reference", "negative_pool_reference",
+           "eval_negatives_reference"]
+
+
+def negative_pool_reference(sequence: Sequence[int], target: int, item_domain: Sequence[int],
+                            protocol: str) -> List[int]:
+    """Sorted candidate negatives of one target: the items not in `sequence` (and not the target), from every
+    domain ("official") or from the target's domain only ("domain")."""
+    if protocol not in ("official", "domain"):
+        raise ValueError(f"protocol must be 'official' or 'domain', got {protocol!r}")
+    seen = set(int(i) for i in sequence) | {int(target)}
+    dom = int(item_domain[target])
+    return [i for i in range(len(item_domain)) if i not in seen and (protocol == "official" or int(item_domain[i]) == dom)]
+
+
+def eval_negatives_reference(history: Sequence[int], target: int, item_domain: Sequence[int], n_neg: int, seed: int,
+                             user: int, protocol: str) -> List[int]:
+    """The sampled protocol's draw for one user: min(n_neg, pool) distinct items of the pool, uniform without
+    replacement from numpy's Generator seeded with [seed, user] (the draw `sample_eval_negatives` makes)."""
+    import numpy as np
+    pool = negative_pool_reference(history, target, item_domain, protocol)
+    k = min(n_neg, len(pool))
+    return [int(v) for v in np.random.default_rng([seed, user]).choice(np.array(pool, dtype=np.int64), size=k,
+                                                                         replace=False)]
 
 
 def _accumulate(ranks: List[float], groups: List[int], ks: Sequence[int], names: Sequence[str],

@@ -12,9 +12,10 @@ domain, HR/NDCG@{1,5,10} and MRR:
   whole sequence (`sample_eval_negatives`); rank = 1 + #(negatives scoring >= target); MRR untruncated;
 * full: `mbrec_fast.evaluate_full_ranking` with a `score_fn`, the user's history items masked through the exclude
   CSR (customary; a repeat purchase of a history item therefore cannot be hit), MRR@10.
-`--candidates domain` (default) ranks within the target's domain (negatives from that domain; items of other
-domains pushed below every in-domain item by a -1e9 offset in the full protocol), which is what makes per-domain
-single-domain models comparable; `--candidates all` ranks against every item.
+`--protocol official` (default, as the SyNCRec release) trains every model and task with negatives from all items
+outside the user's sequence and ranks each target against all items (sampled: 100 of them outside the sequence);
+`--protocol domain` draws training negatives and evaluation candidates from the target's domain (items of other
+domains pushed below every in-domain item by a -1e9 offset in the full ranking), for every model alike.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 
 from .. import evaluate_full_ranking, sample_sequence_negatives
-from ..data.sequences import (SequenceData, SequenceSplit, leave_one_out, load_amazon_sequences, load_interaction_log,
-                              make_synthetic_sequences, make_training_windows)
+from ..data.sequences import (SequenceData, SequenceSplit, leave_one_out, load_amazon_sequences,
+                              load_amazon_toys_games, load_interaction_log, make_synthetic_sequences,
+                              make_training_windows)
 from ..models.sasrec import PerDomainSASRec, SASRec
 from ..models.syncrec import SyNCRec
 from .checkpoint import load_checkpoint
@@ -43,6 +45,13 @@ __all__ = ["build_parser", "load_data", "build_model", "EvalContext", "make_eval
 
 KS = (1, 5, 10)
 MODELS = ("syncrec", "sasrec")
+PROTOCOLS = ("official", "domain")
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return protocol
 
 
 def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
@@ -50,7 +59,9 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=MODELS)
     p.add_argument("--setting", default="cross", choices=["single", "cross"],
                    help="sasrec: one model per domain (single) or one on the merged sequence (cross)")
-    p.add_argument("--data", default="synthetic", help="synthetic | amazon | a path (format by --format)")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic | amazon_toys_games (../shared/data log) | amazon (the 500-user release sample) | "
+                        "a path (format by --format)")
     p.add_argument("--data-path", default=None, help="file of the real data (default: the bundled Amazon sample)")
     p.add_argument("--format", default="amazon", choices=["amazon", "log"],
                    help="layout of a --data path: the SyNCRec release TSV or a (user,item,domain,timestamp) log")
@@ -64,20 +75,28 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=1, help="transformer layers per expert / per SASRec")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers per expert / per SASRec")
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--n-single", type=int, default=2, help="SyNCRec single-domain experts")
-    p.add_argument("--n-cross", type=int, default=2, help="SyNCRec cross-domain experts")
-    p.add_argument("--r", type=float, default=0.5, help="SyNCRec: weight of a task's own expert group")
+    p.add_argument("--n-single", type=int, default=1,
+                   help="SyNCRec single-domain experts (0: ablation w/o single-domain experts, one shared group)")
+    p.add_argument("--n-cross", type=int, default=4, help="SyNCRec cross-domain experts")
+    p.add_argument("--r", type=float, default=0.8, help="SyNCRec: weight of a task's own expert group")
     p.add_argument("--temperature", type=float, default=1.0, help="SyNCRec: softmax temperature of the gap weights")
     p.add_argument("--momentum", type=float, default=0.9, help="SyNCRec: EMA momentum of the gaps")
     p.add_argument("--smoothing", type=float, default=0.1, help="SyNCRec: mix of the gap weights toward uniform")
-    p.add_argument("--mi-weight", type=float, default=0.1)
+    p.add_argument("--reweight", default="lower", choices=["lower", "raise", "none"],
+                   help="SyNCRec cross-loss weights: lower for more negative transfer (paper), raise (earlier "
+                        "reading), none (ablation w/o reweighting)")
+    p.add_argument("--domain-loss", default="sum", choices=["sum", "mean"],
+                   help="SyNCRec: per-domain summed losses (official) or the mean of per-domain means")
+    p.add_argument("--mi-weight", type=float, default=1.0, help="SyNCRec MI loss weight (0: ablation w/o MI)")
     p.add_argument("--gap-grad", default="detach", choices=["detach", "cross"])
     p.add_argument("--num-neg", type=int, default=8, help="training negatives per position")
     p.add_argument("--eval-neg", type=int, default=100, help="negatives of the sampled protocol")
-    p.add_argument("--candidates", default="domain", choices=["domain", "all"])
+    p.add_argument("--protocol", default="official", choices=list(PROTOCOLS),
+                   help="official: training negatives and evaluation candidates from all items outside the user's "
+                        "sequence, for every model and task; domain: both from the target's domain")
     p.add_argument("--monitor", default="sampled_ndcg@10")
     p.add_argument("--no-full", action="store_true", help="skip the full-ranking protocol during validation")
     p.add_argument("--epochs", type=int, default=20)
@@ -106,6 +125,8 @@ def load_data(args: argparse.Namespace) -> SequenceData:
                                         args.syn_clusters, rel, args.syn_chain, seed=args.data_seed)
     if name == "amazon":
         return load_amazon_sequences(args.data_path)
+    if name == "amazon_toys_games":
+        return load_amazon_toys_games(args.data_path)
     path = args.data
     return load_amazon_sequences(path) if args.format == "amazon" else load_interaction_log(path)
 
@@ -115,7 +136,8 @@ def build_model(args: argparse.Namespace, data: SequenceData) -> torch.nn.Module
     if args.model == "syncrec":
         return SyNCRec(data.n_items, data.n_domains, data.item_domain, n_single=args.n_single, n_cross=args.n_cross,
                        r=args.r, temperature=args.temperature, momentum=args.momentum, smoothing=args.smoothing,
-                       mi_weight=args.mi_weight, gap_grad=args.gap_grad, **common)
+                       mi_weight=args.mi_weight, gap_grad=args.gap_grad, reweight=args.reweight,
+                       domain_loss=args.domain_loss, **common)
     if args.setting == "single":
         return PerDomainSASRec(data.n_items, data.n_domains, data.item_domain, **common)
     return SASRec(data.n_items, data.n_domains, data.item_domain, **common)
@@ -142,12 +164,13 @@ class EvalContext:
 
 
 def make_eval_context(split: SequenceSplit, name: str, n_neg: int = 100, seed: int = 0,
-                      candidates: str = "domain", chunk: int = 256) -> EvalContext:
+                      protocol: str = "official") -> EvalContext:
+    """protocol "official": candidates are all items; "domain": the target's domain only."""
+    restrict = check_protocol(protocol) == "domain"
     data = split.data
     users, histories, targets = split.split(name)
     item_domain = data.item_domain
     tdom = item_domain[targets]
-    restrict = candidates == "domain"
     negatives = sample_eval_negatives(histories, targets, item_domain, n_neg, seed=seed, restrict=restrict)
     ex_rows = [torch.unique(h) for h in histories]
     indptr = torch.zeros(len(histories) + 1, dtype=torch.int64)
@@ -262,31 +285,50 @@ def make_batches(n_users: int, batch_size: int, seed: int, epoch: int) -> List[D
 
 
 def materialize(batch: Dict[str, Any], windows: Dict[str, torch.Tensor], item_domain: torch.Tensor, n_items: int,
-                num_neg: int, seed: int, device) -> Dict[str, torch.Tensor]:
-    """Index the windows and draw this batch's negatives (keyed by seed, epoch and batch index)."""
+                num_neg: int, seed: int, device, protocol: str = "official") -> Dict[str, torch.Tensor]:
+    """Index the windows, trim their all-padding tail and draw this batch's negatives (keyed by seed, epoch and
+    batch index).
+
+    One draw per merged (cross-domain) position, from `sample_sequence_negatives`: outside the user's window, from
+    every item ("official") or from the target's domain ("domain"). The single-domain position that predicts the
+    same item (`align`) gets the same negatives, so the per-domain SASRec, the merged SASRec and both SyNCRec tasks
+    train against candidates of one distribution and each SyNCRec gap compares the two tasks on equal negatives.
+    Inputs are left-aligned and attention is causal, so cutting the padding columns after the longest row changes
+    no real position's state.
+    """
+    check_protocol(protocol)
     u = batch["users"]
     b = {k: v[u] for k, v in windows.items()}
-    B, D, L = b["single_tgt"].shape
+    lc = max(int((b["cross_tgt"] >= 0).sum(1).max()) if u.numel() else 1, 1)
+    ls = max(int((b["single_tgt"] >= 0).sum(2).max()) if u.numel() else 1, 1)
+    for k in ("cross_in", "cross_tgt", "align"):
+        b[k] = b[k][:, :lc].contiguous()
+    for k in ("single_in", "single_tgt"):
+        b[k] = b[k][:, :, :ls].contiguous()
     offset = (batch["epoch"] * 100_003 + batch["index"]) * 2
     b["cross_neg"] = sample_sequence_negatives(b["cross_tgt"], n_items, num_neg, pad=-1, seed=seed, offset=offset,
+                                               item_domain=item_domain if protocol == "domain" else None,
                                                on_empty="sentinel")
-    flat = b["single_tgt"].reshape(B * D, L)
-    b["single_neg"] = sample_sequence_negatives(flat, n_items, num_neg, pad=-1, item_domain=item_domain, seed=seed,
-                                                offset=offset + 1, on_empty="sentinel").reshape(B, D, L, num_neg)
+    B, D, _ = b["single_tgt"].shape
+    single_neg = torch.full((B, D, ls, num_neg), -1, dtype=torch.int64)
+    bi, ti = torch.nonzero(b["cross_tgt"] >= 0, as_tuple=True)
+    single_neg[bi, item_domain[b["cross_tgt"][bi, ti]], b["align"][bi, ti]] = b["cross_neg"][bi, ti]
+    b["single_neg"] = single_neg
     return {k: v.to(device) for k, v in b.items()}
 
 
 def make_step(model, opt, windows, item_domain, n_items, args, device, last_logs: Dict[str, Any]) -> Callable:
     def step(batch):
-        b = materialize(batch, windows, item_domain, n_items, args.num_neg, args.seed, device)
+        b = materialize(batch, windows, item_domain, n_items, args.num_neg, args.seed, device, args.protocol)
         opt.zero_grad(set_to_none=True)
         logs: Dict[str, float] = {}
         if isinstance(model, SyNCRec):
             out = model.losses(b)
             loss = out["loss"]
             logs.update(single=float(out["single"]), cross=float(out["cross"]), mi=float(out["mi"]))
+            weights = model.current_weights()
             for d in range(model.n_domains):
-                logs[f"w_d{d}"] = float(model_weights(model)[d])
+                logs[f"w_d{d}"] = float(weights[d])
                 logs[f"gap_d{d}"] = float(model.gap_ema[d])
         elif isinstance(model, PerDomainSASRec):
             loss = model.loss(b["single_in"], b["single_tgt"], b["single_neg"])
@@ -301,9 +343,8 @@ def make_step(model, opt, windows, item_domain, n_items, args, device, last_logs
 
 
 def model_weights(model: SyNCRec) -> torch.Tensor:
-    """Current gap weights from the smoothed gaps (all domains present)."""
-    from ..models.syncrec import gap_weights
-    return gap_weights(model.gap_ema, model.temperature, model.smoothing)
+    """Current cross-loss weights from the smoothed gaps."""
+    return model.current_weights()
 
 
 def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
@@ -313,30 +354,40 @@ def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
     seed_everything(args.seed)
     data = load_data(args) if data is None else data
     split = leave_one_out(data)
+    if split.n_short:
+        log(f"{split.n_short} of {data.n_users} users have fewer than 3 interactions: trained on, not evaluated")
     device = torch.device(args.device)
     windows = make_training_windows(split.train, data.item_domain, data.n_domains, args.max_len, data.n_items)
     has_items = torch.nonzero(windows["cross_tgt"][:, 0] >= 0).flatten()
     windows = {k: v[has_items] for k, v in windows.items()}
     ctx = {s: make_eval_context(split, s, args.eval_neg, seed=args.seed + (0 if s == "valid" else 1),
-                                candidates=args.candidates) for s in ("valid", "test")}
+                                protocol=args.protocol) for s in ("valid", "test")}
     seed_everything(args.seed)
     model = build_model(args, data).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run_dir = args.run_dir or os.path.join("runs", f"{model_label(args)}-{args.data if args.data in ('synthetic', 'amazon') else 'data'}-s{args.seed}")
+    known = ("synthetic", "amazon", "amazon_toys_games")
+    run_dir = args.run_dir or os.path.join("runs", f"{model_label(args)}-{args.data if args.data in known else 'data'}-s{args.seed}")
     last: Dict[str, Any] = {}
     step = make_step(model, opt, windows, data.item_domain, data.n_items, args, device, last)
     trainer = Trainer(model, {"main": opt}, run_dir, epochs=args.epochs, eval_every=args.eval_every,
                       patience=args.patience, monitor=args.monitor, mode="max", model_name=args.model,
                       config=vars(args), progress=progress, max_steps=args.max_steps)
+
+    def report_weights(epoch: int) -> None:  # the reweighting as it stands after each epoch (also in history.json)
+        if isinstance(model, SyNCRec) and epoch > 0:
+            log(f"after epoch {epoch}: smoothed gaps {[round(v, 4) for v in model.gap_ema.tolist()]}, "
+                f"cross-loss weights {[round(v, 3) for v in model.current_weights().tolist()]} {data.domain_names}")
+
     result = trainer.fit(batches=lambda epoch: make_batches(windows["cross_in"].shape[0], args.batch_size, args.seed, epoch),
                          step=step,
                          evaluate=lambda s: evaluate_model(model, ctx[s], full=(s == "test" or not args.no_full)),
-                         resume=args.resume)
+                         on_epoch_start=report_weights, resume=args.resume)
     out = {"test": result.test, "valid": result.best_valid, "run_dir": run_dir, "best_epoch": result.best_epoch,
            "interrupted": result.interrupted, "timings": result.timings, "data": data.describe()}
-    if isinstance(model, SyNCRec):
+    if isinstance(model, SyNCRec):  # the best epoch's buffers (the trainer reloaded its weights for the test)
         out["gap_ema"] = model.gap_ema.tolist()
         out["gap_weights"] = model_weights(model).tolist()
+        out["weights_per_epoch"] = [[row.get(f"train_w_d{d}") for d in range(data.n_domains)] for row in result.history]
         if not result.interrupted and os.path.isfile(os.path.join(run_dir, "metrics.json")):
             m = json.load(open(os.path.join(run_dir, "metrics.json")))
             m["gap_ema"], m["gap_weights"] = out["gap_ema"], out["gap_weights"]
@@ -394,7 +445,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     model = build_model(args, data)
     model.load_state_dict(ckpt["model"])
     ctx = make_eval_context(split, a.split, args.eval_neg, seed=args.seed + (0 if a.split == "valid" else 1),
-                            candidates=args.candidates)
+                            protocol=getattr(args, "protocol", "official"))
     metrics = evaluate_model(model, ctx, full=True)
     log(_metric_table(metrics, data.domain_names))
     if a.output:
@@ -404,67 +455,139 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ results table
-TABLE = [("syncrec", "cross"), ("sasrec", "single"), ("sasrec", "cross")]
+# (row label, variant, extra training arguments): the three models, then SyNCRec's ablations (one seed each)
+TABLE = [("syncrec", "paper", ["--model", "syncrec"]),
+         ("sasrec-single", "per-domain", ["--model", "sasrec", "--setting", "single"]),
+         ("sasrec-cross", "merged", ["--model", "sasrec", "--setting", "cross"])]
+ABLATIONS = [("syncrec", "w/o reweighting", ["--model", "syncrec", "--reweight", "none"]),
+             ("syncrec", "w/o MI loss", ["--model", "syncrec", "--mi-weight", "0"]),
+             ("syncrec", "w/o single-domain experts", ["--model", "syncrec", "--n-single", "0"])]
+
+
+def data_label(args: argparse.Namespace) -> str:
+    """Names the data of a results row: the dataset, or the synthetic generator's chain and relatedness."""
+    if args.data.lower() == "synthetic":
+        return f"synthetic(chain={args.syn_chain:g}, relatedness={args.syn_relatedness})"
+    return args.data if args.data_path is None else f"{args.data}:{args.data_path}"
+
+
+def result_rows(label: str, variant: str, data_name: str, seed: int, test: Dict[str, float], domains: Sequence[str],
+                epochs: int, command: str) -> List[Dict[str, Any]]:
+    """docs/results/sequential.json rows of one run: per protocol (sampled, full) and domain (each, "all")."""
+    rows = []
+    for proto in ("sampled", "full"):
+        for g in ["all", *domains]:
+            sfx = "" if g == "all" else f"_{g}"
+            if f"{proto}_ndcg@10{sfx}" not in test:
+                continue
+            rows.append({"model": label, "variant": variant, "data": data_name, "protocol": proto, "domain": g,
+                         "seed": seed, "metrics": {"hr@10": test[f"{proto}_hr@10{sfx}"],
+                                                   "ndcg@10": test[f"{proto}_ndcg@10{sfx}"]},
+                         "epochs": epochs, "command": command})
+    return rows
+
+
+def merge_rows(path: str, new: List[Dict[str, Any]]) -> None:
+    """Replaces the rows of the same (model, variant, data, protocol, domain, seed) in the JSON list at `path`."""
+    key = lambda r: (r["model"], r["variant"], r["data"], r["protocol"], r["domain"], r["seed"])  # noqa: E731
+    old = json.load(open(path)) if os.path.isfile(path) else []
+    fresh = {key(r) for r in new}
+    rows = [r for r in old if key(r) not in fresh] + new
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1, default=float)
+
+
+def table_markdown(rows: List[Dict[str, Any]], data_name: str, domains: Sequence[str]) -> str:
+    """Mean ± std over seeds of test HR@10 / NDCG@10 per model and variant, one table per protocol."""
+    rows = [r for r in rows if r["data"] == data_name]
+    labels = list(dict.fromkeys((r["model"], r["variant"]) for r in rows))
+    lines = []
+    for proto in ("sampled", "full"):
+        head = ["model", "variant", "seeds", "epochs run"] + [f"{g} {m}" for g in ["all", *domains]
+                                                               for m in ("HR@10", "NDCG@10")]
+        lines += [f"**{proto}** ({'100 sampled negatives' if proto == 'sampled' else 'full ranking'})", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for lab in labels:
+            sel = [r for r in rows if (r["model"], r["variant"]) == lab and r["protocol"] == proto]
+            if not sel:
+                continue
+            seeds = sorted({r["seed"] for r in sel})
+            epochs = sorted({r["epochs"] for r in sel})
+            cells = [lab[0], lab[1], str(len(seeds)), "/".join(str(e) for e in epochs)]
+            for g in ["all", *domains]:
+                for m in ("hr@10", "ndcg@10"):
+                    vals = [r["metrics"][m] for r in sel if r["domain"] == g]
+                    cells.append("–" if not vals else (f"{np.mean(vals):.4f}" if len(vals) == 1 else
+                                                       f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}"))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def table_main(argv: Optional[List[str]] = None) -> int:
-    """Trains SyNCRec, single-domain SASRec and cross-domain SASRec on one dataset; writes <out>.md/.json with
-    per-domain test HR@10/NDCG@10 of both protocols (mean over seeds)."""
+    """One command per table: trains SyNCRec and both SASRecs (`--seeds` each) and SyNCRec's ablations
+    (`--ablation-seeds`) on one dataset; after every run, its test rows go into `--json` (replacing rows of the same
+    model, variant, data and seed) and the Markdown table of that dataset is rewritten to `--md`."""
     p = argparse.ArgumentParser(prog="python -m mbrec_fast.training.sequential --table")
     p.add_argument("--table", action="store_true")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--out", default="docs/sequential_results")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--ablation-seeds", type=int, default=1)
+    p.add_argument("--only", default=None, help="comma-separated row labels / variants to run (default: all)")
+    p.add_argument("--json", default="docs/results/sequential.json")
+    p.add_argument("--md", default=None, help="Markdown table (default: docs/results/sequential_<data>.md)")
     p.add_argument("--runs-root", default="runs/seq_table")
     a, rest = p.parse_known_args(argv)
     base = build_parser().parse_args(["--model", "syncrec"] + rest)
     torch.set_num_threads(base.threads or 1)
     data = load_data(base)
-    log(f"table data: {json.dumps(data.describe())}")
-    results: Dict[str, List[Dict[str, Any]]] = {}
-    for model, setting in TABLE:
-        label = "syncrec" if model == "syncrec" else f"sasrec-{setting}"
-        for seed in range(a.seeds):
-            args = build_parser().parse_args(["--model", model, "--setting", setting, "--seed", str(seed),
-                                              "--run-dir", os.path.join(a.runs_root, label, f"s{seed}")] + rest)
-            t0 = time.time()
-            out = run_training(args, data, progress=False)
-            if out["interrupted"] or out["test"] is None:
-                log(f"{label} seed {seed}: interrupted; table not updated")
-                return 1
-            rec = dict(out["test"])
-            rec["train_s"] = time.time() - t0
-            if "gap_weights" in out:
-                rec["gap_ema"], rec["gap_weights"] = out["gap_ema"], out["gap_weights"]
-            results.setdefault(label, []).append(rec)
-            log(f"{label} seed {seed}: sampled ndcg@10={rec['sampled_ndcg@10']:.4f} full ndcg@10={rec['full_ndcg@10']:.4f} "
-                f"({rec['train_s']:.0f}s)")
-            _write_table(a.out, results, data, base, argv)
+    name = data_label(base)
+    md = a.md or os.path.join(os.path.dirname(a.json) or ".", "sequential_" + "".join(
+        c if c.isalnum() else "_" for c in name).strip("_") + ".md")
+    log(f"table data {name}: {json.dumps(data.describe())}")
+    command = "python -m mbrec_fast.training.sequential " + " ".join(argv or [])
+    only = None if a.only is None else set(a.only.split(","))
+    plan = [(lab, var, extra, seed) for lab, var, extra in TABLE for seed in range(a.seeds)]
+    plan += [(lab, var, extra, seed) for lab, var, extra in ABLATIONS for seed in range(a.ablation_seeds)]
+    weights_path = os.path.splitext(a.json)[0] + "_weights.json"
+    for label, variant, extra, seed in plan:
+        if only is not None and label not in only and variant not in only:
+            continue
+        variant_name = variant if base.protocol == "official" else f"{variant}, {base.protocol} protocol"
+        run_dir = os.path.join(a.runs_root, name.replace(" ", ""), label, variant.replace(" ", "_").replace("/", ""),
+                               f"s{seed}")
+        args = build_parser().parse_args(rest + extra + ["--seed", str(seed), "--run-dir", run_dir])
+        t0 = time.time()
+        out = run_training(args, data, progress=False)
+        if out["interrupted"] or out["test"] is None:
+            log(f"{label} {variant} seed {seed}: interrupted; no rows written")
+            return 1
+        epochs_run = len(json.load(open(os.path.join(run_dir, "history.json"))))
+        merge_rows(a.json, result_rows(label, variant_name, name, seed, out["test"], data.domain_names, epochs_run,
+                                       command))
+        log(f"{label} [{variant_name}] seed {seed}: best epoch {out['best_epoch']}/{epochs_run}, test sampled "
+            f"ndcg@10={out['test']['sampled_ndcg@10']:.4f} full ndcg@10={out['test']['full_ndcg@10']:.4f} "
+            f"({time.time() - t0:.0f}s)")
+        weights_log = json.load(open(weights_path)) if os.path.isfile(weights_path) else {}
+        if "weights_per_epoch" in out:
+            weights_log.setdefault(name, {})[f"{label} [{variant_name}] seed {seed}"] = {
+                "domains": data.domain_names, "per_epoch": out["weights_per_epoch"], "best_epoch": out["best_epoch"]}
+            with open(weights_path, "w") as f:
+                json.dump(weights_log, f, indent=1)
+        weights_log = weights_log.get(name, {})
+        rows = json.load(open(a.json))
+        text = [f"Data: {name} ({json.dumps(data.describe())}).", "", f"Command: `{command}`", "",
+                "Test metrics of the best validation epoch (monitor: valid " + base.monitor + ").", "",
+                table_markdown(rows, name, data.domain_names)]
+        if weights_log:
+            text += ["SyNCRec cross-loss weights per epoch (epoch means; domains " + str(data.domain_names) + "):", ""]
+            for k, ws in weights_log.items():
+                text.append(f"- {k} (best epoch {ws['best_epoch']}): "
+                            + "; ".join(str([round(v, 3) for v in w]) for w in ws["per_epoch"]))
+        os.makedirs(os.path.dirname(md) or ".", exist_ok=True)
+        with open(md, "w") as f:
+            f.write("\n".join(text) + "\n")
     return 0
-
-
-def _write_table(out: str, results, data: SequenceData, args, argv) -> None:
-    doms = data.domain_names
-    lines = []
-    for proto in ("sampled", "full"):
-        head = ["model"] + [f"{d} HR@10" for d in doms] + [f"{d} NDCG@10" for d in doms] + ["all HR@10", "all NDCG@10"]
-        lines += [f"**{proto} protocol**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for label, runs in results.items():
-            def mean(key):
-                vals = [r[key] for r in runs if key in r]
-                return f"{np.mean(vals):.4f}" if vals else "–"
-            row = [label] + [mean(f"{proto}_hr@10_{d}") for d in doms] + [mean(f"{proto}_ndcg@10_{d}") for d in doms]
-            row += [mean(f"{proto}_hr@10"), mean(f"{proto}_ndcg@10")]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    gw = [r.get("gap_weights") for r in results.get("syncrec", []) if r.get("gap_weights")]
-    if gw:
-        lines.append(f"SyNCRec cross-loss weights at the end of training (per domain {doms}): "
-                     + "; ".join(str([round(v, 3) for v in w]) for w in gw))
-    desc = f"Data: {json.dumps(data.describe())}. Command: `python -m mbrec_fast.training.sequential {' '.join(argv or [])}`"
-    with open(out + ".md", "w") as f:
-        f.write(desc + "\n\n" + "\n".join(lines) + "\n")
-    with open(out + ".json", "w") as f:
-        json.dump({"description": desc, "runs": results}, f, indent=1, default=float)
 
 
 if __name__ == "__main__":  # pragma: no cover
