@@ -190,10 +190,14 @@ def sample_eval_negatives(histories: Sequence[torch.Tensor], targets: torch.Tens
     pools = [np.nonzero(dom == d)[0] for d in range(int(dom.max()) + 1)] if restrict else None
     everything = np.arange(n_items)
     out = np.full((len(histories), n_neg), -1, dtype=np.int64)
+    allowed = np.ones(n_items, dtype=bool)
     for u, (h, t) in enumerate(zip(histories, targets.tolist())):
         rng = np.random.default_rng([seed, u])
         base = pools[dom[t]] if restrict else everything
-        pool = np.setdiff1d(base, np.append(h.numpy(), t), assume_unique=False)
+        seen = np.append(h.numpy(), t)
+        allowed[seen] = False
+        pool = base[allowed[base]]  # sorted: base is
+        allowed[seen] = True
         k = min(n_neg, pool.size)
         out[u, :k] = rng.choice(pool, size=k, replace=False)
     return torch.from_numpy(out)
@@ -256,16 +260,23 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True) 
 
             def score_fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
                 u = users.to(dev)
-                items = torch.arange(start, end, device=dev).expand(u.numel(), -1)
-                s = _score_rows(states[u], tables, tdom[u], items)
+                s = torch.empty(u.numel(), end - start, dtype=torch.float32, device=dev)
+                for t, table in enumerate(tables):  # per-domain SASRec: each user's target-domain table
+                    rows = tdom[u] == t if len(tables) > 1 else slice(None)
+                    s[rows] = states[u][rows] @ table[start:end].T
                 if ctx.restrict:
                     s = s - 1e9 * (item_dom[start:end][None, :] != tdom[u][:, None]).float()
                 return s
 
             n_items = ctx.item_domain.numel()
-            r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS, metrics=("hr", "ndcg", "mrr"),
-                                      score_fn=score_fn, n_items=n_items, target_groups=ctx.target_domains,
-                                      group_names=ctx.domain_names)
+            if len(tables) == 1 and not ctx.restrict:  # plain dot products: the op's fused scoring
+                r = evaluate_full_ranking(states, tables[0], ctx.exclude, ctx.target_csr, ks=KS,
+                                          metrics=("hr", "ndcg", "mrr"), target_groups=ctx.target_domains,
+                                          group_names=ctx.domain_names)
+            else:
+                r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS,
+                                          metrics=("hr", "ndcg", "mrr"), score_fn=score_fn, n_items=n_items,
+                                          target_groups=ctx.target_domains, group_names=ctx.domain_names)
             for k, v in r.metrics.items():
                 out[f"full_{k}"] = v
             for g, ms in r.groups.items():
@@ -285,7 +296,8 @@ def make_batches(n_users: int, batch_size: int, seed: int, epoch: int) -> List[D
 
 
 def materialize(batch: Dict[str, Any], windows: Dict[str, torch.Tensor], item_domain: torch.Tensor, n_items: int,
-                num_neg: int, seed: int, device, protocol: str = "official") -> Dict[str, torch.Tensor]:
+                num_neg: int, seed: int, device, protocol: str = "official",
+                negatives: Optional[Callable[..., torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """Index the windows, trim their all-padding tail and draw this batch's negatives (keyed by seed, epoch and
     batch index).
 
@@ -294,7 +306,8 @@ def materialize(batch: Dict[str, Any], windows: Dict[str, torch.Tensor], item_do
     same item (`align`) gets the same negatives, so the per-domain SASRec, the merged SASRec and both SyNCRec tasks
     train against candidates of one distribution and each SyNCRec gap compares the two tasks on equal negatives.
     Inputs are left-aligned and attention is causal, so cutting the padding columns after the longest row changes
-    no real position's state.
+    no real position's state. `negatives(cross_tgt, n_items, num_neg, item_domain)` replaces the op (the
+    benchmark's plain-PyTorch baseline).
     """
     check_protocol(protocol)
     u = batch["users"]
@@ -306,9 +319,12 @@ def materialize(batch: Dict[str, Any], windows: Dict[str, torch.Tensor], item_do
     for k in ("single_in", "single_tgt"):
         b[k] = b[k][:, :, :ls].contiguous()
     offset = (batch["epoch"] * 100_003 + batch["index"]) * 2
-    b["cross_neg"] = sample_sequence_negatives(b["cross_tgt"], n_items, num_neg, pad=-1, seed=seed, offset=offset,
-                                               item_domain=item_domain if protocol == "domain" else None,
-                                               on_empty="sentinel")
+    restrict = item_domain if protocol == "domain" else None
+    if negatives is None:
+        b["cross_neg"] = sample_sequence_negatives(b["cross_tgt"], n_items, num_neg, pad=-1, seed=seed, offset=offset,
+                                                   item_domain=restrict, on_empty="sentinel")
+    else:
+        b["cross_neg"] = negatives(b["cross_tgt"], n_items, num_neg, restrict)
     B, D, _ = b["single_tgt"].shape
     single_neg = torch.full((B, D, ls, num_neg), -1, dtype=torch.int64)
     bi, ti = torch.nonzero(b["cross_tgt"] >= 0, as_tuple=True)
@@ -537,6 +553,8 @@ def table_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", default="docs/results/sequential.json")
     p.add_argument("--md", default=None, help="Markdown table (default: docs/results/sequential_<data>.md)")
     p.add_argument("--runs-root", default="runs/seq_table")
+    p.add_argument("--skip-done", action="store_true",
+                   help="skip the runs whose rows (model, variant, data, seed) are already in --json (resume a table)")
     a, rest = p.parse_known_args(argv)
     base = build_parser().parse_args(["--model", "syncrec"] + rest)
     torch.set_num_threads(base.threads or 1)
@@ -547,13 +565,20 @@ def table_main(argv: Optional[List[str]] = None) -> int:
     log(f"table data {name}: {json.dumps(data.describe())}")
     command = "python -m mbrec_fast.training.sequential " + " ".join(argv or [])
     only = None if a.only is None else set(a.only.split(","))
-    plan = [(lab, var, extra, seed) for lab, var, extra in TABLE for seed in range(a.seeds)]
+    # seed 0 of every model, then the ablations, then the other seeds: a cut-short table still has every row kind
+    plan = [(lab, var, extra, 0) for lab, var, extra in TABLE if a.seeds > 0]
     plan += [(lab, var, extra, seed) for lab, var, extra in ABLATIONS for seed in range(a.ablation_seeds)]
+    plan += [(lab, var, extra, seed) for seed in range(1, a.seeds) for lab, var, extra in TABLE]
     weights_path = os.path.splitext(a.json)[0] + "_weights.json"
+    done = {(r["model"], r["variant"], r["data"], r["seed"]) for r in json.load(open(a.json))} \
+        if a.skip_done and os.path.isfile(a.json) else set()
     for label, variant, extra, seed in plan:
         if only is not None and label not in only and variant not in only:
             continue
         variant_name = variant if base.protocol == "official" else f"{variant}, {base.protocol} protocol"
+        if (label, variant_name, name, seed) in done:
+            log(f"{label} [{variant_name}] seed {seed}: rows already in {a.json}, skipped")
+            continue
         run_dir = os.path.join(a.runs_root, name.replace(" ", ""), label, variant.replace(" ", "_").replace("/", ""),
                                f"s{seed}")
         args = build_parser().parse_args(rest + extra + ["--seed", str(seed), "--run-dir", run_dir])
