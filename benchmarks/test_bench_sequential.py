@@ -9,7 +9,7 @@ model in plain PyTorch, in one benchmark run.
 * full ranking: the users' SyNCRec states (computed once, shared) ranked against all 49,603 items with the history
   masked: `mbrec_fast.evaluate_full_ranking` vs dense scores + torch.topk (`reference.sequential.dense_full_ranking`).
 
-Default: the first 8 batches and 2,000 users (minutes on a shared CPU); `MBREC_FAST_BENCH_FULL=1`: one whole epoch
+Default: the first 4 batches and 2,000 users (minutes on a shared CPU); `MBREC_FAST_BENCH_FULL=1`: one whole epoch
 (63 batches) and all 7,996 users. Model: dim 64, 1 single + 4 cross experts, 2 layers, max_len 50, 8 negatives.
 """
 import os
@@ -28,7 +28,7 @@ DATA_DIR = pathlib.Path(os.environ.get("MBREC_FAST_DATA", pathlib.Path(__file__)
 LOG = DATA_DIR / "amazon_toys_games" / "interactions.tsv"
 FULL = os.environ.get("MBREC_FAST_BENCH_FULL") == "1"
 CASE = dict(dim=64, n_single=1, n_cross=4, layers=2, max_len=50, num_neg=8, batch=128,
-            batches=None if FULL else 8, users=None if FULL else 2000)
+            batches=None if FULL else 4, users=None if FULL else 2000)
 pytestmark = pytest.mark.skipif(not LOG.is_file(), reason=f"amazon_toys_games not found at {LOG}")
 
 
@@ -66,9 +66,60 @@ def test_syncrec_epoch(benchmark, record, setup, impl):
             model.losses(b)["loss"].backward()
             opt.step()
 
+    warm = S.materialize(S.make_batches(windows["cross_in"].shape[0], CASE["batch"], 0, 1)[0], windows,
+                         data.item_domain, data.n_items, CASE["num_neg"], 0, "cpu", negatives=negatives)
+    model.losses(warm)["loss"].backward()  # warm-up (op probe, allocator); not timed
     benchmark.group = "syncrec epoch (amazon_toys_games)"
     record(op="syncrec_epoch", case=f"amazon_toys_games {len(batches)} batches", impl=impl, **CASE)
     benchmark.pedantic(epoch, rounds=1, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
+def test_syncrec_negatives(benchmark, record, setup, impl):
+    """The negatives of the epoch's batches alone (materialize: index, trim, draw, map to the single rows)."""
+    data, _, windows = setup
+    batches = S.make_batches(windows["cross_in"].shape[0], CASE["batch"], 0, 0)[:16]
+    negatives = None if impl == "mbrec_fast" else _plain_negatives(torch.Generator().manual_seed(0))
+
+    def draw():
+        for batch in batches:
+            S.materialize(batch, windows, data.item_domain, data.n_items, CASE["num_neg"], 0, "cpu", negatives=negatives)
+
+    benchmark.group = "syncrec negatives, 16 batches (amazon_toys_games)"
+    record(op="syncrec_negatives", case="amazon_toys_games 16 batches", impl=impl, **CASE)
+    benchmark.pedantic(draw, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
+def test_syncrec_expert_mix(benchmark, record, setup, impl):
+    """The 5 expert heads + partitioned gate mix of one batch's cross pass, forward and backward, on fixed trunk
+    outputs: `gated_experts` vs the Python loop over experts."""
+    data, _, windows = setup
+    model = _model(data, "fused" if impl == "mbrec_fast" else "loop")
+    tokens = windows["cross_in"][:CASE["batch"]]
+    x = model.embed(tokens).detach()
+    task = torch.full((tokens.shape[0],), data.n_domains, dtype=torch.int64)
+    trunks, gates, _ = model._gates_and_trunks(x, task, "cross")
+    trunks, gates = trunks.detach().requires_grad_(True), gates.detach()
+    B, L = tokens.shape
+
+    def mix():
+        if impl == "mbrec_fast":
+            from mbrec_fast import gated_experts
+            xe = trunks.reshape(B * L, -1, CASE["dim"]).transpose(0, 1).contiguous()
+            out = gated_experts(xe, model.head_weight, model.head_bias, gates=gates.reshape(1, B * L, -1),
+                                ln_weight=model.head_ln_weight, ln_bias=model.head_ln_bias, activation="none")[0]
+        else:
+            out = trunks.new_zeros(B, L, CASE["dim"])
+            for e in range(trunks.shape[-2]):
+                head = torch.nn.functional.layer_norm(trunks[:, :, e] @ model.head_weight[e] + model.head_bias[e],
+                                                      (CASE["dim"],)) * model.head_ln_weight[e] + model.head_ln_bias[e]
+                out = out + gates[..., e:e + 1] * head
+        out.square().sum().backward()
+
+    benchmark.group = "syncrec expert heads + gate mix, fwd+bwd (one batch)"
+    record(op="syncrec_expert_mix", case=f"B{B} L{L} E5 d{CASE['dim']}", impl=impl, **CASE)
+    benchmark.pedantic(mix, rounds=10, iterations=1, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])

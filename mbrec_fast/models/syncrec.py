@@ -8,15 +8,15 @@
   detached group runs under `torch.no_grad`, which is the same gradient as `.detach()` without storing activations.
 * Negative-transfer gap per domain d: `gap_d = L_cross_d - L_single_d` (mean next-item losses of the positions whose
   target is in d, in the two passes of the same batch). The gaps are smoothed over steps by an exponential moving
-  average, turned into weights `w = D * ((1 - eps) * softmax(gap / T) + eps / D)` (mean 1) and scale each domain's
-  cross-domain loss: a domain where the cross-domain model trails its single-domain pacer gets more weight.
+  average and turned into weights `w = D * ((1 - eps) * softmax(-gap / T) + eps / D)` (mean 1) that scale each
+  domain's cross-domain loss: a domain with more negative transfer gets LESS weight (the paper and CGRec), which
+  limits what its cross loss pushes into the shared cross-domain experts (`reweight="lower"`; "raise" is the
+  opposite reading, "none" the ablation). Losses are per-domain sums over positions (`domain_loss="sum"`, as the
+  official code) or the mean of per-domain means ("mean").
 * Gradient behaviour of the gap weights (`gap_grad`):
-  - "detach" (default): the weights are constants of the step. Each L_single_d gets weight 1, each L_cross_d gets
-    w_d; nothing flows through the softmax. Letting it flow would reward the model for *raising* the single-domain
-    loss (a larger gap lowers the softmax of the other domains and raises w_d, whose gradient w.r.t. L_single_d is
-    negative) — the pacer would be pushed to slow down.
-  - "cross": the current step's gap uses L_cross_d with gradient and L_single_d detached, so d(w_d L_cross_d) adds
-    the softmax derivative on the cross losses only (emphasises the domains that trail more); the single losses stay
+  - "detach" (default): the weights are constants of the step. Letting gradient flow through L_single_d would
+    reward the pacer for changing its own loss to move the weights.
+  - "cross": the current step's gap uses L_cross_d with gradient and L_single_d detached; the single losses stay
     untouched by the weighting.
   The EMA buffer itself never carries gradient (it is a running statistic): with momentum m, only the current
   step's (1 - m) share of the smoothed gap is differentiable in "cross" mode.
@@ -25,8 +25,11 @@
   within the domain, with the Jensen-Shannon (softplus) bound, as in Deep InfoMax.
 * Scores are dot products of the cross-domain state with the item embedding table (one table for both passes).
 
-Defects of the public release avoided on purpose: distinct expert/gate modules (not one shared object), several
-negatives per position (from `mbrec_fast.sample_sequence_negatives`, domain-restricted for the SDSR task).
+Defects of the public release avoided on purpose: distinct expert/gate modules (not one shared object), gap
+weights that follow the measured gaps (its gap layers never train), several negatives per position (from
+`mbrec_fast.sample_sequence_negatives`). Defaults follow the official script: 1 single + 4 cross experts, 2 layers,
+r = 0.8, MI weight 1. `n_single=0` is the ablation without single-domain experts (one shared group, trained by
+both passes).
 
 Expert mixing through the fused op: every expert is a causal transformer trunk followed by its own output head
 ``Linear(d, d) -> LayerNorm`` (the head replaces the trunk's final LayerNorm). The heads of all E = E_s + E_c

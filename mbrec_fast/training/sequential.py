@@ -4,7 +4,7 @@
     mbrec-fast train --model sasrec --setting single --data amazon        # one SASRec per domain
     mbrec-fast train --model sasrec --setting cross --data amazon         # SASRec on the merged sequence
     mbrec-fast evaluate --checkpoint runs/syncrec/best.pt
-    python -m mbrec_fast.training.sequential --table --data synthetic --out docs/sequential_synthetic
+    python -m mbrec_fast.training.sequential --table --data amazon_toys_games --seeds 3   # rows -> docs/results
 
 Evaluation (leave-one-out; valid = second-to-last item, test = last item), two protocols, overall and per target
 domain, HR/NDCG@{1,5,10} and MRR:
