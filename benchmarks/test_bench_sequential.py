@@ -20,7 +20,7 @@ import torch
 
 from mbrec_fast import evaluate_full_ranking
 from mbrec_fast.data.sequences import leave_one_out, load_amazon_toys_games, make_training_windows
-from mbrec_fast.models.syncrec import SyNCRec
+from mbrec_fast.models.syncrec import SyNCRec, mix_expert_heads
 from mbrec_fast.reference.sequential import dense_full_ranking, sequence_negatives_torch
 from mbrec_fast.training import sequential as S
 
@@ -104,17 +104,8 @@ def test_syncrec_expert_mix(benchmark, record, setup, impl):
     B, L = tokens.shape
 
     def mix():
-        if impl == "mbrec_fast":
-            from mbrec_fast import gated_experts
-            xe = trunks.reshape(B * L, -1, CASE["dim"]).transpose(0, 1).contiguous()
-            out = gated_experts(xe, model.head_weight, model.head_bias, gates=gates.reshape(1, B * L, -1),
-                                ln_weight=model.head_ln_weight, ln_bias=model.head_ln_bias, activation="none")[0]
-        else:
-            out = trunks.new_zeros(B, L, CASE["dim"])
-            for e in range(trunks.shape[-2]):
-                head = torch.nn.functional.layer_norm(trunks[:, :, e] @ model.head_weight[e] + model.head_bias[e],
-                                                      (CASE["dim"],)) * model.head_ln_weight[e] + model.head_ln_bias[e]
-                out = out + gates[..., e:e + 1] * head
+        out = mix_expert_heads(trunks, gates, model.head_weight, model.head_bias, model.head_ln_weight,
+                               model.head_ln_bias, impl="fused" if impl == "mbrec_fast" else "loop")
         out.square().sum().backward()
 
     benchmark.group = "syncrec expert heads + gate mix, fwd+bwd (one batch)"

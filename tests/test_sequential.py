@@ -527,18 +527,15 @@ def test_loader_bad_input_is_a_clear_error(tmp_path):
     """An item in two domains, a missing column, a short row or a non-numeric timestamp: ValueError naming the
     file (and line); sequences shorter than 3 are counted by the split, not evaluated."""
     p = tmp_path / "log.tsv"
-    p.write_text("user\titem\tdomain\ttimestamp\nu\ta\ttoys\t0\nv\ta\tgames\t0\n")
-    with pytest.raises(ValueError, match=r"log\.tsv.*'a' appears in two domains"):
-        load_interaction_log(str(p))
-    p.write_text("user\titem\tdomain\nu\ta\ttoys\n")
-    with pytest.raises(ValueError, match=r"log\.tsv.*lacks column.*timestamp"):
-        load_interaction_log(str(p))
-    p.write_text("user\titem\tdomain\ttimestamp\nu\ta\ttoys\t0\nu\tb\n")
-    with pytest.raises(ValueError, match=r"log\.tsv, line 3"):
-        load_interaction_log(str(p))
-    p.write_text("user\titem\tdomain\ttimestamp\nu\ta\ttoys\tyesterday\n")
-    with pytest.raises(ValueError, match=r"line 2: timestamp 'yesterday' is not a number"):
-        load_interaction_log(str(p))
+    head = "user\titem\tdomain\ttimestamp\n"
+    cases = [(head + "u\ta\ttoys\t0\nv\ta\tgames\t0\n", r"log\.tsv.*'a' appears in two domains"),
+             ("user\titem\tdomain\nu\ta\ttoys\n", r"log\.tsv.*lacks column.*timestamp"),
+             (head + "u\ta\ttoys\t0\nu\tb\n", r"log\.tsv, line 3"),
+             (head + "u\ta\ttoys\tyesterday\n", r"line 2: timestamp 'yesterday' is not a number")]
+    for text, message in cases:
+        p.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_interaction_log(str(p))
     with pytest.raises(FileNotFoundError):
         load_interaction_log(str(tmp_path / "missing.tsv"))
     data = load_interaction_log([("u", "a", "x", 0), ("u", "b", "x", 1), ("v", "a", "x", 0), ("v", "b", "x", 1),

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from ..experts import gated_experts
 from .sasrec import CausalEncoder, histories_to_inputs, sampled_softmax_loss
 
-__all__ = ["SyNCRec", "gap_weights"]
+__all__ = ["SyNCRec", "gap_weights", "mix_expert_heads"]
 
 GAP_GRAD = ("detach", "cross")
 REWEIGHT = ("lower", "raise", "none")
@@ -182,17 +182,7 @@ class SyNCRec(nn.Module):
             keep[own] = True
             shape = (-1,) + (1,) * (p.dim() - 1)
             params.append(torch.where(keep.view(shape), p, p.detach()))   # the other group's heads: no gradient
-        weight, bias, ln_w, ln_b = params
-        if self.expert_impl == "fused":
-            xe = trunks.reshape(B * L, -1, self.dim).transpose(0, 1).contiguous()   # [E, B*L, d]
-            mixed = gated_experts(xe, weight, bias, gates=gates.reshape(1, B * L, -1), ln_weight=ln_w, ln_bias=ln_b,
-                                  activation="none")[0].view(B, L, self.dim)
-        else:  # plain PyTorch: one head after the other, accumulated
-            mixed = trunks.new_zeros(B, L, self.dim)
-            for e in range(trunks.shape[-2]):
-                head = F.layer_norm(trunks[:, :, e] @ weight[e] + bias[e], (self.dim,)) * ln_w[e] + ln_b[e]
-                mixed = mixed + gates[..., e:e + 1] * head
-        return self.out_norm(mixed)
+        return self.out_norm(mix_expert_heads(trunks, gates, *params, impl=self.expert_impl))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Cross-domain hidden states [B, L, d] (the prediction path)."""
@@ -323,6 +313,22 @@ class SyNCRec(nn.Module):
         neg = torch.einsum("nd,de,ne->n", s, self.mi_bilinear, c[perm])
         valid_neg = perm != torch.arange(d.numel(), device=d.device)
         return F.softplus(-pos).mean() + (F.softplus(neg) * valid_neg).sum() / valid_neg.sum().clamp_min(1)
+
+
+def mix_expert_heads(trunks: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, impl: str = "fused") -> torch.Tensor:
+    """sum_e gates[..., e] * LayerNorm(trunks[..., e, :] @ weight[e] + bias[e]) for trunks [B, L, E, d], gates
+    [B, L, E]: one `gated_experts` call ("fused") or a Python loop over the experts ("loop", plain PyTorch)."""
+    B, L, E, d = trunks.shape
+    if impl == "fused":
+        xe = trunks.reshape(B * L, E, d).transpose(0, 1).contiguous()   # [E, B*L, d]
+        return gated_experts(xe, weight, bias, gates=gates.reshape(1, B * L, E), ln_weight=ln_weight,
+                             ln_bias=ln_bias, activation="none")[0].view(B, L, d)
+    mixed = trunks.new_zeros(B, L, d)
+    for e in range(E):
+        head = F.layer_norm(trunks[:, :, e] @ weight[e] + bias[e], (d,)) * ln_weight[e] + ln_bias[e]
+        mixed = mixed + gates[..., e:e + 1] * head
+    return mixed
 
 
 def _domain_means(loss: torch.Tensor, valid: torch.Tensor, dom: torch.Tensor,
