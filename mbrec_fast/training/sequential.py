@@ -240,11 +240,22 @@ def sampled_metrics(pos: torch.Tensor, neg: torch.Tensor, neg_valid: torch.Tenso
     return res
 
 
-def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True) -> Dict[str, float]:
-    """Both protocols; keys '<protocol>_<metric>' overall and '<protocol>_<metric>_<domain>' per target domain."""
+def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True,
+                   per_domain_scoring: str = "target") -> Dict[str, float]:
+    """Both protocols; keys '<protocol>_<metric>' overall and '<protocol>_<metric>_<domain>' per target domain.
+
+    per_domain_scoring (per-domain SASRec only): "target" — the model of the target's domain scores every candidate
+    (the customary single-domain evaluation: the baseline is told the target's domain); "item" — each candidate is
+    scored by the model of its own domain after the user's history in that domain (nothing about the target is
+    given, as for SyNCRec and the merged SASRec)."""
+    if per_domain_scoring not in ("target", "item"):
+        raise ValueError(f"per_domain_scoring must be 'target' or 'item', got {per_domain_scoring!r}")
     was = model.training
     model.eval()
     with torch.no_grad():
+        by_item = isinstance(model, PerDomainSASRec) and per_domain_scoring == "item"
+        if by_item:
+            return _evaluate_per_item_domain(model, ctx, full, was)
         states, tables = _states_and_tables(model, ctx)
         dev = states.device
         tdom = ctx.target_domains.to(dev)
@@ -282,6 +293,45 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True) 
             for g, ms in r.groups.items():
                 for k, v in ms.items():
                     out[f"full_{k}_{g}"] = v
+    model.train(was)
+    return out
+
+
+def _evaluate_per_item_domain(model: PerDomainSASRec, ctx: EvalContext, full: bool, was: bool) -> Dict[str, float]:
+    """Per-domain SASRec with every candidate scored by its own domain's model (no target-domain oracle)."""
+    D, U = model.n_domains, len(ctx.histories)
+    dev = model.item_domain.device
+    states = torch.stack([model.user_repr(ctx.histories, torch.full((U,), d, device=dev)) for d in range(D)])
+    tables = [m.items for m in model.models]
+    item_dom = ctx.item_domain.to(dev)
+    cand = torch.cat([ctx.targets[:, None], ctx.negatives], 1).to(dev)
+    sc = torch.zeros(cand.shape, dtype=torch.float32, device=dev)
+    for d in range(D):
+        sel = item_dom[cand.clamp_min(0)] == d
+        sc += sel * torch.einsum("ud,umd->um", states[d], tables[d][cand.clamp_min(0)])
+    out: Dict[str, float] = {}
+    res = sampled_metrics(sc[:, 0], sc[:, 1:], cand[:, 1:] >= 0, ctx.target_domains, ctx.domain_names)
+    for g, ms in res.items():
+        for k, v in ms.items():
+            out[f"sampled_{k}" if g == "all" else f"sampled_{k}_{g}"] = v
+    if full:
+        tdom = ctx.target_domains.to(dev)
+
+        def score_fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
+            u = users.to(dev)
+            s = torch.empty(u.numel(), end - start, dtype=torch.float32, device=dev)
+            for d in range(D):
+                cols = torch.nonzero(item_dom[start:end] == d).flatten()
+                s[:, cols] = states[d][u] @ tables[d][start + cols].T
+            if ctx.restrict:
+                s = s - 1e9 * (item_dom[start:end][None, :] != tdom[u][:, None]).float()
+            return s
+
+        r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS, metrics=("hr", "ndcg", "mrr"),
+                                  score_fn=score_fn, n_items=ctx.item_domain.numel(),
+                                  target_groups=ctx.target_domains, group_names=ctx.domain_names)
+        out.update({f"full_{k}": v for k, v in r.metrics.items()})
+        out.update({f"full_{k}_{g}": v for g, ms in r.groups.items() for k, v in ms.items()})
     model.train(was)
     return out
 
@@ -451,6 +501,12 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--data-path", default=None)
     p.add_argument("--output", default=None)
+    p.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
+                   help="evaluation candidates (default: the training protocol); 'domain' on a model trained with "
+                        "'official' tells every model the target's domain")
+    p.add_argument("--per-domain-scoring", default="target", choices=["target", "item"],
+                   help="per-domain SASRec: the target domain's model scores all candidates (target) or each "
+                        "candidate is scored by its own domain's model (item: no target-domain oracle)")
     a = p.parse_args(argv)
     ckpt = load_checkpoint(a.checkpoint)
     args = argparse.Namespace(**ckpt["config"])
@@ -461,8 +517,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     model = build_model(args, data)
     model.load_state_dict(ckpt["model"])
     ctx = make_eval_context(split, a.split, args.eval_neg, seed=args.seed + (0 if a.split == "valid" else 1),
-                            protocol=getattr(args, "protocol", "official"))
-    metrics = evaluate_model(model, ctx, full=True)
+                            protocol=a.protocol or getattr(args, "protocol", "official"))
+    metrics = evaluate_model(model, ctx, full=True, per_domain_scoring=a.per_domain_scoring)
     log(_metric_table(metrics, data.domain_names))
     if a.output:
         with open(a.output, "w") as f:
