@@ -253,86 +253,93 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True,
     was = model.training
     model.eval()
     with torch.no_grad():
-        by_item = isinstance(model, PerDomainSASRec) and per_domain_scoring == "item"
-        if by_item:
-            return _evaluate_per_item_domain(model, ctx, full, was)
-        states, tables = _states_and_tables(model, ctx)
-        dev = states.device
-        tdom = ctx.target_domains.to(dev)
-        cand = torch.cat([ctx.targets[:, None], ctx.negatives], 1).to(dev)
-        sc = _score_rows(states, tables, tdom, cand)
-        res = sampled_metrics(sc[:, 0], sc[:, 1:], cand[:, 1:] >= 0, ctx.target_domains, ctx.domain_names)
-        out: Dict[str, float] = {}
-        for g, ms in res.items():
-            for k, v in ms.items():
-                out[f"sampled_{k}" if g == "all" else f"sampled_{k}_{g}"] = v
-        if full:
-            item_dom = ctx.item_domain.to(dev)
-
-            def score_fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
-                u = users.to(dev)
-                s = torch.empty(u.numel(), end - start, dtype=torch.float32, device=dev)
-                for t, table in enumerate(tables):  # per-domain SASRec: each user's target-domain table
-                    rows = tdom[u] == t if len(tables) > 1 else slice(None)
-                    s[rows] = states[u][rows] @ table[start:end].T
-                if ctx.restrict:
-                    s = s - 1e9 * (item_dom[start:end][None, :] != tdom[u][:, None]).float()
-                return s
-
-            n_items = ctx.item_domain.numel()
-            if len(tables) == 1 and not ctx.restrict:  # plain dot products: the op's fused scoring
-                r = evaluate_full_ranking(states, tables[0], ctx.exclude, ctx.target_csr, ks=KS,
-                                          metrics=("hr", "ndcg", "mrr"), target_groups=ctx.target_domains,
-                                          group_names=ctx.domain_names)
-            else:
-                r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS,
-                                          metrics=("hr", "ndcg", "mrr"), score_fn=score_fn, n_items=n_items,
-                                          target_groups=ctx.target_domains, group_names=ctx.domain_names)
-            for k, v in r.metrics.items():
-                out[f"full_{k}"] = v
-            for g, ms in r.groups.items():
-                for k, v in ms.items():
-                    out[f"full_{k}_{g}"] = v
+        if isinstance(model, PerDomainSASRec) and per_domain_scoring == "item":
+            cand_scores, score_fn, direct = _scorer_per_item_domain(model, ctx)
+        else:
+            cand_scores, score_fn, direct = _scorer(model, ctx)
+        out = _protocol_metrics(ctx, cand_scores, score_fn, direct, full)
     model.train(was)
     return out
 
 
-def _evaluate_per_item_domain(model: PerDomainSASRec, ctx: EvalContext, full: bool, was: bool) -> Dict[str, float]:
+def _candidates(ctx: EvalContext, dev) -> torch.Tensor:
+    """[U, 1 + M]: each user's target, then its sampled negatives (-1 = none)."""
+    return torch.cat([ctx.targets[:, None], ctx.negatives], 1).to(dev)
+
+
+def _restricted(ctx: EvalContext, score_fn: Callable, dev) -> Callable:
+    """Under the domain protocol, other domains' items drop below every in-domain item (-1e9)."""
+    if not ctx.restrict:
+        return score_fn
+    item_dom, tdom = ctx.item_domain.to(dev), ctx.target_domains.to(dev)
+
+    def fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        u = users.to(dev)
+        return score_fn(u, start, end) - 1e9 * (item_dom[start:end][None, :] != tdom[u][:, None]).float()
+    return fn
+
+
+def _scorer(model, ctx: EvalContext):
+    """Candidate scores, a full-ranking score_fn and (states, table) when plain dot products over one table."""
+    states, tables = _states_and_tables(model, ctx)
+    dev = states.device
+    tdom = ctx.target_domains.to(dev)
+
+    def score_fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        u = users.to(dev)
+        s = torch.empty(u.numel(), end - start, dtype=torch.float32, device=dev)
+        for t, table in enumerate(tables):  # per-domain SASRec: each user's target-domain table
+            rows = tdom[u] == t if len(tables) > 1 else slice(None)
+            s[rows] = states[u][rows] @ table[start:end].T
+        return s
+
+    direct = (states, tables[0]) if len(tables) == 1 and not ctx.restrict else None
+    return _score_rows(states, tables, tdom, _candidates(ctx, dev)), _restricted(ctx, score_fn, dev), direct
+
+
+def _scorer_per_item_domain(model: PerDomainSASRec, ctx: EvalContext):
     """Per-domain SASRec with every candidate scored by its own domain's model (no target-domain oracle)."""
     D, U = model.n_domains, len(ctx.histories)
     dev = model.item_domain.device
     states = torch.stack([model.user_repr(ctx.histories, torch.full((U,), d, device=dev)) for d in range(D)])
     tables = [m.items for m in model.models]
     item_dom = ctx.item_domain.to(dev)
-    cand = torch.cat([ctx.targets[:, None], ctx.negatives], 1).to(dev)
+    cand = _candidates(ctx, dev)
     sc = torch.zeros(cand.shape, dtype=torch.float32, device=dev)
     for d in range(D):
         sel = item_dom[cand.clamp_min(0)] == d
         sc += sel * torch.einsum("ud,umd->um", states[d], tables[d][cand.clamp_min(0)])
+
+    def score_fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        u = users.to(dev)
+        s = torch.empty(u.numel(), end - start, dtype=torch.float32, device=dev)
+        for d in range(D):
+            cols = torch.nonzero(item_dom[start:end] == d).flatten()
+            s[:, cols] = states[d][u] @ tables[d][start + cols].T
+        return s
+
+    return sc, _restricted(ctx, score_fn, dev), None
+
+
+def _protocol_metrics(ctx: EvalContext, cand_scores: torch.Tensor, score_fn: Callable, direct, full: bool) -> Dict[str, float]:
+    """Sampled metrics from the candidate scores; full ranking through the evaluator op (direct dot products
+    when `direct` = (states, table), else `score_fn`)."""
+    res = sampled_metrics(cand_scores[:, 0], cand_scores[:, 1:], ctx.negatives.to(cand_scores.device) >= 0,
+                          ctx.target_domains, ctx.domain_names)
     out: Dict[str, float] = {}
-    res = sampled_metrics(sc[:, 0], sc[:, 1:], cand[:, 1:] >= 0, ctx.target_domains, ctx.domain_names)
     for g, ms in res.items():
         for k, v in ms.items():
             out[f"sampled_{k}" if g == "all" else f"sampled_{k}_{g}"] = v
     if full:
-        tdom = ctx.target_domains.to(dev)
-
-        def score_fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
-            u = users.to(dev)
-            s = torch.empty(u.numel(), end - start, dtype=torch.float32, device=dev)
-            for d in range(D):
-                cols = torch.nonzero(item_dom[start:end] == d).flatten()
-                s[:, cols] = states[d][u] @ tables[d][start + cols].T
-            if ctx.restrict:
-                s = s - 1e9 * (item_dom[start:end][None, :] != tdom[u][:, None]).float()
-            return s
-
-        r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS, metrics=("hr", "ndcg", "mrr"),
-                                  score_fn=score_fn, n_items=ctx.item_domain.numel(),
-                                  target_groups=ctx.target_domains, group_names=ctx.domain_names)
+        common = dict(ks=KS, metrics=("hr", "ndcg", "mrr"), target_groups=ctx.target_domains,
+                      group_names=ctx.domain_names)
+        if direct is not None:  # plain dot products: the op's fused scoring
+            r = evaluate_full_ranking(direct[0], direct[1], ctx.exclude, ctx.target_csr, **common)
+        else:
+            r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, score_fn=score_fn,
+                                      n_items=ctx.item_domain.numel(), **common)
         out.update({f"full_{k}": v for k, v in r.metrics.items()})
         out.update({f"full_{k}_{g}": v for g, ms in r.groups.items() for k, v in ms.items()})
-    model.train(was)
     return out
 
 
