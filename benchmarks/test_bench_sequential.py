@@ -46,6 +46,13 @@ def _model(data, impl):
                    n_cross=CASE["n_cross"], n_layers=CASE["layers"], max_len=CASE["max_len"], expert_impl=impl)
 
 
+def _time(benchmark, record, fn, group, op, case, impl, rounds, warmup=0):
+    """Times fn under one benchmark group; extra_info carries the case for `mbrec-fast bench`."""
+    benchmark.group = group
+    record(op=op, case=case, impl=impl, **CASE)
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
+
+
 def _plain_negatives(gen):
     return lambda tgt, n_items, k, restrict: sequence_negatives_torch(tgt, n_items, k, restrict, generator=gen)
 
@@ -69,9 +76,8 @@ def test_syncrec_epoch(benchmark, record, setup, impl):
     warm = S.materialize(S.make_batches(windows["cross_in"].shape[0], CASE["batch"], 0, 1)[0], windows,
                          data.item_domain, data.n_items, CASE["num_neg"], 0, "cpu", negatives=negatives)
     model.losses(warm)["loss"].backward()  # warm-up (op probe, allocator); not timed
-    benchmark.group = "syncrec epoch (amazon_toys_games)"
-    record(op="syncrec_epoch", case=f"amazon_toys_games {len(batches)} batches", impl=impl, **CASE)
-    benchmark.pedantic(epoch, rounds=1, iterations=1, warmup_rounds=0)
+    _time(benchmark, record, epoch, "syncrec epoch (amazon_toys_games)", "syncrec_epoch",
+          f"amazon_toys_games {len(batches)} batches", impl, rounds=1)
 
 
 @pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
@@ -85,9 +91,8 @@ def test_syncrec_negatives(benchmark, record, setup, impl):
         for batch in batches:
             S.materialize(batch, windows, data.item_domain, data.n_items, CASE["num_neg"], 0, "cpu", negatives=negatives)
 
-    benchmark.group = "syncrec negatives, 16 batches (amazon_toys_games)"
-    record(op="syncrec_negatives", case="amazon_toys_games 16 batches", impl=impl, **CASE)
-    benchmark.pedantic(draw, rounds=3, iterations=1, warmup_rounds=1)
+    _time(benchmark, record, draw, "syncrec negatives, 16 batches (amazon_toys_games)", "syncrec_negatives",
+          "amazon_toys_games 16 batches", impl, rounds=3, warmup=1)
 
 
 @pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
@@ -108,9 +113,8 @@ def test_syncrec_expert_mix(benchmark, record, setup, impl):
                                model.head_ln_bias, impl="fused" if impl == "mbrec_fast" else "loop")
         out.square().sum().backward()
 
-    benchmark.group = "syncrec expert heads + gate mix, fwd+bwd (one batch)"
-    record(op="syncrec_expert_mix", case=f"B{B} L{L} E5 d{CASE['dim']}", impl=impl, **CASE)
-    benchmark.pedantic(mix, rounds=10, iterations=1, warmup_rounds=2)
+    _time(benchmark, record, mix, "syncrec expert heads + gate mix, fwd+bwd (one batch)", "syncrec_expert_mix",
+          f"B{B} L{L} E5 d{CASE['dim']}", impl, rounds=10, warmup=2)
 
 
 @pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
@@ -135,6 +139,5 @@ def test_syncrec_full_ranking(benchmark, record, setup, impl):
     other = (dense_full_ranking(states, items, histories, targets, k=10) if impl == "mbrec_fast" else
              evaluate_full_ranking(states, items, exclude, target_csr, ks=(10,), metrics=("hr", "ndcg")).metrics)
     assert abs(got["hr@10"] - other["hr@10"]) < 1e-3  # same ranking (ties aside)
-    benchmark.group = "syncrec full ranking (amazon_toys_games)"
-    record(op="syncrec_full_ranking", case=f"{n} users x {data.n_items} items", impl=impl, **CASE)
-    benchmark.pedantic(rank, rounds=3, iterations=1, warmup_rounds=0)
+    _time(benchmark, record, rank, "syncrec full ranking (amazon_toys_games)", "syncrec_full_ranking",
+          f"{n} users x {data.n_items} items", impl, rounds=3)
