@@ -9,6 +9,7 @@ domain can be made useless (or harmful) to the others: the negative-transfer tes
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -18,7 +19,7 @@ import torch
 
 from .._checks import reads_data_file
 
-__all__ = ["SequenceData", "SequenceSplit", "load_amazon_sequences", "load_interaction_log",
+__all__ = ["SequenceData", "SequenceSplit", "load_amazon_sequences", "load_interaction_log", "load_amazon_toys_games",
            "make_synthetic_sequences", "leave_one_out", "make_training_windows", "default_data_root"]
 
 
@@ -134,39 +135,67 @@ def load_amazon_sequences(path: Optional[str] = None, domains_path: Optional[str
 @reads_data_file("log")
 def load_interaction_log(path_or_rows, *, columns: Sequence[str] = ("user", "item", "domain", "timestamp"),
                          sep: str = "\t", header: bool = True) -> SequenceData:
-    """Builds sequences from any (user, item, domain, timestamp) log: a file path or an iterable of 4-tuples.
+    """Builds sequences from any (user, item, domain, order) log: a file path or an iterable of 4-tuples.
 
     `columns` names the file's columns when it has a header (extra columns are ignored); without a header the first
-    four columns are taken in (user, item, domain, timestamp) order. An item seen in two domains is an error.
+    four columns are taken in (user, item, domain, timestamp) order. The timestamp only orders a user's events (a
+    number: unix time or a position); ties keep the file order. An item seen in two domains, a short row or a
+    non-numeric timestamp is a ValueError naming the file and line.
     """
+    where = str(path_or_rows) if isinstance(path_or_rows, (str, os.PathLike)) else "log rows"
+    log = []
     if isinstance(path_or_rows, (str, os.PathLike)):
-        rows = []
+        if not os.path.isfile(path_or_rows):
+            raise FileNotFoundError(f"interaction log not found: {path_or_rows}")
         with open(path_or_rows, newline="") as f:
             reader = csv.reader(f, delimiter=sep)
             idx = [0, 1, 2, 3]
+            first = 1
             if header:
-                hdr = next(reader)
-                try:
-                    idx = [hdr.index(c) for c in columns]
-                except ValueError as e:
-                    raise ValueError(f"{path_or_rows}: header {hdr} lacks one of {list(columns)}") from e
-            for line in reader:
-                if line:
-                    rows.append(tuple(line[i] for i in idx))
+                hdr = next(reader, None)
+                if hdr is None:
+                    raise ValueError(f"{where}: empty file (expected a header {list(columns)})")
+                missing = [c for c in columns if c not in hdr]
+                if missing:
+                    raise ValueError(f"{where}: header {hdr} lacks column(s) {missing} (columns={list(columns)})")
+                idx = [hdr.index(c) for c in columns]
+                first = 2
+            for lineno, line in enumerate(reader, first):
+                if not line:
+                    continue
+                if len(line) <= max(idx):
+                    raise ValueError(f"{where}, line {lineno}: {len(line)} fields, expected at least {max(idx) + 1}")
+                log.append(_log_row(tuple(line[i] for i in idx), f"{where}, line {lineno}"))
     else:
-        rows = [tuple(r) for r in path_or_rows]
-    log = []
-    for r in rows:
-        if len(r) != 4:
-            raise ValueError(f"each log row must be (user, item, domain, timestamp), got {r!r}")
-        log.append((str(r[0]), str(r[1]), str(r[2]), float(r[3])))
+        for k, r in enumerate(path_or_rows):
+            log.append(_log_row(tuple(r), f"{where}[{k}]"))
     domain_names = sorted({d for _, _, d, _ in log})
-    return _from_log(log, domain_names, info={"source": "log"})
+    return _from_log(log, domain_names, info={"source": os.path.basename(where) if where != "log rows" else "log"},
+                     where=where)
 
 
-def _from_log(log, domain_names: List[str], info: Dict[str, object]) -> SequenceData:
+def _log_row(r: tuple, where: str) -> Tuple[str, str, str, float]:
+    if len(r) != 4:
+        raise ValueError(f"{where}: each log row must be (user, item, domain, timestamp), got {r!r}")
+    try:
+        t = float(r[3])
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: timestamp {r[3]!r} is not a number") from None
+    if math.isnan(t):
+        raise ValueError(f"{where}: timestamp is NaN")
+    return str(r[0]), str(r[1]), str(r[2]), t
+
+
+def load_amazon_toys_games(path: Optional[str] = None) -> SequenceData:
+    """The Amazon Toys_and_Games + Video_Games log (`amazon_toys_games/interactions.tsv`: user, item, domain,
+    timestamp = position in the merged sequence) through `load_interaction_log`."""
+    path = path or os.path.join(default_data_root(), "amazon_toys_games", "interactions.tsv")
+    return load_interaction_log(path)
+
+
+def _from_log(log, domain_names: List[str], info: Dict[str, object], where: str = "log") -> SequenceData:
     if not log:
-        raise ValueError("the log has no interactions")
+        raise ValueError(f"{where}: the log has no interactions")
     dom_id = {d: k for k, d in enumerate(domain_names)}
     users: Dict[str, int] = {}
     items: Dict[str, int] = {}
@@ -180,7 +209,8 @@ def _from_log(log, domain_names: List[str], info: Dict[str, object]) -> Sequence
             items[it] = len(items)
             item_dom.append(dom_id[d])
         elif item_dom[items[it]] != dom_id[d]:
-            raise ValueError(f"item {it!r} appears in two domains ({domain_names[item_dom[items[it]]]!r} and {d!r})")
+            raise ValueError(f"{where}: item {it!r} appears in two domains ({domain_names[item_dom[items[it]]]!r} "
+                             f"and {d!r}); every item must belong to exactly one domain")
         per_user[users[u]].append((t, pos, items[it]))
     seqs = [torch.tensor([i for _, _, i in sorted(evs)], dtype=torch.int64) for evs in per_user]
     return SequenceData(seqs=seqs, item_domain=torch.tensor(item_dom, dtype=torch.int64), domain_names=list(domain_names),
@@ -192,7 +222,7 @@ def _from_log(log, domain_names: List[str], info: Dict[str, object]) -> Sequence
 class SequenceSplit:
     """Leave-one-out split: train sequences (all but the last two items), and for valid/test the history before
     the held-out item, the item and its domain. Users with fewer than 3 interactions train on their whole sequence
-    and are not evaluated."""
+    and are not evaluated; `n_short` counts them (the run logs it)."""
     data: SequenceData
     train: List[torch.Tensor]
     eval_users: torch.Tensor
@@ -200,6 +230,7 @@ class SequenceSplit:
     valid_target: torch.Tensor
     test_history: List[torch.Tensor]
     test_target: torch.Tensor
+    n_short: int = 0
 
     def split(self, name: str) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
         """(users, histories, targets) of 'valid' or 'test'."""
@@ -211,7 +242,10 @@ class SequenceSplit:
 
 
 def leave_one_out(data: SequenceData, min_len: int = 3) -> SequenceSplit:
-    """Last item -> test, second-to-last -> validation, the rest -> training (per user)."""
+    """Last item -> test, second-to-last -> validation, the rest -> training (per user, on the merged sequence).
+
+    A user with fewer than `min_len` items is not evaluated (no room for a training item, a validation and a test
+    item); it still trains on its whole sequence. `SequenceSplit.n_short` counts these users."""
     if min_len < 3:
         raise ValueError("min_len must be >= 3 (one training item, one validation, one test)")
     train, users, vh, vt, th, tt = [], [], [], [], [], []
@@ -227,7 +261,8 @@ def leave_one_out(data: SequenceData, min_len: int = 3) -> SequenceSplit:
             train.append(s)
     return SequenceSplit(data=data, train=train, eval_users=torch.tensor(users, dtype=torch.int64),
                          valid_history=vh, valid_target=torch.tensor(vt, dtype=torch.int64),
-                         test_history=th, test_target=torch.tensor(tt, dtype=torch.int64))
+                         test_history=th, test_target=torch.tensor(tt, dtype=torch.int64),
+                         n_short=data.n_users - len(users))
 
 
 # ---------------------------------------------------------------------------------------------- windows

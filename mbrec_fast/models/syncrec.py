@@ -8,15 +8,15 @@
   detached group runs under `torch.no_grad`, which is the same gradient as `.detach()` without storing activations.
 * Negative-transfer gap per domain d: `gap_d = L_cross_d - L_single_d` (mean next-item losses of the positions whose
   target is in d, in the two passes of the same batch). The gaps are smoothed over steps by an exponential moving
-  average, turned into weights `w = D * ((1 - eps) * softmax(gap / T) + eps / D)` (mean 1) and scale each domain's
-  cross-domain loss: a domain where the cross-domain model trails its single-domain pacer gets more weight.
+  average and turned into weights `w = D * ((1 - eps) * softmax(-gap / T) + eps / D)` (mean 1) that scale each
+  domain's cross-domain loss: a domain with more negative transfer gets LESS weight (the paper and CGRec), which
+  limits what its cross loss pushes into the shared cross-domain experts (`reweight="lower"`; "raise" is the
+  opposite reading, "none" the ablation). Losses are per-domain sums over positions (`domain_loss="sum"`, as the
+  official code) or the mean of per-domain means ("mean").
 * Gradient behaviour of the gap weights (`gap_grad`):
-  - "detach" (default): the weights are constants of the step. Each L_single_d gets weight 1, each L_cross_d gets
-    w_d; nothing flows through the softmax. Letting it flow would reward the model for *raising* the single-domain
-    loss (a larger gap lowers the softmax of the other domains and raises w_d, whose gradient w.r.t. L_single_d is
-    negative) — the pacer would be pushed to slow down.
-  - "cross": the current step's gap uses L_cross_d with gradient and L_single_d detached, so d(w_d L_cross_d) adds
-    the softmax derivative on the cross losses only (emphasises the domains that trail more); the single losses stay
+  - "detach" (default): the weights are constants of the step. Letting gradient flow through L_single_d would
+    reward the pacer for changing its own loss to move the weights.
+  - "cross": the current step's gap uses L_cross_d with gradient and L_single_d detached; the single losses stay
     untouched by the weighting.
   The EMA buffer itself never carries gradient (it is a running statistic): with momentum m, only the current
   step's (1 - m) share of the smoothed gap is differentiable in "cross" mode.
@@ -25,8 +25,11 @@
   within the domain, with the Jensen-Shannon (softplus) bound, as in Deep InfoMax.
 * Scores are dot products of the cross-domain state with the item embedding table (one table for both passes).
 
-Defects of the public release avoided on purpose: distinct expert/gate modules (not one shared object), several
-negatives per position (from `mbrec_fast.sample_sequence_negatives`, domain-restricted for the SDSR task).
+Defects of the public release avoided on purpose: distinct expert/gate modules (not one shared object), gap
+weights that follow the measured gaps (its gap layers never train), several negatives per position (from
+`mbrec_fast.sample_sequence_negatives`). Defaults follow the official script: 1 single + 4 cross experts, 2 layers,
+r = 0.8, MI weight 1. `n_single=0` is the ablation without single-domain experts (one shared group, trained by
+both passes).
 
 Expert mixing through the fused op: every expert is a causal transformer trunk followed by its own output head
 ``Linear(d, d) -> LayerNorm`` (the head replaces the trunk's final LayerNorm). The heads of all E = E_s + E_c
@@ -40,7 +43,7 @@ the tests compare against).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,9 +52,11 @@ import torch.nn.functional as F
 from ..experts import gated_experts
 from .sasrec import CausalEncoder, histories_to_inputs, sampled_softmax_loss
 
-__all__ = ["SyNCRec", "gap_weights"]
+__all__ = ["SyNCRec", "gap_weights", "mix_expert_heads"]
 
 GAP_GRAD = ("detach", "cross")
+REWEIGHT = ("lower", "raise", "none")
+DOMAIN_LOSS = ("sum", "mean")
 
 
 def gap_weights(gaps: torch.Tensor, temperature: float, eps: float = 0.0,
@@ -73,11 +78,20 @@ def gap_weights(gaps: torch.Tensor, temperature: float, eps: float = 0.0,
 class SyNCRec(nn.Module):
     """Asymmetric cooperative mixture of transformer experts for single- and cross-domain next-item prediction."""
 
-    def __init__(self, n_items: int, n_domains: int, item_domain: torch.Tensor, dim: int = 64, n_single: int = 2,
-                 n_cross: int = 2, n_layers: int = 1, n_heads: int = 2, max_len: int = 50, dropout: float = 0.2,
-                 r: float = 0.5, temperature: float = 1.0, momentum: float = 0.9, smoothing: float = 0.1,
-                 mi_weight: float = 0.1, gap_grad: str = "detach", expert_impl: str = "fused"):
+    def __init__(self, n_items: int, n_domains: int, item_domain: torch.Tensor, dim: int = 64, n_single: int = 1,
+                 n_cross: int = 4, n_layers: int = 2, n_heads: int = 2, max_len: int = 50, dropout: float = 0.2,
+                 r: float = 0.8, temperature: float = 1.0, momentum: float = 0.9, smoothing: float = 0.1,
+                 mi_weight: float = 1.0, gap_grad: str = "detach", expert_impl: str = "fused",
+                 reweight: str = "lower", domain_loss: str = "sum", warmup_steps: int = 0):
         super().__init__()
+        if reweight not in REWEIGHT:
+            raise ValueError(f"reweight must be one of {REWEIGHT}, got {reweight!r}")
+        if domain_loss not in DOMAIN_LOSS:
+            raise ValueError(f"domain_loss must be one of {DOMAIN_LOSS}, got {domain_loss!r}")
+        self.reweight, self.domain_loss = reweight, domain_loss
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
         if expert_impl not in ("fused", "loop"):
             raise ValueError(f"expert_impl must be 'fused' or 'loop', got {expert_impl!r}")
         self.expert_impl = expert_impl
@@ -89,8 +103,8 @@ class SyNCRec(nn.Module):
             raise ValueError(f"smoothing must lie in [0, 1], got {smoothing}")
         if gap_grad not in GAP_GRAD:
             raise ValueError(f"gap_grad must be one of {GAP_GRAD}, got {gap_grad!r}")
-        if n_single < 1 or n_cross < 1:
-            raise ValueError("n_single and n_cross must be >= 1")
+        if n_single < 0 or n_cross < 1:
+            raise ValueError(f"n_single must be >= 0 and n_cross >= 1, got {n_single} and {n_cross}")
         self.n_items, self.n_domains, self.dim, self.max_len = n_items, n_domains, dim, max_len
         self.r, self.temperature, self.momentum, self.smoothing = r, temperature, momentum, smoothing
         self.mi_weight, self.gap_grad = mi_weight, gap_grad
@@ -112,12 +126,16 @@ class SyNCRec(nn.Module):
         self.head_ln_weight = nn.Parameter(torch.ones(E, dim))
         self.head_ln_bias = nn.Parameter(torch.zeros(E, dim))
         n_tasks = n_domains + 1  # tasks 0..D-1: single-domain per domain; D: cross-domain
-        self.gate_single = nn.Parameter(torch.randn(n_tasks, dim, n_single) * dim ** -0.5)
+        if n_single:
+            self.gate_single = nn.Parameter(torch.randn(n_tasks, dim, n_single) * dim ** -0.5)
+        else:  # ablation "w/o single-domain experts": both passes share the cross experts
+            self.register_parameter("gate_single", None)
         self.gate_cross = nn.Parameter(torch.randn(n_tasks, dim, n_cross) * dim ** -0.5)
         self.out_norm = nn.LayerNorm(dim)
         self.mi_bilinear = nn.Parameter(torch.eye(dim) / dim ** 0.5)
         self.register_buffer("gap_ema", torch.zeros(n_domains))
         self.register_buffer("gap_seen", torch.zeros(n_domains, dtype=torch.bool))
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.int64))
         nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
         with torch.no_grad():
             self.item_emb.weight[n_items].zero_()
@@ -138,36 +156,33 @@ class SyNCRec(nn.Module):
             out = torch.stack([e(x) for e in experts], -2)  # [B, L, E, d]
         return out
 
+    def _gates_and_trunks(self, x: torch.Tensor, task: torch.Tensor, mode: str):
+        """Trunk outputs [B, L, E, d], gates [B, L, E] and the slice of the experts this pass trains."""
+        if self.n_single == 0:  # no single-domain group: one shared group, trained by both passes
+            cross = self._run(self.cross_experts, x, grad=True)
+            return cross, torch.softmax(torch.einsum("bld,bde->ble", x, self.gate_cross[task]), -1), slice(None)
+        single = self._run(self.single_experts, x, grad=mode == "single")   # [B, L, E_s, d] trunk outputs
+        cross = self._run(self.cross_experts, x, grad=mode == "cross")
+        g_s = torch.softmax(torch.einsum("bld,bde->ble", x, self.gate_single[task]), -1)
+        g_c = torch.softmax(torch.einsum("bld,bde->ble", x, self.gate_cross[task]), -1)
+        w_s, w_c = (self.r, 1.0 - self.r) if mode == "single" else (1.0 - self.r, self.r)
+        own = slice(0, self.n_single) if mode == "single" else slice(self.n_single, None)
+        return torch.cat([single, cross], -2), torch.cat([w_s * g_s, w_c * g_c], -1), own
+
     def encode(self, tokens: torch.Tensor, task: torch.Tensor, mode: str) -> torch.Tensor:
         """Hidden states [B, L, d] of token rows [B, L] for per-row tasks [B] in the 'single' or 'cross' pass."""
         if mode not in ("single", "cross"):
             raise ValueError(f"mode must be 'single' or 'cross', got {mode!r}")
         B, L = tokens.shape
         x = self.embed(tokens)
-        single = self._run(self.single_experts, x, grad=mode == "single")   # [B, L, E_s, d] trunk outputs
-        cross = self._run(self.cross_experts, x, grad=mode == "cross")
-        g_s = torch.softmax(torch.einsum("bld,bde->ble", x, self.gate_single[task]), -1)
-        g_c = torch.softmax(torch.einsum("bld,bde->ble", x, self.gate_cross[task]), -1)
-        w_s, w_c = (self.r, 1.0 - self.r) if mode == "single" else (1.0 - self.r, self.r)
-        gates = torch.cat([w_s * g_s, w_c * g_c], -1)                       # [B, L, E]
-        own = slice(0, self.n_single) if mode == "single" else slice(self.n_single, None)
+        trunks, gates, own = self._gates_and_trunks(x, task, mode)         # [B, L, E, d], [B, L, E]
         params = []
         for p in (self.head_weight, self.head_bias, self.head_ln_weight, self.head_ln_bias):
             keep = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
             keep[own] = True
             shape = (-1,) + (1,) * (p.dim() - 1)
             params.append(torch.where(keep.view(shape), p, p.detach()))   # the other group's heads: no gradient
-        weight, bias, ln_w, ln_b = params
-        trunks = torch.cat([single, cross], -2)                             # [B, L, E, d]
-        if self.expert_impl == "fused":
-            xe = trunks.reshape(B * L, -1, self.dim).transpose(0, 1).contiguous()   # [E, B*L, d]
-            mixed = gated_experts(xe, weight, bias, gates=gates.reshape(1, B * L, -1), ln_weight=ln_w, ln_bias=ln_b,
-                                  activation="none")[0].view(B, L, self.dim)
-        else:
-            heads = torch.einsum("blei,eio->bleo", trunks, weight) + bias
-            heads = F.layer_norm(heads, (self.dim,)) * ln_w + ln_b
-            mixed = torch.einsum("ble,bled->bld", gates, heads)
-        return self.out_norm(mixed)
+        return self.out_norm(mix_expert_heads(trunks, gates, *params, impl=self.expert_impl))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Cross-domain hidden states [B, L, d] (the prediction path)."""
@@ -197,9 +212,10 @@ class SyNCRec(nn.Module):
         B, L = batch["cross_in"].shape
         dev = batch["cross_in"].device
         # ---- single-domain pass: one row per (user, domain) with at least one target
-        s_in = batch["single_in"].reshape(B * D, L)
-        s_tgt = batch["single_tgt"].reshape(B * D, L)
-        s_neg = batch["single_neg"].reshape(B * D, L, -1)
+        Ls = batch["single_in"].shape[-1]  # the single rows may be trimmed shorter than the merged ones
+        s_in = batch["single_in"].reshape(B * D, Ls)
+        s_tgt = batch["single_tgt"].reshape(B * D, Ls)
+        s_neg = batch["single_neg"].reshape(B * D, Ls, -1)
         s_task = torch.arange(D, device=dev).repeat(B)
         rows = torch.nonzero(s_tgt[:, 0] >= 0).flatten()
         h_s = self.encode(s_in[rows], s_task[rows], "single")
@@ -210,10 +226,10 @@ class SyNCRec(nn.Module):
         h_c = self(batch["cross_in"])
         l_c, v_c = sampled_softmax_loss(h_c, self.item_emb.weight, c_tgt, batch["cross_neg"])
         dom_c = self.token_domain[c_tgt.clamp_min(0)].masked_fill(~v_c, D)
-        # ---- per-domain means
-        single_d = _domain_means(l_s, v_s, dom_s, D)
-        cross_d = _domain_means(l_c, v_c, dom_c, D)
-        present = (torch.bincount(dom_s[v_s], minlength=D) > 0) & (torch.bincount(dom_c[v_c], minlength=D + 1)[:D] > 0)
+        # ---- per-domain means and sums (both passes predict the same targets: equal counts per domain)
+        single_d, n_s = _domain_means(l_s, v_s, dom_s, D)
+        cross_d, n_c = _domain_means(l_c, v_c, dom_c, D)
+        present = (n_s > 0) & (n_c > 0)
         gap_now = cross_d.detach() - single_d.detach()
         if self.gap_grad == "cross":
             gap_now = cross_d - single_d.detach()
@@ -224,21 +240,47 @@ class SyNCRec(nn.Module):
                                   self.momentum * self.gap_ema + (1 - self.momentum) * gap_now.detach())
                 self.gap_ema.copy_(torch.where(present, ema, self.gap_ema))
                 self.gap_seen |= present
+                self.steps_seen += 1
         prev = self.gap_ema.detach()
         # the smoothed gap: EMA of past steps plus this step's share (the only differentiable part in "cross")
         if update_ema and self.training:
             smoothed = torch.where(present & self.gap_seen, prev + (1 - self.momentum) * (gap_now - gap_now.detach()), prev)
         else:
             smoothed = torch.where(self.gap_seen, prev, gap_now)
-        weights = gap_weights(smoothed, self.temperature, self.smoothing, present)
-        n_present = present.sum().clamp_min(1)
-        loss_single = single_d[present].sum() / n_present
-        loss_cross = (weights * cross_d)[present].sum() / n_present
+        weights = self.weights_from_gaps(smoothed, present)
+        if self.training and int(self.steps_seen) <= self.warmup_steps:  # gaps of untrained models: uniform
+            weights = present.to(weights.dtype)
+        if self.domain_loss == "sum":  # per-domain sums over positions (official), / the batch's target count
+            n_pos = n_c[present].sum().clamp_min(1)
+            loss_single = (single_d * n_s)[present].sum() / n_pos
+            loss_cross = (weights * cross_d * n_c)[present].sum() / n_pos
+        else:  # every present domain alike: mean over domains of the per-domain means
+            n_present = present.sum().clamp_min(1)
+            loss_single = single_d[present].sum() / n_present
+            loss_cross = (weights * cross_d)[present].sum() / n_present
         mi = self._mi_loss(h_s, rows, h_c, batch, v_c, dom_c)
         loss = loss_single + loss_cross + self.mi_weight * mi
         return {"loss": loss, "single": loss_single.detach(), "cross": loss_cross.detach(), "mi": mi.detach(),
                 "single_d": single_d.detach(), "cross_d": cross_d.detach(), "gap": gap_now.detach(),
                 "weights": weights.detach(), "present": present}
+
+    def weights_from_gaps(self, gaps: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cross-loss weights [D] (mean 1 over present domains) from negative-transfer gaps (cross - single loss).
+
+        reweight "lower" (the paper, after CGRec): w = D' ((1 - eps) softmax(-gap / T) + eps / D'), the domain
+        with more negative transfer gets less weight; "raise": softmax(+gap / T), the opposite reading; "none":
+        1 for every present domain (ablation w/o reweighting)."""
+        if present is None:
+            present = torch.ones_like(gaps, dtype=torch.bool)
+        if self.reweight == "none":
+            return present.to(gaps.dtype)
+        sign = -1.0 if self.reweight == "lower" else 1.0
+        return gap_weights(sign * gaps, self.temperature, self.smoothing, present)
+
+    def current_weights(self) -> torch.Tensor:
+        """The weights the smoothed gaps give now (domains never seen: excluded, weight 0)."""
+        seen = self.gap_seen if bool(self.gap_seen.any()) else torch.ones_like(self.gap_seen)
+        return self.weights_from_gaps(self.gap_ema, seen)
 
     def _mi_loss(self, h_s: torch.Tensor, rows: torch.Tensor, h_c: torch.Tensor, batch: Dict[str, torch.Tensor],
                  v_c: torch.Tensor, dom_c: torch.Tensor) -> torch.Tensor:
@@ -273,9 +315,26 @@ class SyNCRec(nn.Module):
         return F.softplus(-pos).mean() + (F.softplus(neg) * valid_neg).sum() / valid_neg.sum().clamp_min(1)
 
 
-def _domain_means(loss: torch.Tensor, valid: torch.Tensor, dom: torch.Tensor, n_domains: int) -> torch.Tensor:
-    """Mean loss per domain [D] over valid positions (0 where a domain has none)."""
+def mix_expert_heads(trunks: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, impl: str = "fused") -> torch.Tensor:
+    """sum_e gates[..., e] * LayerNorm(trunks[..., e, :] @ weight[e] + bias[e]) for trunks [B, L, E, d], gates
+    [B, L, E]: one `gated_experts` call ("fused") or a Python loop over the experts ("loop", plain PyTorch)."""
+    B, L, E, d = trunks.shape
+    if impl == "fused":
+        xe = trunks.reshape(B * L, E, d).transpose(0, 1).contiguous()   # [E, B*L, d]
+        return gated_experts(xe, weight, bias, gates=gates.reshape(1, B * L, E), ln_weight=ln_weight,
+                             ln_bias=ln_bias, activation="none")[0].view(B, L, d)
+    mixed = trunks.new_zeros(B, L, d)
+    for e in range(E):
+        head = F.layer_norm(trunks[:, :, e] @ weight[e] + bias[e], (d,)) * ln_weight[e] + ln_bias[e]
+        mixed = mixed + gates[..., e:e + 1] * head
+    return mixed
+
+
+def _domain_means(loss: torch.Tensor, valid: torch.Tensor, dom: torch.Tensor,
+                  n_domains: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss per domain [D] over valid positions (0 where a domain has none), and the position counts [D]."""
     idx = dom.masked_fill(~valid, n_domains).flatten()
     sums = torch.zeros(n_domains + 1, dtype=loss.dtype, device=loss.device).index_add(0, idx, loss.flatten())
     cnt = torch.bincount(idx, minlength=n_domains + 1).to(loss.dtype)
-    return (sums / cnt.clamp_min(1))[:n_domains]
+    return (sums / cnt.clamp_min(1))[:n_domains], cnt[:n_domains]

@@ -4,7 +4,7 @@
     mbrec-fast train --model sasrec --setting single --data amazon        # one SASRec per domain
     mbrec-fast train --model sasrec --setting cross --data amazon         # SASRec on the merged sequence
     mbrec-fast evaluate --checkpoint runs/syncrec/best.pt
-    python -m mbrec_fast.training.sequential --table --data synthetic --out docs/sequential_synthetic
+    python -m mbrec_fast.training.sequential --table --data amazon_toys_games --seeds 3   # rows -> docs/results
 
 Evaluation (leave-one-out; valid = second-to-last item, test = last item), two protocols, overall and per target
 domain, HR/NDCG@{1,5,10} and MRR:
@@ -12,9 +12,10 @@ domain, HR/NDCG@{1,5,10} and MRR:
   whole sequence (`sample_eval_negatives`); rank = 1 + #(negatives scoring >= target); MRR untruncated;
 * full: `mbrec_fast.evaluate_full_ranking` with a `score_fn`, the user's history items masked through the exclude
   CSR (customary; a repeat purchase of a history item therefore cannot be hit), MRR@10.
-`--candidates domain` (default) ranks within the target's domain (negatives from that domain; items of other
-domains pushed below every in-domain item by a -1e9 offset in the full protocol), which is what makes per-domain
-single-domain models comparable; `--candidates all` ranks against every item.
+`--protocol official` (default, as the SyNCRec release) trains every model and task with negatives from all items
+outside the user's sequence and ranks each target against all items (sampled: 100 of them outside the sequence);
+`--protocol domain` draws training negatives and evaluation candidates from the target's domain (items of other
+domains pushed below every in-domain item by a -1e9 offset in the full ranking), for every model alike.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 
 from .. import evaluate_full_ranking, sample_sequence_negatives
-from ..data.sequences import (SequenceData, SequenceSplit, leave_one_out, load_amazon_sequences, load_interaction_log,
-                              make_synthetic_sequences, make_training_windows)
+from ..data.sequences import (SequenceData, SequenceSplit, leave_one_out, load_amazon_sequences,
+                              load_amazon_toys_games, load_interaction_log, make_synthetic_sequences,
+                              make_training_windows)
 from ..models.sasrec import PerDomainSASRec, SASRec
 from ..models.syncrec import SyNCRec
 from .checkpoint import load_checkpoint
@@ -46,6 +48,13 @@ __all__ = ["build_parser", "build_evaluate_parser", "load_data", "build_model", 
 
 KS = (1, 5, 10)
 MODELS = ("syncrec", "sasrec")
+PROTOCOLS = ("official", "domain")
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return protocol
 
 
 def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
@@ -55,7 +64,9 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS, help="the model (required)")
     p.add_argument("--setting", default="cross", choices=["single", "cross"],
                    help="sasrec: one model per domain (single) or one on the merged sequence (cross)")
-    p.add_argument("--data", default="synthetic", help="synthetic | amazon | a path (format by --format)")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic | amazon_toys_games (../shared/data log) | amazon (the 500-user release sample) | "
+                        "a path (format by --format)")
     p.add_argument("--data-path", default=None, help="file of the real data (default: the bundled Amazon sample)")
     p.add_argument("--format", default="amazon", choices=["amazon", "log"],
                    help="layout of a --data path: the SyNCRec release TSV or a (user,item,domain,timestamp) log")
@@ -70,22 +81,29 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=50, help="longest history window fed to the model")
     p.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=64, metavar="N",
                    help="embedding and transformer width (--dim is an alias)")
-    p.add_argument("--layers", type=int, default=1, help="transformer layers per expert / per SASRec")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers per expert / per SASRec")
     p.add_argument("--heads", type=int, default=2, help="attention heads")
     p.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
-    p.add_argument("--n-single", type=int, default=2, help="SyNCRec single-domain experts")
-    p.add_argument("--n-cross", type=int, default=2, help="SyNCRec cross-domain experts")
-    p.add_argument("--r", type=float, default=0.5, help="SyNCRec: weight of a task's own expert group")
+    p.add_argument("--n-single", type=int, default=1,
+                   help="SyNCRec single-domain experts (0: ablation w/o single-domain experts, one shared group)")
+    p.add_argument("--n-cross", type=int, default=4, help="SyNCRec cross-domain experts")
+    p.add_argument("--r", type=float, default=0.8, help="SyNCRec: weight of a task's own expert group")
     p.add_argument("--temperature", type=float, default=1.0, help="SyNCRec: softmax temperature of the gap weights")
     p.add_argument("--momentum", type=float, default=0.9, help="SyNCRec: EMA momentum of the gaps")
     p.add_argument("--smoothing", type=float, default=0.1, help="SyNCRec: mix of the gap weights toward uniform")
-    p.add_argument("--mi-weight", type=float, default=0.1, help="SyNCRec: weight of the mutual-information loss")
+    p.add_argument("--reweight", default="lower", choices=["lower", "raise", "none"],
+                   help="SyNCRec cross-loss weights: lower for more negative transfer (paper), raise (earlier "
+                        "reading), none (ablation w/o reweighting)")
+    p.add_argument("--domain-loss", default="sum", choices=["sum", "mean"],
+                   help="SyNCRec: per-domain summed losses (official) or the mean of per-domain means")
+    p.add_argument("--mi-weight", type=float, default=1.0, help="SyNCRec MI loss weight (0: ablation w/o MI)")
     p.add_argument("--gap-grad", default="detach", choices=["detach", "cross"],
                    help="SyNCRec: gradient through the negative-transfer gaps")
     p.add_argument("--num-neg", type=int, default=8, help="training negatives per position")
     p.add_argument("--eval-neg", type=int, default=100, help="negatives of the sampled protocol")
-    p.add_argument("--candidates", default="domain", choices=["domain", "all"],
-                   help="rank the target within its domain's items or against all items")
+    p.add_argument("--protocol", default="official", choices=list(PROTOCOLS),
+                   help="official: training negatives and evaluation candidates from all items outside the user's "
+                        "sequence, for every model and task; domain: both from the target's domain")
     p.add_argument("--monitor", default="sampled_ndcg@10", help="validation metric for early stopping and best.pt")
     p.add_argument("--no-full", action="store_true", help="skip the full-ranking protocol during validation")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (at most)")
@@ -115,6 +133,8 @@ def load_data(args: argparse.Namespace) -> SequenceData:
                                         args.syn_clusters, rel, args.syn_chain, seed=args.data_seed)
     if name == "amazon":
         return load_amazon_sequences(args.data_path)
+    if name == "amazon_toys_games":
+        return load_amazon_toys_games(args.data_path)
     path = args.data
     return load_amazon_sequences(path) if args.format == "amazon" else load_interaction_log(path)
 
@@ -124,7 +144,8 @@ def build_model(args: argparse.Namespace, data: SequenceData) -> torch.nn.Module
     if args.model == "syncrec":
         return SyNCRec(data.n_items, data.n_domains, data.item_domain, n_single=args.n_single, n_cross=args.n_cross,
                        r=args.r, temperature=args.temperature, momentum=args.momentum, smoothing=args.smoothing,
-                       mi_weight=args.mi_weight, gap_grad=args.gap_grad, **common)
+                       mi_weight=args.mi_weight, gap_grad=args.gap_grad, reweight=args.reweight,
+                       domain_loss=args.domain_loss, **common)
     if args.setting == "single":
         return PerDomainSASRec(data.n_items, data.n_domains, data.item_domain, **common)
     return SASRec(data.n_items, data.n_domains, data.item_domain, **common)
@@ -151,14 +172,14 @@ class EvalContext:
 
 
 def make_eval_context(split: SequenceSplit, name: str, n_neg: int = 100, seed: int = 0,
-                      candidates: str = "domain", chunk: int = 256, progress: bool = False) -> EvalContext:
+                      protocol: str = "official") -> EvalContext:
+    """protocol "official": candidates are all items; "domain": the target's domain only."""
+    restrict = check_protocol(protocol) == "domain"
     data = split.data
     users, histories, targets = split.split(name)
     item_domain = data.item_domain
     tdom = item_domain[targets]
-    restrict = candidates == "domain"
-    negatives = sample_eval_negatives(histories, targets, item_domain, n_neg, seed=seed, restrict=restrict,
-                                      progress=progress, desc=f"{name} negatives")
+    negatives = sample_eval_negatives(histories, targets, item_domain, n_neg, seed=seed, restrict=restrict)
     ex_rows = [torch.unique(h) for h in histories]
     indptr = torch.zeros(len(histories) + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(torch.tensor([r.numel() for r in ex_rows], dtype=torch.int64), 0)
@@ -168,29 +189,25 @@ def make_eval_context(split: SequenceSplit, name: str, n_neg: int = 100, seed: i
 
 
 def sample_eval_negatives(histories: Sequence[torch.Tensor], targets: torch.Tensor, item_domain: torch.Tensor,
-                          n_neg: int = 100, seed: int = 0, restrict: bool = True, progress: bool = False,
-                          desc: str = "eval negatives") -> torch.Tensor:
+                          n_neg: int = 100, seed: int = 0, restrict: bool = True) -> torch.Tensor:
     """[U, n_neg] distinct negatives per user, uniform without replacement over the items not in the user's whole
     sequence (history + target), within the target's domain when `restrict`; -1 pads a pool smaller than n_neg.
-    Seeded: user u's draw depends only on (seed, u). progress: a bar on stderr (a user at a time in Python:
-    minutes for ~10k users over ~40k-item domains)."""
-    from .._progress import progress_bar
+    Seeded: user u's draw depends only on (seed, u)."""
     dom = item_domain.numpy()
     n_items = dom.size
     pools = [np.nonzero(dom == d)[0] for d in range(int(dom.max()) + 1)] if restrict else None
     everything = np.arange(n_items)
     out = np.full((len(histories), n_neg), -1, dtype=np.int64)
-    bar = progress_bar(progress, total=len(histories), desc=desc, unit=" users")
+    allowed = np.ones(n_items, dtype=bool)
     for u, (h, t) in enumerate(zip(histories, targets.tolist())):
         rng = np.random.default_rng([seed, u])
         base = pools[dom[t]] if restrict else everything
-        pool = np.setdiff1d(base, np.append(h.numpy(), t), assume_unique=False)
+        seen = np.append(h.numpy(), t)
+        allowed[seen] = False
+        pool = base[allowed[base]]  # sorted: base is
+        allowed[seen] = True
         k = min(n_neg, pool.size)
         out[u, :k] = rng.choice(pool, size=k, replace=False)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     return torch.from_numpy(out)
 
 
@@ -231,46 +248,110 @@ def sampled_metrics(pos: torch.Tensor, neg: torch.Tensor, neg_valid: torch.Tenso
     return res
 
 
-def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True, progress: bool = False) -> Dict[str, float]:
+def evaluate_model(model: torch.nn.Module, ctx: EvalContext, full: bool = True,
+                   per_domain_scoring: str = "target", progress: bool = False) -> Dict[str, float]:
     """Both protocols; keys '<protocol>_<metric>' overall and '<protocol>_<metric>_<domain>' per target domain.
-    progress: a bar (users ranked, users/s, time left) on stderr during the full ranking."""
+
+    per_domain_scoring (per-domain SASRec only): "target" — the model of the target's domain scores every candidate
+    (the customary single-domain evaluation: the baseline is told the target's domain); "item" — each candidate is
+    scored by the model of its own domain after the user's history in that domain (nothing about the target is
+    given, as for SyNCRec and the merged SASRec)."""
+    if per_domain_scoring not in ("target", "item"):
+        raise ValueError(f"per_domain_scoring must be 'target' or 'item', got {per_domain_scoring!r}")
     was = model.training
     model.eval()
     with torch.no_grad():
-        states, tables = _states_and_tables(model, ctx)
-        dev = states.device
-        tdom = ctx.target_domains.to(dev)
-        cand = torch.cat([ctx.targets[:, None], ctx.negatives], 1).to(dev)
-        sc = _score_rows(states, tables, tdom, cand)
-        res = sampled_metrics(sc[:, 0], sc[:, 1:], cand[:, 1:] >= 0, ctx.target_domains, ctx.domain_names)
-        out: Dict[str, float] = {}
-        for g, ms in res.items():
-            for k, v in ms.items():
-                out[f"sampled_{k}" if g == "all" else f"sampled_{k}_{g}"] = v
-        if full:
-            item_dom = ctx.item_domain.to(dev)
-
-            def score_fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
-                u = users.to(dev)
-                items = torch.arange(start, end, device=dev).expand(u.numel(), -1)
-                s = _score_rows(states[u], tables, tdom[u], items)
-                if ctx.restrict:
-                    s = s - 1e9 * (item_dom[start:end][None, :] != tdom[u][:, None]).float()
-                return s
-
-            n_items = ctx.item_domain.numel()
-            with ranking_progress(progress, "full ranking", total=len(ctx.histories)) as callback:
-                r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, ks=KS,
-                                          metrics=("hr", "ndcg", "mrr"), score_fn=score_fn, n_items=n_items,
-                                          target_groups=ctx.target_domains, group_names=ctx.domain_names,
-                                          progress=callback)
-            for k, v in r.metrics.items():
-                out[f"full_{k}"] = v
-            for g, ms in r.groups.items():
-                for k, v in ms.items():
-                    out[f"full_{k}_{g}"] = v
-                out[f"full_users_{g}"] = float(r.group_users[g])  # 0: the metrics above are no users' mean
+        if isinstance(model, PerDomainSASRec) and per_domain_scoring == "item":
+            cand_scores, score_fn, direct = _scorer_per_item_domain(model, ctx)
+        else:
+            cand_scores, score_fn, direct = _scorer(model, ctx)
+        out = _protocol_metrics(ctx, cand_scores, score_fn, direct, full, progress)
     model.train(was)
+    return out
+
+
+def _candidates(ctx: EvalContext, dev) -> torch.Tensor:
+    """[U, 1 + M]: each user's target, then its sampled negatives (-1 = none)."""
+    return torch.cat([ctx.targets[:, None], ctx.negatives], 1).to(dev)
+
+
+def _restricted(ctx: EvalContext, score_fn: Callable, dev) -> Callable:
+    """Under the domain protocol, other domains' items drop below every in-domain item (-1e9)."""
+    if not ctx.restrict:
+        return score_fn
+    item_dom, tdom = ctx.item_domain.to(dev), ctx.target_domains.to(dev)
+
+    def fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        u = users.to(dev)
+        return score_fn(u, start, end) - 1e9 * (item_dom[start:end][None, :] != tdom[u][:, None]).float()
+    return fn
+
+
+def _scorer(model, ctx: EvalContext):
+    """Candidate scores, a full-ranking score_fn and (states, table) when plain dot products over one table."""
+    states, tables = _states_and_tables(model, ctx)
+    dev = states.device
+    tdom = ctx.target_domains.to(dev)
+
+    def score_fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        u = users.to(dev)
+        s = torch.empty(u.numel(), end - start, dtype=torch.float32, device=dev)
+        for t, table in enumerate(tables):  # per-domain SASRec: each user's target-domain table
+            rows = tdom[u] == t if len(tables) > 1 else slice(None)
+            s[rows] = states[u][rows] @ table[start:end].T
+        return s
+
+    direct = (states, tables[0]) if len(tables) == 1 and not ctx.restrict else None
+    return _score_rows(states, tables, tdom, _candidates(ctx, dev)), _restricted(ctx, score_fn, dev), direct
+
+
+def _scorer_per_item_domain(model: PerDomainSASRec, ctx: EvalContext):
+    """Per-domain SASRec with every candidate scored by its own domain's model (no target-domain oracle)."""
+    D, U = model.n_domains, len(ctx.histories)
+    dev = model.item_domain.device
+    states = torch.stack([model.user_repr(ctx.histories, torch.full((U,), d, device=dev)) for d in range(D)])
+    tables = [m.items for m in model.models]
+    item_dom = ctx.item_domain.to(dev)
+    cand = _candidates(ctx, dev)
+    sc = torch.zeros(cand.shape, dtype=torch.float32, device=dev)
+    for d in range(D):
+        sel = item_dom[cand.clamp_min(0)] == d
+        sc += sel * torch.einsum("ud,umd->um", states[d], tables[d][cand.clamp_min(0)])
+
+    def score_fn(users: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        u = users.to(dev)
+        s = torch.empty(u.numel(), end - start, dtype=torch.float32, device=dev)
+        for d in range(D):
+            cols = torch.nonzero(item_dom[start:end] == d).flatten()
+            s[:, cols] = states[d][u] @ tables[d][start + cols].T
+        return s
+
+    return sc, _restricted(ctx, score_fn, dev), None
+
+
+def _protocol_metrics(ctx: EvalContext, cand_scores: torch.Tensor, score_fn: Callable, direct, full: bool,
+                      progress: bool = False) -> Dict[str, float]:
+    """Sampled metrics from the candidate scores; full ranking through the evaluator op (direct dot products
+    when `direct` = (states, table), else `score_fn`); progress: a bar (users ranked, users/s, time left)."""
+    res = sampled_metrics(cand_scores[:, 0], cand_scores[:, 1:], ctx.negatives.to(cand_scores.device) >= 0,
+                          ctx.target_domains, ctx.domain_names)
+    out: Dict[str, float] = {}
+    for g, ms in res.items():
+        for k, v in ms.items():
+            out[f"sampled_{k}" if g == "all" else f"sampled_{k}_{g}"] = v
+    if full:
+        common = dict(ks=KS, metrics=("hr", "ndcg", "mrr"), target_groups=ctx.target_domains,
+                      group_names=ctx.domain_names)
+        with ranking_progress(progress, "full ranking", total=len(ctx.histories)) as callback:
+            if direct is not None:  # plain dot products: the op's fused scoring
+                r = evaluate_full_ranking(direct[0], direct[1], ctx.exclude, ctx.target_csr, progress=callback,
+                                          **common)
+            else:
+                r = evaluate_full_ranking(None, None, ctx.exclude, ctx.target_csr, score_fn=score_fn,
+                                          n_items=ctx.item_domain.numel(), progress=callback, **common)
+        out.update({f"full_{k}": v for k, v in r.metrics.items()})
+        out.update({f"full_{k}_{g}": v for g, ms in r.groups.items() for k, v in ms.items()})
+        out.update({f"full_users_{g}": float(n) for g, n in r.group_users.items()})  # 0: no users' mean
     return out
 
 
@@ -284,31 +365,55 @@ def make_batches(n_users: int, batch_size: int, seed: int, epoch: int) -> List[D
 
 
 def materialize(batch: Dict[str, Any], windows: Dict[str, torch.Tensor], item_domain: torch.Tensor, n_items: int,
-                num_neg: int, seed: int, device) -> Dict[str, torch.Tensor]:
-    """Index the windows and draw this batch's negatives (keyed by seed, epoch and batch index)."""
+                num_neg: int, seed: int, device, protocol: str = "official",
+                negatives: Optional[Callable[..., torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Index the windows, trim their all-padding tail and draw this batch's negatives (keyed by seed, epoch and
+    batch index).
+
+    One draw per merged (cross-domain) position, from `sample_sequence_negatives`: outside the user's window, from
+    every item ("official") or from the target's domain ("domain"). The single-domain position that predicts the
+    same item (`align`) gets the same negatives, so the per-domain SASRec, the merged SASRec and both SyNCRec tasks
+    train against candidates of one distribution and each SyNCRec gap compares the two tasks on equal negatives.
+    Inputs are left-aligned and attention is causal, so cutting the padding columns after the longest row changes
+    no real position's state. `negatives(cross_tgt, n_items, num_neg, item_domain)` replaces the op (the
+    benchmark's plain-PyTorch baseline).
+    """
+    check_protocol(protocol)
     u = batch["users"]
     b = {k: v[u] for k, v in windows.items()}
-    B, D, L = b["single_tgt"].shape
+    lc = max(int((b["cross_tgt"] >= 0).sum(1).max()) if u.numel() else 1, 1)
+    ls = max(int((b["single_tgt"] >= 0).sum(2).max()) if u.numel() else 1, 1)
+    for k in ("cross_in", "cross_tgt", "align"):
+        b[k] = b[k][:, :lc].contiguous()
+    for k in ("single_in", "single_tgt"):
+        b[k] = b[k][:, :, :ls].contiguous()
     offset = (batch["epoch"] * 100_003 + batch["index"]) * 2
-    b["cross_neg"] = sample_sequence_negatives(b["cross_tgt"], n_items, num_neg, pad=-1, seed=seed, offset=offset,
-                                               on_empty="sentinel")
-    flat = b["single_tgt"].reshape(B * D, L)
-    b["single_neg"] = sample_sequence_negatives(flat, n_items, num_neg, pad=-1, item_domain=item_domain, seed=seed,
-                                                offset=offset + 1, on_empty="sentinel").reshape(B, D, L, num_neg)
+    restrict = item_domain if protocol == "domain" else None
+    if negatives is None:
+        b["cross_neg"] = sample_sequence_negatives(b["cross_tgt"], n_items, num_neg, pad=-1, seed=seed, offset=offset,
+                                                   item_domain=restrict, on_empty="sentinel")
+    else:
+        b["cross_neg"] = negatives(b["cross_tgt"], n_items, num_neg, restrict)
+    B, D, _ = b["single_tgt"].shape
+    single_neg = torch.full((B, D, ls, num_neg), -1, dtype=torch.int64)
+    bi, ti = torch.nonzero(b["cross_tgt"] >= 0, as_tuple=True)
+    single_neg[bi, item_domain[b["cross_tgt"][bi, ti]], b["align"][bi, ti]] = b["cross_neg"][bi, ti]
+    b["single_neg"] = single_neg
     return {k: v.to(device) for k, v in b.items()}
 
 
 def make_step(model, opt, windows, item_domain, n_items, args, device, last_logs: Dict[str, Any]) -> Callable:
     def step(batch):
-        b = materialize(batch, windows, item_domain, n_items, args.num_neg, args.seed, device)
+        b = materialize(batch, windows, item_domain, n_items, args.num_neg, args.seed, device, args.protocol)
         opt.zero_grad(set_to_none=True)
         logs: Dict[str, float] = {}
         if isinstance(model, SyNCRec):
             out = model.losses(b)
             loss = out["loss"]
             logs.update(single=float(out["single"]), cross=float(out["cross"]), mi=float(out["mi"]))
+            weights = model.current_weights()
             for d in range(model.n_domains):
-                logs[f"w_d{d}"] = float(model_weights(model)[d])
+                logs[f"w_d{d}"] = float(weights[d])
                 logs[f"gap_d{d}"] = float(model.gap_ema[d])
         elif isinstance(model, PerDomainSASRec):
             loss = model.loss(b["single_in"], b["single_tgt"], b["single_neg"])
@@ -323,9 +428,8 @@ def make_step(model, opt, windows, item_domain, n_items, args, device, last_logs
 
 
 def model_weights(model: SyNCRec) -> torch.Tensor:
-    """Current gap weights from the smoothed gaps (all domains present)."""
-    from ..models.syncrec import gap_weights
-    return gap_weights(model.gap_ema, model.temperature, model.smoothing)
+    """Current cross-loss weights from the smoothed gaps."""
+    return model.current_weights()
 
 
 def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
@@ -337,31 +441,41 @@ def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
     seed_everything(args.seed)
     data = load_data(args) if data is None else data
     split = leave_one_out(data)
+    if split.n_short:
+        log(f"{split.n_short} of {data.n_users} users have fewer than 3 interactions: trained on, not evaluated")
     device = torch.device(args.device)
     windows = make_training_windows(split.train, data.item_domain, data.n_domains, args.max_len, data.n_items)
     has_items = torch.nonzero(windows["cross_tgt"][:, 0] >= 0).flatten()
     windows = {k: v[has_items] for k, v in windows.items()}
     ctx = {s: make_eval_context(split, s, args.eval_neg, seed=args.seed + (0 if s == "valid" else 1),
-                                candidates=args.candidates, progress=progress) for s in ("valid", "test")}
+                                protocol=args.protocol) for s in ("valid", "test")}
     seed_everything(args.seed)
     model = build_model(args, data).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run_dir = args.run_dir or os.path.join("runs", f"{model_label(args)}-{args.data if args.data in ('synthetic', 'amazon') else 'data'}-s{args.seed}")
+    known = ("synthetic", "amazon", "amazon_toys_games")
+    run_dir = args.run_dir or os.path.join("runs", f"{model_label(args)}-{args.data if args.data in known else 'data'}-s{args.seed}")
     last: Dict[str, Any] = {}
     step = make_step(model, opt, windows, data.item_domain, data.n_items, args, device, last)
     trainer = Trainer(model, {"main": opt}, run_dir, epochs=args.epochs, eval_every=args.eval_every,
                       patience=args.patience, monitor=args.monitor, mode="max", model_name=args.model,
                       config=vars(args), progress=progress, max_steps=args.max_steps)
+
+    def report_weights(epoch: int) -> None:  # the reweighting as it stands after each epoch (also in history.json)
+        if isinstance(model, SyNCRec) and epoch > 0:
+            log(f"after epoch {epoch}: smoothed gaps {[round(v, 4) for v in model.gap_ema.tolist()]}, "
+                f"cross-loss weights {[round(v, 3) for v in model.current_weights().tolist()]} {data.domain_names}")
+
     result = trainer.fit(batches=lambda epoch: make_batches(windows["cross_in"].shape[0], args.batch_size, args.seed, epoch),
                          step=step,
                          evaluate=lambda s: evaluate_model(model, ctx[s], full=(s == "test" or not args.no_full),
                                                            progress=progress),
-                         resume=resolve_resume(args.resume, run_dir, log))
+                         on_epoch_start=report_weights, resume=resolve_resume(args.resume, run_dir, log))
     out = {"test": result.test, "valid": result.best_valid, "run_dir": run_dir, "best_epoch": result.best_epoch,
            "interrupted": result.interrupted, "timings": result.timings, "data": data.describe()}
-    if isinstance(model, SyNCRec):
+    if isinstance(model, SyNCRec):  # the best epoch's buffers (the trainer reloaded its weights for the test)
         out["gap_ema"] = model.gap_ema.tolist()
         out["gap_weights"] = model_weights(model).tolist()
+        out["weights_per_epoch"] = [[row.get(f"train_w_d{d}") for d in range(data.n_domains)] for row in result.history]
         if not result.interrupted and os.path.isfile(os.path.join(run_dir, "metrics.json")):
             m = json.load(open(os.path.join(run_dir, "metrics.json")))
             m["gap_ema"], m["gap_weights"] = out["gap_ema"], out["gap_weights"]
@@ -412,6 +526,12 @@ def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.Argumen
     def options(p):
         p.add_argument("--split", default="test", choices=["valid", "test"], help="held-out split to rank")
         p.add_argument("--data-path", default=None, help="override the data path stored in the checkpoint")
+        p.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
+                       help="evaluation candidates (default: the training protocol); 'domain' on a model trained "
+                            "with 'official' tells every model the target's domain")
+        p.add_argument("--per-domain-scoring", default="target", choices=["target", "item"],
+                       help="per-domain SASRec: the target domain's model scores all candidates (target) or each "
+                            "candidate is scored by its own domain's model (item: no target-domain oracle)")
     return evaluate_parser("Both protocols (sampled and full ranking) of a sequential checkpoint.", options, prog=prog)
 
 
@@ -426,10 +546,10 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     split = leave_one_out(data)
     model = build_model(args, data)
     model.load_state_dict(ckpt["model"])
-    show_progress = progress_enabled(False if a.no_progress else None)
     ctx = make_eval_context(split, a.split, args.eval_neg, seed=args.seed + (0 if a.split == "valid" else 1),
-                            candidates=args.candidates, progress=show_progress)
-    metrics = evaluate_model(model, ctx, full=True, progress=show_progress)
+                            protocol=a.protocol or getattr(args, "protocol", "official"))
+    metrics = evaluate_model(model, ctx, full=True, per_domain_scoring=a.per_domain_scoring,
+                             progress=progress_enabled(False if a.no_progress else None))
     log(_metric_table(metrics, data.domain_names))
     if a.output:
         with open(a.output, "w") as f:
@@ -438,67 +558,148 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ results table
-TABLE = [("syncrec", "cross"), ("sasrec", "single"), ("sasrec", "cross")]
+# (row label, variant, extra training arguments): the three models, then SyNCRec's ablations (one seed each)
+TABLE = [("syncrec", "paper", ["--model", "syncrec"]),
+         ("sasrec-single", "per-domain", ["--model", "sasrec", "--setting", "single"]),
+         ("sasrec-cross", "merged", ["--model", "sasrec", "--setting", "cross"])]
+ABLATIONS = [("syncrec", "w/o reweighting", ["--model", "syncrec", "--reweight", "none"]),
+             ("syncrec", "w/o MI loss", ["--model", "syncrec", "--mi-weight", "0"]),
+             ("syncrec", "w/o single-domain experts", ["--model", "syncrec", "--n-single", "0"])]
+
+
+def data_label(args: argparse.Namespace) -> str:
+    """Names the data of a results row: the dataset, or the synthetic generator's chain and relatedness."""
+    if args.data.lower() == "synthetic":
+        return f"synthetic(chain={args.syn_chain:g}, relatedness={args.syn_relatedness})"
+    return args.data if args.data_path is None else f"{args.data}:{args.data_path}"
+
+
+def result_rows(label: str, variant: str, data_name: str, seed: int, test: Dict[str, float], domains: Sequence[str],
+                epochs: int, command: str) -> List[Dict[str, Any]]:
+    """docs/results/sequential.json rows of one run: per protocol (sampled, full) and domain (each, "all")."""
+    rows = []
+    for proto in ("sampled", "full"):
+        for g in ["all", *domains]:
+            sfx = "" if g == "all" else f"_{g}"
+            if f"{proto}_ndcg@10{sfx}" not in test:
+                continue
+            rows.append({"model": label, "variant": variant, "data": data_name, "protocol": proto, "domain": g,
+                         "seed": seed, "metrics": {"hr@10": test[f"{proto}_hr@10{sfx}"],
+                                                   "ndcg@10": test[f"{proto}_ndcg@10{sfx}"]},
+                         "epochs": epochs, "command": command})
+    return rows
+
+
+def merge_rows(path: str, new: List[Dict[str, Any]]) -> None:
+    """Replaces the rows of the same (model, variant, data, protocol, domain, seed) in the JSON list at `path`."""
+    key = lambda r: (r["model"], r["variant"], r["data"], r["protocol"], r["domain"], r["seed"])  # noqa: E731
+    old = json.load(open(path)) if os.path.isfile(path) else []
+    fresh = {key(r) for r in new}
+    rows = [r for r in old if key(r) not in fresh] + new
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1, default=float)
+
+
+def table_markdown(rows: List[Dict[str, Any]], data_name: str, domains: Sequence[str]) -> str:
+    """Mean ± std over seeds of test HR@10 / NDCG@10 per model and variant, one table per protocol."""
+    rows = [r for r in rows if r["data"] == data_name]
+    labels = list(dict.fromkeys((r["model"], r["variant"]) for r in rows))
+    lines = []
+    for proto in ("sampled", "full"):
+        head = ["model", "variant", "seeds", "epochs run"] + [f"{g} {m}" for g in ["all", *domains]
+                                                               for m in ("HR@10", "NDCG@10")]
+        lines += [f"**{proto}** ({'100 sampled negatives' if proto == 'sampled' else 'full ranking'})", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for lab in labels:
+            sel = [r for r in rows if (r["model"], r["variant"]) == lab and r["protocol"] == proto]
+            if not sel:
+                continue
+            seeds = sorted({r["seed"] for r in sel})
+            epochs = sorted({r["epochs"] for r in sel})
+            cells = [lab[0], lab[1], str(len(seeds)), "/".join(str(e) for e in epochs)]
+            for g in ["all", *domains]:
+                for m in ("hr@10", "ndcg@10"):
+                    vals = [r["metrics"][m] for r in sel if r["domain"] == g]
+                    cells.append("–" if not vals else (f"{np.mean(vals):.4f}" if len(vals) == 1 else
+                                                       f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}"))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def table_main(argv: Optional[List[str]] = None) -> int:
-    """Trains SyNCRec, single-domain SASRec and cross-domain SASRec on one dataset; writes <out>.md/.json with
-    per-domain test HR@10/NDCG@10 of both protocols (mean over seeds)."""
+    """One command per table: trains SyNCRec and both SASRecs (`--seeds` each) and SyNCRec's ablations
+    (`--ablation-seeds`) on one dataset; after every run, its test rows go into `--json` (replacing rows of the same
+    model, variant, data and seed) and the Markdown table of that dataset is rewritten to `--md`."""
     p = argparse.ArgumentParser(prog="python -m mbrec_fast.training.sequential --table")
     p.add_argument("--table", action="store_true")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--out", default="docs/sequential_results")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--ablation-seeds", type=int, default=1)
+    p.add_argument("--only", default=None, help="comma-separated row labels / variants to run (default: all)")
+    p.add_argument("--json", default="docs/results/sequential.json")
+    p.add_argument("--md", default=None, help="Markdown table (default: docs/results/sequential_<data>.md)")
     p.add_argument("--runs-root", default="runs/seq_table")
+    p.add_argument("--skip-done", action="store_true",
+                   help="skip the runs whose rows (model, variant, data, seed) are already in --json (resume a table)")
     a, rest = p.parse_known_args(argv)
     base = build_parser().parse_args(["--model", "syncrec"] + rest)
     torch.set_num_threads(base.threads or 1)
     data = load_data(base)
-    log(f"table data: {json.dumps(data.describe())}")
-    results: Dict[str, List[Dict[str, Any]]] = {}
-    for model, setting in TABLE:
-        label = "syncrec" if model == "syncrec" else f"sasrec-{setting}"
-        for seed in range(a.seeds):
-            args = build_parser().parse_args(["--model", model, "--setting", setting, "--seed", str(seed),
-                                              "--run-dir", os.path.join(a.runs_root, label, f"s{seed}")] + rest)
-            t0 = time.time()
-            out = run_training(args, data, progress=False)
-            if out["interrupted"] or out["test"] is None:
-                log(f"{label} seed {seed}: interrupted; table not updated")
-                return 1
-            rec = dict(out["test"])
-            rec["train_s"] = time.time() - t0
-            if "gap_weights" in out:
-                rec["gap_ema"], rec["gap_weights"] = out["gap_ema"], out["gap_weights"]
-            results.setdefault(label, []).append(rec)
-            log(f"{label} seed {seed}: sampled ndcg@10={rec['sampled_ndcg@10']:.4f} full ndcg@10={rec['full_ndcg@10']:.4f} "
-                f"({rec['train_s']:.0f}s)")
-            _write_table(a.out, results, data, base, argv)
+    name = data_label(base)
+    md = a.md or os.path.join(os.path.dirname(a.json) or ".", "sequential_" + "".join(
+        c if c.isalnum() else "_" for c in name).strip("_") + ".md")
+    log(f"table data {name}: {json.dumps(data.describe())}")
+    command = "python -m mbrec_fast.training.sequential " + " ".join(argv or [])
+    only = None if a.only is None else set(a.only.split(","))
+    # seed 0 of every model, then the ablations, then the other seeds: a cut-short table still has every row kind
+    plan = [(lab, var, extra, 0) for lab, var, extra in TABLE if a.seeds > 0]
+    plan += [(lab, var, extra, seed) for lab, var, extra in ABLATIONS for seed in range(a.ablation_seeds)]
+    plan += [(lab, var, extra, seed) for seed in range(1, a.seeds) for lab, var, extra in TABLE]
+    weights_path = os.path.splitext(a.json)[0] + "_weights.json"
+    done = {(r["model"], r["variant"], r["data"], r["seed"]) for r in json.load(open(a.json))} \
+        if a.skip_done and os.path.isfile(a.json) else set()
+    for label, variant, extra, seed in plan:
+        if only is not None and label not in only and variant not in only:
+            continue
+        variant_name = variant if base.protocol == "official" else f"{variant}, {base.protocol} protocol"
+        if (label, variant_name, name, seed) in done:
+            log(f"{label} [{variant_name}] seed {seed}: rows already in {a.json}, skipped")
+            continue
+        run_dir = os.path.join(a.runs_root, name.replace(" ", ""), label, variant.replace(" ", "_").replace("/", ""),
+                               f"s{seed}")
+        args = build_parser().parse_args(rest + extra + ["--seed", str(seed), "--run-dir", run_dir])
+        t0 = time.time()
+        out = run_training(args, data, progress=False)
+        if out["interrupted"] or out["test"] is None:
+            log(f"{label} {variant} seed {seed}: interrupted; no rows written")
+            return 1
+        epochs_run = len(json.load(open(os.path.join(run_dir, "history.json"))))
+        merge_rows(a.json, result_rows(label, variant_name, name, seed, out["test"], data.domain_names, epochs_run,
+                                       command))
+        log(f"{label} [{variant_name}] seed {seed}: best epoch {out['best_epoch']}/{epochs_run}, test sampled "
+            f"ndcg@10={out['test']['sampled_ndcg@10']:.4f} full ndcg@10={out['test']['full_ndcg@10']:.4f} "
+            f"({time.time() - t0:.0f}s)")
+        weights_log = json.load(open(weights_path)) if os.path.isfile(weights_path) else {}
+        if "weights_per_epoch" in out:
+            weights_log.setdefault(name, {})[f"{label} [{variant_name}] seed {seed}"] = {
+                "domains": data.domain_names, "per_epoch": out["weights_per_epoch"], "best_epoch": out["best_epoch"]}
+            with open(weights_path, "w") as f:
+                json.dump(weights_log, f, indent=1)
+        weights_log = weights_log.get(name, {})
+        rows = json.load(open(a.json))
+        text = [f"Data: {name} ({json.dumps(data.describe())}).", "", f"Command: `{command}`", "",
+                "Test metrics of the best validation epoch (monitor: valid " + base.monitor + ").", "",
+                table_markdown(rows, name, data.domain_names)]
+        if weights_log:
+            text += ["SyNCRec cross-loss weights per epoch (epoch means; domains " + str(data.domain_names) + "):", ""]
+            for k, ws in weights_log.items():
+                text.append(f"- {k} (best epoch {ws['best_epoch']}): "
+                            + "; ".join(str([round(v, 3) for v in w]) for w in ws["per_epoch"]))
+        os.makedirs(os.path.dirname(md) or ".", exist_ok=True)
+        with open(md, "w") as f:
+            f.write("\n".join(text) + "\n")
     return 0
-
-
-def _write_table(out: str, results, data: SequenceData, args, argv) -> None:
-    doms = data.domain_names
-    lines = []
-    for proto in ("sampled", "full"):
-        head = ["model"] + [f"{d} HR@10" for d in doms] + [f"{d} NDCG@10" for d in doms] + ["all HR@10", "all NDCG@10"]
-        lines += [f"**{proto} protocol**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for label, runs in results.items():
-            def mean(key):
-                vals = [r[key] for r in runs if key in r]
-                return f"{np.mean(vals):.4f}" if vals else "–"
-            row = [label] + [mean(f"{proto}_hr@10_{d}") for d in doms] + [mean(f"{proto}_ndcg@10_{d}") for d in doms]
-            row += [mean(f"{proto}_hr@10"), mean(f"{proto}_ndcg@10")]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    gw = [r.get("gap_weights") for r in results.get("syncrec", []) if r.get("gap_weights")]
-    if gw:
-        lines.append(f"SyNCRec cross-loss weights at the end of training (per domain {doms}): "
-                     + "; ".join(str([round(v, 3) for v in w]) for w in gw))
-    desc = f"Data: {json.dumps(data.describe())}. Command: `python -m mbrec_fast.training.sequential {' '.join(argv or [])}`"
-    with open(out + ".md", "w") as f:
-        f.write(desc + "\n\n" + "\n".join(lines) + "\n")
-    with open(out + ".json", "w") as f:
-        json.dump({"description": desc, "runs": results}, f, indent=1, default=float)
 
 
 if __name__ == "__main__":  # pragma: no cover
