@@ -279,9 +279,9 @@ TARGET_ROWS = (("overall", ""), ("visited", "visited_"), ("unvisited", "unvisite
                ("visited pool", "visited_pool_"), ("unvisited pool", "unvisited_pool_"))
 GROUPS = TARGET_ROWS[:3]
 POOL_ROWS = (("pool vis.", "visited_pool_"), ("pool unvis", "unvisited_pool_"))  # short labels for the table
-VISITED_NOTE = "visited = the user viewed or carted the held-out item in training"
-POOL_NOTE = ("pool vis. / pool unvis = the MEMBER paper's per-pool settings (candidates: the user's visited / "
-             "unvisited items)")
+VISITED_NOTE = "visited = the user had the held-out item in an auxiliary behavior in training"
+POOL_NOTE = ("pool vis. / pool unvis = the MEMBER paper's per-pool settings\n"
+             "(candidates: the user's visited / unvisited items)")
 
 
 def ranking_table(rows: List[Any], ks, metrics=("hr", "ndcg")) -> str:
