@@ -447,3 +447,20 @@ def test_m3rec_cold_item_split_and_generator_ablation(small):
     assert float(model.item_seen[sorted(cold_items)].sum()) == 0  # cold items use the generated embedding alone
     plain = build_model("m3rec", small, emb_dim=8, expert_dim=16, use_generator=False)
     assert plain.generator is None and plain(next(iter(cold.batches(8)))).shape == (8, 2)
+
+
+@pytest.mark.parametrize("name,corrupt,message", [
+    ("u.data", lambda b: b + b"196\t242\n", "u.data.*NA values"),                    # truncated row
+    ("u.data", lambda b: b + b"x\t1\t3\t5\n", "u.data.*invalid literal"),             # garbled id
+    ("u.user", lambda b: b.replace(b"1|24|", b"1|abc|", 1), "u.user.*invalid literal"),  # garbled age
+    ("u.data", lambda b: b[:len(b) // 2] + b"\xff\xfe\n", "u.data.*not UTF-8"),      # binary garbage
+])
+def test_corrupted_ml100k_names_the_file(data_dir, tmp_path, name, corrupt, message):
+    # a damaged copy of MovieLens-100K: one ValueError naming the damaged file, never NaNs or a TypeError later
+    import shutil
+    from mbrec_fast.data.ctr import load_ml100k
+    copy = tmp_path / "ml100k"
+    shutil.copytree(data_dir / "ml100k", copy)
+    (copy / name).write_bytes(corrupt((copy / name).read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        load_ml100k(copy)

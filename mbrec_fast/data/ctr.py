@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import reads_data_file
+from .._checks import data_file, reads_data_file
 
 __all__ = ["CTRData", "CTRBatches", "default_data_root", "load_movielens", "load_kuairand", "make_synthetic_ctr",
            "load_ctr", "load_ml100k", "load_ratings_table", "ML1M_AGE_DOMAINS", "ML1M_GENRES"]
@@ -384,11 +384,18 @@ def load_ml100k(path: Optional[Union[str, os.PathLike]] = None, *, click_thresho
     for f in ("u.data", "u.user", "u.item"):
         if not (p / f).exists():
             raise FileNotFoundError(f"MovieLens-100K file {p / f} not found")
-    ratings = pd.read_csv(p / "u.data", sep="\t", header=None, names=["user_id", "movie_id", "rating", "timestamp"])
-    users = pd.read_csv(p / "u.user", sep="|", header=None, names=["user_id", "age", "gender", "occupation", "zip"],
-                        dtype={"zip": str})
-    items = pd.read_csv(p / "u.item", sep="|", header=None, encoding="latin-1",
-                        names=["movie_id", "title", "date", "video_date", "url", *ML100K_GENRES])
+    # each file parsed with integer columns where GroupLens has them: a garbled or truncated row is a ValueError
+    # naming the file (data_file), not NaNs or a TypeError further down
+    with data_file(p / "u.data"):
+        ratings = pd.read_csv(p / "u.data", sep="\t", header=None, names=["user_id", "movie_id", "rating", "timestamp"],
+                              dtype=np.int64)
+    with data_file(p / "u.user"):
+        users = pd.read_csv(p / "u.user", sep="|", header=None, names=["user_id", "age", "gender", "occupation", "zip"],
+                            dtype={"user_id": np.int64, "age": np.int64, "zip": str})
+    with data_file(p / "u.item"):
+        items = pd.read_csv(p / "u.item", sep="|", header=None, encoding="latin-1",
+                            names=["movie_id", "title", "date", "video_date", "url", *ML100K_GENRES],
+                            dtype={"movie_id": np.int64, **{g: np.int64 for g in ML100K_GENRES}})
     df = ratings.merge(users, on="user_id", how="left", validate="many_to_one")
     df = df.merge(items, on="movie_id", how="left", validate="many_to_one")
     if df["age"].isna().any() or df["title"].isna().any():
