@@ -32,6 +32,15 @@ def _activate(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def _saved_state(pre, ACT: tl.constexpr, LN: tl.constexpr):
+    """What the forward saves for the backward (the op's contract, on every device): relu(pre) for relu without
+    LayerNorm (its derivative follows from the output, so the backward recomputes nothing), else pre."""
+    if ACT == 1 and not LN:
+        pre = tl.maximum(pre, 0.0)
+    return pre
+
+
+@triton.jit
 def _gated_experts_fwd_kernel(
         x_ptr, w_ptr, b_ptr, g_ptr, lnw_ptr, lnb_ptr, out_ptr, pre_ptr, gw_ptr, gbias_ptr, gmask_ptr, probs_ptr,
         B, D, H, E, T, ln_eps,
@@ -96,15 +105,8 @@ def _gated_experts_fwd_kernel(
                 acc = tl.dot(xt, wt, acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        # the saved state for the backward (the op's contract): relu(pre) for relu without LayerNorm (its
-        # derivative follows from the output, and the CPU path then skips recomputing it), else pre
-        saved = acc
-        if ACT == 1:
-            if LN:
-                saved = acc
-            else:
-                saved = tl.maximum(acc, 0.0)
-        tl.store(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :] * s_ph, saved, mask=mask_bh)
+        tl.store(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :] * s_ph, _saved_state(acc, ACT, LN),
+                 mask=mask_bh)
         y = acc
         if LN:
             mean = tl.sum(tl.where(mask_h[None, :], y, 0.0), axis=1) / H

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gated_experts import ACT_CODES, _activate, _activate_grad
+from .gated_experts import ACT_CODES, _activate, _activate_grad, _saved_state
 
 __all__ = ["routed_experts_fwd_triton", "routed_experts_bwd_triton"]
 
@@ -61,14 +61,7 @@ def _routed_experts_fwd_kernel(
                 acc = tl.dot(xt, wt, acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + expert * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        # saved for the backward: relu(pre) for relu without LayerNorm, else pre (the op's contract)
-        saved = acc
-        if ACT == 1:
-            if LN:
-                saved = acc
-            else:
-                saved = tl.maximum(acc, 0.0)
-        tl.store(pre_ptr + rows[:, None] * H + offs_h[None, :], saved, mask=mask_mh)
+        tl.store(pre_ptr + rows[:, None] * H + offs_h[None, :], _saved_state(acc, ACT, LN), mask=mask_mh)
         y = acc
         if LN:
             mean = tl.sum(tl.where(mask_h[None, :], y, 0.0), axis=1) / H
