@@ -9,30 +9,6 @@ import importlib
 import sys
 from typing import List, Optional
 
-# model name -> training module exposing train_main(argv) and evaluate_main(argv)
-MODEL_FAMILIES = {
-    "mf": "mbrec_fast.training.multibehavior",
-    "bpr": "mbrec_fast.training.multibehavior",
-    "neumf": "mbrec_fast.training.multibehavior",
-    "mcbpr": "mbrec_fast.training.multibehavior",
-    "lightgcn": "mbrec_fast.training.multibehavior",
-    "nmtr": "mbrec_fast.training.multibehavior",
-    "member": "mbrec_fast.training.multibehavior",
-    "m3oe": "mbrec_fast.training.multidomain",
-    "m3rec": "mbrec_fast.training.multidomain",
-    "mlp": "mbrec_fast.training.multidomain",
-    "sharedbottom": "mbrec_fast.training.multidomain",
-    "mmoe": "mbrec_fast.training.multidomain",
-    "ple": "mbrec_fast.training.multidomain",
-    "star": "mbrec_fast.training.multidomain",
-    "adatt": "mbrec_fast.training.multidomain",
-    "adatt-sp": "mbrec_fast.training.multidomain",
-    "m2m": "mbrec_fast.training.multidomain",
-    "syncrec": "mbrec_fast.training.sequential",
-    "sasrec": "mbrec_fast.training.sequential",
-}
-
-
 FAMILIES = {  # training module -> (family title, its models with one-line descriptions)
     "mbrec_fast.training.multibehavior": (
         "multi-behavior (data: beibei, retailrocket, tmall, a table, synthetic:UxI)", {
@@ -56,11 +32,16 @@ FAMILIES = {  # training module -> (family title, its models with one-line descr
         "adatt-sp": "AdaTT-sp: AdaTT without the shared experts",
         "m2m": "M2M: scenario-conditioned meta experts and towers",
     }),
-    "mbrec_fast.training.sequential": ("cross-domain sequential (data: synthetic, amazon)", {
+    "mbrec_fast.training.sequential": (
+        "cross-domain sequential (data: amazon_toys_games, synthetic, amazon, a log)", {
         "syncrec": "SyNCRec: single- and cross-domain experts, negative-transfer gaps",
         "sasrec": "SASRec, one per domain (--setting single) or merged (cross)",
     }),
 }
+
+# model name -> training module exposing train_main(argv) and evaluate_main(argv); "mf" is an alias of bpr
+MODEL_FAMILIES = {name: module for module, (_, models) in FAMILIES.items() for name in models}
+MODEL_FAMILIES["mf"] = MODEL_FAMILIES["bpr"]
 
 COMMANDS = {
     "demo": "train and evaluate two small models on Beibei (a few minutes)",
