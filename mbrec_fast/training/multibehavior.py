@@ -331,7 +331,6 @@ def _timing_lines(timings: Dict[str, float], load_s: float, epochs: int) -> str:
 
 # ------------------------------------------------------------------------------------------ entry points
 def train_main(argv: Optional[List[str]] = None) -> int:
-    import sys
     argv_used = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -408,7 +407,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
                          step=step, evaluate=evaluate,
                          on_epoch_start=lambda epoch: model.on_epoch_start(data, epoch, args.seed), resume=resume)
     if result.interrupted:
-        log(f"continue with: {resume_command(list(sys.argv[1:] if argv is None else argv), run_dir)}")
+        log(f"continue with: {resume_command(argv_used, run_dir)}")
         return 0
     if is_main_process():
         path = os.path.join(run_dir, "metrics.json")
@@ -608,7 +607,6 @@ def results_markdown(run_dirs: List[str], ks=(10, 20, 50, 100)) -> str:
 
 
 if __name__ == "__main__":  # python -m mbrec_fast.training.multibehavior table|rows ...
-    import sys
     if len(sys.argv) > 1 and sys.argv[1] == "table":
         print(results_markdown(sys.argv[2:]))
     elif len(sys.argv) > 2 and sys.argv[1] == "rows":   # rows JSON_PATH RUN_DIR...
