@@ -2,7 +2,7 @@
 #pragma once
 #include "hd.h"
 
-namespace mbrec {
+namespace mbrec_fast {
 
 // First position p in [lo, hi) with col[p] >= key (hi if none). Branch-free halving (the compare
 // becomes a conditional move), which avoids mispredictions on the short rows that sampling probes.
@@ -32,4 +32,4 @@ MBREC_HD int64_t count_less(const IdxT* col, int64_t lo, int64_t hi, KeyT key) {
   return lower_bound(col, lo, hi, key) - lo;
 }
 
-}  // namespace mbrec
+}  // namespace mbrec_fast

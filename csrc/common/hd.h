@@ -1,5 +1,6 @@
 // Portability macros for code shared between the CPU (OpenMP) and CUDA backends.
-// Everything under csrc/common/ is torch-free so that the same lines run on both.
+// The kernel helpers under csrc/common/ are torch-free so that the same lines run on both (checks.h, the
+// host-side argument checks, is the one ATen header there).
 #pragma once
 #include <cstdint>
 

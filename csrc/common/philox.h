@@ -4,7 +4,7 @@
 #pragma once
 #include "hd.h"
 
-namespace mbrec {
+namespace mbrec_fast {
 
 struct Philox4 {
   uint32_t v[4];
@@ -117,4 +117,4 @@ class PhiloxStream {
   Philox4 buf_;
 };
 
-}  // namespace mbrec
+}  // namespace mbrec_fast

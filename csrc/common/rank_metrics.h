@@ -8,7 +8,7 @@
 #include "csr.h"
 #include "hd.h"
 
-namespace mbrec {
+namespace mbrec_fast {
 
 enum RankMetric { kHR = 0, kNDCG = 1, kRecall = 2, kPrecision = 3, kMRR = 4, kNumRankMetrics = 5 };
 
@@ -69,4 +69,4 @@ MBREC_HD void rank_metrics_row(const int64_t* top_row, int64_t r, int64_t b, con
   }
 }
 
-}  // namespace mbrec
+}  // namespace mbrec_fast

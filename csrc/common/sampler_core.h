@@ -17,7 +17,7 @@
 #include "hd.h"
 #include "philox.h"
 
-namespace mbrec {
+namespace mbrec_fast {
 namespace sampler {
 
 constexpr int kMaxTries = 32;          // rejection attempts before the exact fallback
@@ -426,4 +426,4 @@ MBREC_HD void sample_sequence_position(const SeqParams& S, int64_t index, int64_
 }
 
 }  // namespace sampler
-}  // namespace mbrec
+}  // namespace mbrec_fast

@@ -8,7 +8,7 @@
 #pragma once
 #include "hd.h"
 
-namespace mbrec {
+namespace mbrec_fast {
 
 constexpr int64_t kEmptyId = INT64_MAX;
 
@@ -79,4 +79,4 @@ MBREC_HD void topk_heap_finalize(float* hs, int64_t* hi, int k) {
   }
 }
 
-}  // namespace mbrec
+}  // namespace mbrec_fast

@@ -5,6 +5,7 @@
 // block_items converted item rows). topk_merge / rank_metrics: see docs/evaluator.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -13,43 +14,15 @@
 #include <vector>
 
 #include "common/csr.h"
-#include "common/csr_checks.h"
 #include "common/rank_metrics.h"
 #include "common/topk_heap.h"
 #include "cpu_isa.h"
-#include "evaluator/evaluator.h"
+#include "evaluator/evaluator_args.h"
 #include "evaluator/score_kernel.h"
 
 namespace mbrec_fast {
 
 namespace {
-
-bool is_float_type(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
-}
-
-void check_csr_args(const at::Tensor& indptr, const at::Tensor& indices, const char* name, const at::Device& device) {
-  TORCH_CHECK(indptr.dim() == 1 && indptr.scalar_type() == at::kLong, name, ".indptr must be a 1-D int64 tensor");
-  TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong, name, ".indices must be a 1-D int64 tensor");
-  TORCH_CHECK(indptr.is_contiguous() && indices.is_contiguous(), name, " tensors must be contiguous");
-  TORCH_CHECK(indptr.device() == device && indices.device() == device, name, " must be on ", device);
-  mbrec::check_csr_offsets(indptr, indices.numel(), name);
-}
-
-void check_users_arg(const at::Tensor& users, const at::Device& device) {
-  TORCH_CHECK(users.dim() == 1 && users.scalar_type() == at::kLong && users.is_contiguous(),
-              "users must be a contiguous 1-D int64 tensor");
-  TORCH_CHECK(users.device() == device, "users must be on ", device);
-}
-
-// Rejects user ids outside [0, n_rows) (CPU tensors only; the CUDA kernels clamp-check on device).
-void check_users_range_cpu(const at::Tensor& users, int64_t n_rows) {
-  const int64_t* u = users.data_ptr<int64_t>();
-  for (int64_t r = 0; r < users.numel(); ++r) {
-    TORCH_CHECK(u[r] >= 0 && u[r] < n_rows, "users: id ", u[r], " out of range [0, ", n_rows, ")");
-  }
-}
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -106,7 +79,7 @@ inline bool passes(float s, float threshold) {
 }
 
 template <bool kAdmitTies = false>
-void reservoir_scan(const mbrec_fast::ScoreKernel& kernel, const float* row, int64_t n, int64_t item0, Reservoir& r,
+void reservoir_scan(const ScoreKernel& kernel, const float* row, int64_t n, int64_t item0, Reservoir& r,
                     int64_t k, int64_t limit) {
   int64_t j = 0;
   while (true) {
@@ -213,70 +186,12 @@ void dot_block_hit(void* ctx, int64_t item, int64_t panel, const float* scores, 
 
 }  // namespace
 
-void check_topk_dot_args(const at::Tensor& user_emb, const at::Tensor& item_emb, const at::Tensor& users,
-                         const at::Tensor& excl_indptr, const at::Tensor& excl_indices, int64_t k,
-                         int64_t block_users, int64_t block_items) {
-  TORCH_CHECK(user_emb.dim() == 2 && is_float_type(user_emb), "user_emb must be a 2-D float/half/bfloat16 tensor");
-  TORCH_CHECK(item_emb.dim() == 2 && item_emb.scalar_type() == user_emb.scalar_type(),
-              "item_emb must be 2-D with the dtype of user_emb");
-  TORCH_CHECK(item_emb.size(1) == user_emb.size(1), "item_emb and user_emb must have the same embedding dim");
-  TORCH_CHECK(item_emb.device() == user_emb.device(), "item_emb must be on the device of user_emb");
-  TORCH_CHECK(user_emb.is_contiguous() && item_emb.is_contiguous(), "user_emb and item_emb must be contiguous");
-  check_users_arg(users, user_emb.device());
-  check_csr_args(excl_indptr, excl_indices, "exclude", user_emb.device());
-  TORCH_CHECK(excl_indptr.numel() == user_emb.size(0) + 1, "exclude.indptr must have user_emb.size(0) + 1 entries");
-  TORCH_CHECK(k >= 1 && k <= item_emb.size(0), "k must satisfy 1 <= k <= n_items");
-  TORCH_CHECK(k <= std::numeric_limits<int>::max(), "k too large");
-  TORCH_CHECK(item_emb.size(0) < (int64_t{1} << 32) - 1, "topk_dot supports fewer than 2^32 - 1 items");
-  TORCH_CHECK(block_users >= 1 && block_items >= 1, "block_users and block_items must be >= 1");
-}
-
-void check_topk_merge_args(const at::Tensor& block_scores, const at::Tensor& users, int64_t item_start,
-                           const at::Tensor& excl_indptr, const at::Tensor& excl_indices,
-                           const at::Tensor& top_scores, const at::Tensor& top_ids) {
-  TORCH_CHECK(block_scores.dim() == 2 && block_scores.scalar_type() == at::kFloat && block_scores.is_contiguous(),
-              "block_scores must be a contiguous 2-D float32 tensor");
-  const auto device = block_scores.device();
-  check_users_arg(users, device);
-  check_csr_args(excl_indptr, excl_indices, "exclude", device);
-  TORCH_CHECK(users.size(0) == block_scores.size(0), "users must have one id per row of block_scores");
-  TORCH_CHECK(item_start >= 0, "item_start must be >= 0");
-  TORCH_CHECK(top_scores.dim() == 2 && top_scores.scalar_type() == at::kFloat && top_scores.is_contiguous() &&
-                  top_scores.size(0) == block_scores.size(0) && top_scores.device() == device,
-              "top_scores must be a contiguous float32 [b, k] tensor on the device of block_scores");
-  TORCH_CHECK(top_ids.scalar_type() == at::kLong && top_ids.is_contiguous() && top_ids.sizes() == top_scores.sizes() &&
-                  top_ids.device() == device,
-              "top_ids must be a contiguous int64 tensor shaped like top_scores");
-  TORCH_CHECK(top_scores.size(1) >= 1, "top_scores must have k >= 1 columns");
-}
-
-void check_rank_metrics_args(const at::Tensor& top_ids, const at::Tensor& users, const at::Tensor& tgt_indptr,
-                             const at::Tensor& tgt_indices, const at::Tensor& tgt_groups, int64_t n_groups,
-                             at::IntArrayRef ks) {
-  TORCH_CHECK(top_ids.dim() == 2 && top_ids.scalar_type() == at::kLong && top_ids.is_contiguous(),
-              "top_ids must be a contiguous 2-D int64 tensor");
-  const auto device = top_ids.device();
-  check_users_arg(users, device);
-  TORCH_CHECK(users.size(0) == top_ids.size(0), "users must have one id per row of top_ids");
-  check_csr_args(tgt_indptr, tgt_indices, "targets", device);
-  TORCH_CHECK(n_groups >= 0, "n_groups must be >= 0");
-  TORCH_CHECK(tgt_groups.dim() == 1 && tgt_groups.scalar_type() == at::kLong && tgt_groups.is_contiguous() &&
-                  tgt_groups.device() == device,
-              "target_groups must be a contiguous 1-D int64 tensor");
-  TORCH_CHECK(n_groups == 0 || tgt_groups.numel() == tgt_indices.numel(),
-              "target_groups must have one label per target when n_groups > 0");
-  TORCH_CHECK(!ks.empty(), "ks must not be empty");
-  for (const int64_t k : ks) {
-    TORCH_CHECK(k >= 1 && k <= top_ids.size(1), "ks: every K must satisfy 1 <= K <= top_ids.size(1)");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> topk_dot_cpu(const at::Tensor& user_emb, const at::Tensor& item_emb,
                                                 const at::Tensor& users, const at::Tensor& excl_indptr,
                                                 const at::Tensor& excl_indices, int64_t k, int64_t block_users,
                                                 int64_t block_items) {
   check_topk_dot_args(user_emb, item_emb, users, excl_indptr, excl_indices, k, block_users, block_items);
-  check_users_range_cpu(users, user_emb.size(0));
+  check_ids_in_range(users, "users", user_emb.size(0));
   const int64_t b = users.size(0), n_items = item_emb.size(0), d = item_emb.size(1);
   auto top_scores = at::empty({b, k}, user_emb.options().dtype(at::kFloat));
   auto top_ids = at::empty({b, k}, user_emb.options().dtype(at::kLong));
@@ -352,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(const at::Tensor& block_scores
                                                   const at::Tensor& excl_indices, const at::Tensor& top_scores,
                                                   const at::Tensor& top_ids) {
   check_topk_merge_args(block_scores, users, item_start, excl_indptr, excl_indices, top_scores, top_ids);
-  check_users_range_cpu(users, excl_indptr.numel() - 1);
+  check_ids_in_range(users, "users", excl_indptr.numel() - 1);
   const int64_t b = block_scores.size(0), w = block_scores.size(1), k = top_scores.size(1);
   auto new_s = at::empty_like(top_scores);
   auto new_i = at::empty_like(top_ids);
@@ -406,9 +321,9 @@ std::tuple<at::Tensor, at::Tensor> rank_metrics_cpu(const at::Tensor& top_ids, c
                                                     const at::Tensor& tgt_groups, int64_t n_groups,
                                                     at::IntArrayRef ks) {
   check_rank_metrics_args(top_ids, users, tgt_indptr, tgt_indices, tgt_groups, n_groups, ks);
-  check_users_range_cpu(users, tgt_indptr.numel() - 1);
+  check_ids_in_range(users, "users", tgt_indptr.numel() - 1);
   const int64_t b = top_ids.size(0), kmax = top_ids.size(1), n_ks = static_cast<int64_t>(ks.size());
-  auto values = at::zeros({n_groups + 1, b, n_ks, mbrec::kNumRankMetrics}, top_ids.options().dtype(at::kDouble));
+  auto values = at::zeros({n_groups + 1, b, n_ks, kNumRankMetrics}, top_ids.options().dtype(at::kDouble));
   auto counts = at::zeros({n_groups + 1, b}, top_ids.options().dtype(at::kLong));
   const int64_t* top = top_ids.data_ptr<int64_t>();
   const int64_t* uid = users.data_ptr<int64_t>();
@@ -420,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> rank_metrics_cpu(const at::Tensor& top_ids, c
   const std::vector<int64_t> cutoffs(ks.begin(), ks.end());
   at::parallel_for(0, b, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      mbrec::rank_metrics_row(top + r * kmax, r, b, tgt, labels, ptr[uid[r]], ptr[uid[r] + 1], n_groups,
+      rank_metrics_row(top + r * kmax, r, b, tgt, labels, ptr[uid[r]], ptr[uid[r] + 1], n_groups,
                               cutoffs.data(), n_ks, val, cnt);
     }
   });
@@ -428,3 +343,9 @@ std::tuple<at::Tensor, at::Tensor> rank_metrics_cpu(const at::Tensor& top_ids, c
 }
 
 }  // namespace mbrec_fast
+
+TORCH_LIBRARY_IMPL(mbrec_fast, CPU, m) {
+  m.impl("topk_dot", &mbrec_fast::topk_dot_cpu);
+  m.impl("topk_merge", &mbrec_fast::topk_merge_cpu);
+  m.impl("rank_metrics", &mbrec_fast::rank_metrics_cpu);
+}

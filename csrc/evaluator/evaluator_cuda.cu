@@ -14,7 +14,7 @@
 #include "common/csr.h"
 #include "common/rank_metrics.h"
 #include "common/topk_heap.h"
-#include "evaluator/evaluator.h"
+#include "evaluator/evaluator_args.h"
 
 namespace mbrec_fast {
 
@@ -28,17 +28,17 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __global__ void heap_init_kernel(float* hs, int64_t* hi, int64_t b, int k) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r < b) mbrec::topk_heap_init(hs + r * k, hi + r * k, k);
+  if (r < b) topk_heap_init(hs + r * k, hi + r * k, k);
 }
 
 __global__ void heap_load_kernel(const float* old_s, const int64_t* old_i, float* hs, int64_t* hi, int64_t b, int k) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r < b) mbrec::topk_heap_load_sorted(old_s + r * k, old_i + r * k, hs + r * k, hi + r * k, k);
+  if (r < b) topk_heap_load_sorted(old_s + r * k, old_i + r * k, hs + r * k, hi + r * k, k);
 }
 
 __global__ void heap_finalize_kernel(float* hs, int64_t* hi, int64_t b, int k) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r < b) mbrec::topk_heap_finalize(hs + r * k, hi + r * k, k);
+  if (r < b) topk_heap_finalize(hs + r * k, hi + r * k, k);
 }
 
 // Offers scores[r, 0:ni) (items item0 + j) to heap r for r < nu. users[r] selects the exclude row.
@@ -61,8 +61,8 @@ __global__ void select_block_kernel(const float* __restrict__ scores, int64_t ld
     const bool in_range = j < ni;
     const float s = in_range ? row[j] : thr_s;
     const int64_t id = item0 + j;
-    bool pass = in_range && mbrec::topk_worse(thr_s, thr_i, s, id);
-    if (pass && ex_lo < ex_hi && mbrec::contains(ex_idx, ex_lo, ex_hi, id)) pass = false;
+    bool pass = in_range && topk_worse(thr_s, thr_i, s, id);
+    if (pass && ex_lo < ex_hi && contains(ex_idx, ex_lo, ex_hi, id)) pass = false;
     unsigned mask = __ballot_sync(kFullMask, pass);
     if (mask == 0) continue;
     while (mask) {
@@ -70,7 +70,7 @@ __global__ void select_block_kernel(const float* __restrict__ scores, int64_t ld
       mask &= mask - 1;
       const float cs = __shfl_sync(kFullMask, s, src);
       const long long cid = __shfl_sync(kFullMask, static_cast<long long>(id), src);
-      if (lane == 0) mbrec::topk_heap_offer(hs, hi, k, cs, static_cast<int64_t>(cid));
+      if (lane == 0) topk_heap_offer(hs, hi, k, cs, static_cast<int64_t>(cid));
     }
     float root_s = 0.f;
     long long root_i = 0;
@@ -90,15 +90,8 @@ __global__ void rank_metrics_kernel(const int64_t* __restrict__ top, int64_t b, 
                                     double* val, int64_t* cnt) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= b) return;
-  mbrec::rank_metrics_row(top + r * kmax, r, b, tgt, labels, ptr[users[r]], ptr[users[r] + 1], n_groups, cutoffs,
+  rank_metrics_row(top + r * kmax, r, b, tgt, labels, ptr[users[r]], ptr[users[r] + 1], n_groups, cutoffs,
                           n_ks, val, cnt);
-}
-
-void check_users_range_cuda(const at::Tensor& users, int64_t n_rows) {
-  if (users.numel() == 0) return;
-  const auto mm = at::aminmax(users);
-  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < n_rows, "users: ids must lie in [0, ", n_rows, "), found [", lo, ", ", hi, "]");
 }
 
 void launch_select(const at::Tensor& scores, int64_t item0, const int64_t* users, const at::Tensor& excl_indptr,
@@ -120,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> topk_dot_cuda(const at::Tensor& user_emb, con
                                                  int64_t block_items) {
   check_topk_dot_args(user_emb, item_emb, users, excl_indptr, excl_indices, k, block_users, block_items);
   const c10::cuda::CUDAGuard guard(user_emb.device());
-  check_users_range_cuda(users, user_emb.size(0));
+  check_ids_in_range(users, "users", user_emb.size(0));
   const int64_t b = users.size(0), n_items = item_emb.size(0);
   auto top_scores = at::empty({b, k}, user_emb.options().dtype(at::kFloat));
   auto top_ids = at::empty({b, k}, user_emb.options().dtype(at::kLong));
@@ -154,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cuda(const at::Tensor& block_score
                                                    const at::Tensor& top_ids) {
   check_topk_merge_args(block_scores, users, item_start, excl_indptr, excl_indices, top_scores, top_ids);
   const c10::cuda::CUDAGuard guard(block_scores.device());
-  check_users_range_cuda(users, excl_indptr.numel() - 1);
+  check_ids_in_range(users, "users", excl_indptr.numel() - 1);
   const int64_t b = block_scores.size(0), k = top_scores.size(1);
   auto new_s = at::empty_like(top_scores);
   auto new_i = at::empty_like(top_ids);
@@ -178,9 +171,9 @@ std::tuple<at::Tensor, at::Tensor> rank_metrics_cuda(const at::Tensor& top_ids, 
                                                      at::IntArrayRef ks) {
   check_rank_metrics_args(top_ids, users, tgt_indptr, tgt_indices, tgt_groups, n_groups, ks);
   const c10::cuda::CUDAGuard guard(top_ids.device());
-  check_users_range_cuda(users, tgt_indptr.numel() - 1);
+  check_ids_in_range(users, "users", tgt_indptr.numel() - 1);
   const int64_t b = top_ids.size(0), n_ks = static_cast<int64_t>(ks.size());
-  auto values = at::zeros({n_groups + 1, b, n_ks, mbrec::kNumRankMetrics}, top_ids.options().dtype(at::kDouble));
+  auto values = at::zeros({n_groups + 1, b, n_ks, kNumRankMetrics}, top_ids.options().dtype(at::kDouble));
   auto counts = at::zeros({n_groups + 1, b}, top_ids.options().dtype(at::kLong));
   if (b == 0) return {values, counts};
   const at::Tensor cutoffs = at::tensor(std::vector<int64_t>(ks.begin(), ks.end()), at::kLong).to(top_ids.device());

@@ -1,7 +1,6 @@
-// Schemas of the full-ranking evaluator ops and their CPU registrations (CUDA: evaluator_cuda.cu).
+// Schemas of the full-ranking evaluator op family (kernels: evaluator_cpu.cpp, evaluator_cuda.cu; fakes and call
+// wrappers: mbrec_fast/_evaluator_ops.py).
 #include <torch/library.h>
-
-#include "evaluator/evaluator.h"
 
 TORCH_LIBRARY_FRAGMENT(mbrec_fast, m) {
   // Top-k items by dot product for rows `users` of user_emb, excluding each user's CSR row; the
@@ -18,10 +17,4 @@ TORCH_LIBRARY_FRAGMENT(mbrec_fast, m) {
   // mrr; distinct-target counts [n_groups + 1, b] int64, 0 = user skipped for that group).
   m.def("rank_metrics(Tensor top_ids, Tensor users, Tensor tgt_indptr, Tensor tgt_indices, Tensor tgt_groups, "
         "int n_groups, int[] ks) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(mbrec_fast, CPU, m) {
-  m.impl("topk_dot", &mbrec_fast::topk_dot_cpu);
-  m.impl("topk_merge", &mbrec_fast::topk_merge_cpu);
-  m.impl("rank_metrics", &mbrec_fast::rank_metrics_cpu);
 }

@@ -13,7 +13,7 @@
 
 #include "common/philox.h"
 
-namespace mbrec {
+namespace mbrec_fast {
 
 #if defined(MBREC_PHILOX_AVX2)
 // Rows [0, i) of philox_blocks_batch by groups of 8 (one stream per lane); returns i.
@@ -88,4 +88,4 @@ inline void philox_blocks_batch(uint64_t seed, uint64_t offset, int64_t row0, in
   }
 }
 
-}  // namespace mbrec
+}  // namespace mbrec_fast

@@ -5,32 +5,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <numeric>
 #include <vector>
 
 #include "cpu_isa.h"
 #include "sampler/philox_batch_cpu.h"
-#include "sampler/sampler_common.h"
+#include "sampler/sampler_args.h"
 
+namespace mbrec_fast {
 namespace {
 
 using at::Tensor;
-
-void check_ids(const Tensor& t, const char* name, int64_t n) {
-  const int64_t* p = t.data_ptr<int64_t>();
-  const int64_t len = t.numel();
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, len, 1 << 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      if (p[i] < 0 || p[i] >= n) {
-        bad = true;
-        return;
-      }
-    }
-  });
-  TORCH_CHECK(!bad, name, " out of range: ids must lie in [0, ", n, ")");
-}
 
 // Union of several sorted, distinct rows into dst (returns its length); buf is scratch.
 int64_t union_rows(const std::vector<std::pair<const int32_t*, int64_t>>& rows, std::vector<int32_t>& a,
@@ -50,17 +35,17 @@ std::tuple<Tensor, Tensor> build_interaction_graph_cpu(const Tensor& users, cons
                                                        const Tensor& behaviors, int64_t n_users, int64_t n_items,
                                                        int64_t n_behaviors) {
   const auto cpu = at::Device(at::kCPU);
-  mbrec::sampler_ops::check_t(users, "users", at::kLong, 1, cpu);
-  mbrec::sampler_ops::check_t(items, "items", at::kLong, 1, cpu);
-  mbrec::sampler_ops::check_t(behaviors, "behaviors", at::kLong, 1, cpu);
+  check_tensor(users, "users", at::kLong, 1, cpu);
+  check_tensor(items, "items", at::kLong, 1, cpu);
+  check_tensor(behaviors, "behaviors", at::kLong, 1, cpu);
   TORCH_CHECK(users.numel() == items.numel() && items.numel() == behaviors.numel(),
               "users, items and behaviors must have the same length");
   TORCH_CHECK(n_users >= 0 && n_users < (int64_t(1) << 31), "n_users out of range: ", n_users);
   TORCH_CHECK(n_items >= 0 && n_items < (int64_t(1) << 31), "n_items out of range: ", n_items);
   TORCH_CHECK(n_behaviors >= 1 && n_behaviors <= 64, "n_behaviors must be in [1, 64], got ", n_behaviors);
-  check_ids(users, "users", n_users);
-  check_ids(items, "items", n_items);
-  check_ids(behaviors, "behaviors", n_behaviors);
+  check_ids_in_range(users, "users", n_users);
+  check_ids_in_range(items, "items", n_items);
+  check_ids_in_range(behaviors, "behaviors", n_behaviors);
   const int64_t N = users.numel(), U = n_users, R = n_behaviors, stride = U + 1;
   const int64_t* pu = users.data_ptr<int64_t>();
   const int64_t* pi = items.data_ptr<int64_t>();
@@ -140,11 +125,11 @@ Tensor sample_negatives_cpu(const Tensor& indptr, const Tensor& indices, const T
                             const Tensor& level_thr, const Tensor& alias_thr, const Tensor& alias_idx,
                             const Tensor& weights_q, const Tensor& prefix, int64_t n_items, int64_t num_neg,
                             int64_t mode, bool replacement, int64_t seed, int64_t offset) {
-  const auto P = mbrec::sampler_ops::make_row_params(indptr, indices, users, behaviors, level_thr, alias_thr,
-                                                     alias_idx, weights_q, prefix, n_items, num_neg, mode,
-                                                     replacement, seed, offset);
-  check_ids(users, "users", indptr.size(1) - 1);
-  check_ids(behaviors, "behaviors", P.g.R);
+  const auto P = sampler::make_row_params(indptr, indices, users, behaviors, level_thr, alias_thr,
+                                          alias_idx, weights_q, prefix, n_items, num_neg, mode,
+                                          replacement, seed, offset);
+  check_ids_in_range(users, "users", indptr.size(1) - 1);
+  check_ids_in_range(behaviors, "behaviors", P.g.R);
   const int64_t n = users.numel();
   Tensor out = at::empty({n, num_neg}, users.options());
   int64_t* po = out.data_ptr<int64_t>();
@@ -153,29 +138,29 @@ Tensor sample_negatives_cpu(const Tensor& indptr, const Tensor& indices, const T
   // The first Philox blocks of each row's stream (enough for num_neg draws without rejections, at
   // most 4) are computed ahead for 64 rows at a time, 8 streams per AVX2 vector where the CPU has AVX2.
   constexpr int64_t kGroup = 64;
-  const bool simd = mbrec_fast::cpu_isa_selected() != mbrec_fast::CpuIsa::kPortable;
+  const bool simd = cpu_isa_selected() != CpuIsa::kPortable;
   const uint32_t n_pre = static_cast<uint32_t>(std::min<int64_t>(4, (num_neg + 3) / 4));
   at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
-    std::vector<mbrec::Philox4> pre(kGroup * n_pre);
+    std::vector<Philox4> pre(kGroup * n_pre);
     for (int64_t g0 = b; g0 < e; g0 += kGroup) {
       const int64_t g1 = std::min(e, g0 + kGroup);
-      mbrec::philox_blocks_batch(P.seed, P.offset, g0, g1 - g0, n_pre, pre.data(), simd);
+      philox_blocks_batch(P.seed, P.offset, g0, g1 - g0, n_pre, pre.data(), simd);
       for (int64_t row = g0; row < g1; ++row) {
         // Two-stage prefetch for graphs beyond the caches (random users are two dependent misses each):
         // the row offsets 16 rows ahead, the row's items 8 rows ahead (their offsets arrived by then).
         if (row + 16 < e) {
-          const int64_t* at = P.g.indptr + mbrec::sampler::primary_slot(P, static_cast<int>(pb[row + 16])) * P.g.stride +
+          const int64_t* at = P.g.indptr + sampler::primary_slot(P, static_cast<int>(pb[row + 16])) * P.g.stride +
                               pu[row + 16];
           __builtin_prefetch(at);
           __builtin_prefetch(at + 1);
         }
         if (row + 8 < e) {
-          const auto ahead = mbrec::sampler::graph_row(
-              P.g, mbrec::sampler::primary_slot(P, static_cast<int>(pb[row + 8])), pu[row + 8]);
+          const auto ahead = sampler::graph_row(
+              P.g, sampler::primary_slot(P, static_cast<int>(pb[row + 8])), pu[row + 8]);
           __builtin_prefetch(ahead.p);
           __builtin_prefetch(ahead.p + 16);
         }
-        mbrec::sampler::sample_row(P, row, pu[row], static_cast<int>(pb[row]), po + row * num_neg,
+        sampler::sample_row(P, row, pu[row], static_cast<int>(pb[row]), po + row * num_neg,
                                    pre.data() + (row - g0) * n_pre, n_pre);
       }
     }
@@ -186,8 +171,8 @@ Tensor sample_negatives_cpu(const Tensor& indptr, const Tensor& indices, const T
 Tensor sample_sequence_negatives_cpu(const Tensor& excl, const Tensor& excl_len, const Tensor& pos_dom,
                                      const Tensor& dom_indptr, const Tensor& dom_items, int64_t n_items,
                                      int64_t num_neg, int64_t pad, int64_t seed, int64_t offset) {
-  const auto S = mbrec::sampler_ops::make_seq_params(excl, excl_len, pos_dom, dom_indptr, dom_items, n_items,
-                                                     num_neg, pad, seed, offset);
+  const auto S = sampler::make_seq_params(excl, excl_len, pos_dom, dom_indptr, dom_items, n_items,
+                                          num_neg, pad, seed, offset);
   const int64_t B = pos_dom.size(0), L = pos_dom.size(1);
   Tensor out = at::empty({B, L, num_neg}, pos_dom.options());
   if (B * L == 0) return out;
@@ -198,15 +183,16 @@ Tensor sample_sequence_negatives_cpu(const Tensor& excl, const Tensor& excl_len,
   }
   int64_t* po = out.data_ptr<int64_t>();
   at::parallel_for(0, B * L, 256, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) mbrec::sampler::sample_sequence_position(S, i, po + i * num_neg);
+    for (int64_t i = b; i < e; ++i) sampler::sample_sequence_position(S, i, po + i * num_neg);
   });
   return out;
 }
 
 }  // namespace
+}  // namespace mbrec_fast
 
 TORCH_LIBRARY_IMPL(mbrec_fast, CPU, m) {
-  m.impl("build_interaction_graph", &build_interaction_graph_cpu);
-  m.impl("sample_negatives", &sample_negatives_cpu);
-  m.impl("sample_sequence_negatives", &sample_sequence_negatives_cpu);
+  m.impl("build_interaction_graph", &mbrec_fast::build_interaction_graph_cpu);
+  m.impl("sample_negatives", &mbrec_fast::sample_negatives_cpu);
+  m.impl("sample_sequence_negatives", &mbrec_fast::sample_sequence_negatives_cpu);
 }

@@ -5,30 +5,24 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "sampler/sampler_common.h"
+#include "sampler/sampler_args.h"
 
+namespace mbrec_fast {
 namespace {
 
 using at::Tensor;
 
-__global__ void sample_rows_kernel(mbrec::sampler::RowParams P, const int64_t* users, const int64_t* behaviors,
+__global__ void sample_rows_kernel(sampler::RowParams P, const int64_t* users, const int64_t* behaviors,
                                    int64_t n, int64_t* out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= n) return;
-  mbrec::sampler::sample_row(P, row, users[row], static_cast<int>(behaviors[row]), out + row * P.num_neg);
+  sampler::sample_row(P, row, users[row], static_cast<int>(behaviors[row]), out + row * P.num_neg);
 }
 
-__global__ void sample_sequence_kernel(mbrec::sampler::SeqParams S, int64_t n, int64_t* out) {
+__global__ void sample_sequence_kernel(sampler::SeqParams S, int64_t n, int64_t* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  mbrec::sampler::sample_sequence_position(S, i, out + i * S.num_neg);
-}
-
-void check_range_cuda(const Tensor& t, const char* name, int64_t n) {
-  if (t.numel() == 0) return;
-  auto mm = at::aminmax(t);
-  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < n, name, " out of range: ids must lie in [0, ", n, "), found [", lo, ", ", hi, "]");
+  sampler::sample_sequence_position(S, i, out + i * S.num_neg);
 }
 
 constexpr int kThreads = 128;
@@ -38,11 +32,11 @@ Tensor sample_negatives_cuda(const Tensor& indptr, const Tensor& indices, const 
                              const Tensor& weights_q, const Tensor& prefix, int64_t n_items, int64_t num_neg,
                              int64_t mode, bool replacement, int64_t seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(indices.device());
-  const auto P = mbrec::sampler_ops::make_row_params(indptr, indices, users, behaviors, level_thr, alias_thr,
-                                                     alias_idx, weights_q, prefix, n_items, num_neg, mode,
-                                                     replacement, seed, offset);
-  check_range_cuda(users, "users", indptr.size(1) - 1);
-  check_range_cuda(behaviors, "behaviors", P.g.R);
+  const auto P = sampler::make_row_params(indptr, indices, users, behaviors, level_thr, alias_thr,
+                                          alias_idx, weights_q, prefix, n_items, num_neg, mode,
+                                          replacement, seed, offset);
+  check_ids_in_range(users, "users", indptr.size(1) - 1);
+  check_ids_in_range(behaviors, "behaviors", P.g.R);
   const int64_t n = users.numel();
   Tensor out = at::empty({n, num_neg}, users.options());
   if (n == 0) return out;
@@ -57,8 +51,8 @@ Tensor sample_sequence_negatives_cuda(const Tensor& excl, const Tensor& excl_len
                                       const Tensor& dom_indptr, const Tensor& dom_items, int64_t n_items,
                                       int64_t num_neg, int64_t pad, int64_t seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(pos_dom.device());
-  const auto S = mbrec::sampler_ops::make_seq_params(excl, excl_len, pos_dom, dom_indptr, dom_items, n_items,
-                                                     num_neg, pad, seed, offset);
+  const auto S = sampler::make_seq_params(excl, excl_len, pos_dom, dom_indptr, dom_items, n_items,
+                                          num_neg, pad, seed, offset);
   const int64_t B = pos_dom.size(0), L = pos_dom.size(1);
   Tensor out = at::empty({B, L, num_neg}, pos_dom.options());
   if (B * L == 0) return out;
@@ -75,8 +69,9 @@ Tensor sample_sequence_negatives_cuda(const Tensor& excl, const Tensor& excl_len
 }
 
 }  // namespace
+}  // namespace mbrec_fast
 
 TORCH_LIBRARY_IMPL(mbrec_fast, CUDA, m) {
-  m.impl("sample_negatives", &sample_negatives_cuda);
-  m.impl("sample_sequence_negatives", &sample_sequence_negatives_cuda);
+  m.impl("sample_negatives", &mbrec_fast::sample_negatives_cuda);
+  m.impl("sample_sequence_negatives", &mbrec_fast::sample_sequence_negatives_cuda);
 }

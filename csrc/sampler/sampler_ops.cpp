@@ -1,4 +1,5 @@
-// Schemas of the sampler op family (kernels: sampler_cpu.cpp, sampler_cuda.cu; fakes: mbrec_fast/sampler.py).
+// Schemas of the sampler op family (kernels: sampler_cpu.cpp, sampler_cuda.cu; fakes and call wrappers:
+// mbrec_fast/_sampler_ops.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mbrec_fast, m) {

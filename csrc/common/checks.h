@@ -1,13 +1,48 @@
-// Bounds checks of CSR offsets shared by the evaluator and sampler op families (host side, ATen).
+// Argument checks shared by every op family's CPU and CUDA units (host side, ATen): the ops' second line of
+// defense behind the Python wrappers, so that no call can make a kernel read outside its tensors.
 //
-// A kernel reads indices[indptr[r] : indptr[r + 1]] for the rows it is given; offsets beyond `indices`, negative
-// or decreasing ones would read out of bounds. The ops check every offset row themselves, in O(rows), so that no
-// call below the Python wrappers (which check more) can read outside the tensors. CPU tensors are scanned in
-// place; tensors on another device are checked with a few reductions there (one synchronisation).
+// CSR offsets: a kernel reads indices[indptr[r] : indptr[r + 1]] for the rows it is given; offsets beyond
+// `indices`, negative or decreasing ones would read out of bounds, so every offset row is checked, in O(rows).
+// CPU tensors are scanned in place; tensors on another device are checked with a few reductions there (one
+// synchronisation).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
-namespace mbrec {
+#include <atomic>
+
+namespace mbrec_fast {
+
+// One tensor argument: dtype, number of dimensions, device and contiguity, each named in the message.
+inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t ndim,
+                         const at::Device& device) {
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == ndim, name, " must be ", ndim, "-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Every id of the contiguous int64 tensor `ids` lies in [0, n) (ids used as row or item indices). CPU tensors
+// are scanned in parallel; on another device, and to report a failure, one aminmax.
+inline void check_ids_in_range(const at::Tensor& ids, const char* name, int64_t n) {
+  if (ids.numel() == 0) return;
+  if (ids.device().is_cpu()) {
+    const int64_t* p = ids.data_ptr<int64_t>();
+    std::atomic<bool> bad{false};
+    at::parallel_for(0, ids.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        if (p[i] < 0 || p[i] >= n) {
+          bad = true;
+          return;
+        }
+      }
+    });
+    if (!bad) return;
+  }
+  const auto mm = at::aminmax(ids);
+  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < n, name, " out of range: ids must lie in [0, ", n, "), found [", lo, ", ", hi, "]");
+}
 
 // Every row of `indptr` (1-D, or 2-D: each row a separate offset sequence) is non-decreasing and lies in
 // [0, nnz]. indptr must be int64 and contiguous.
@@ -50,4 +85,4 @@ inline void check_values_in(const at::Tensor& t, int64_t lo, int64_t hi, const c
   TORCH_CHECK(mn >= lo && mx <= hi, name, ": values must lie in [", lo, ", ", hi, "], found ", mn, " .. ", mx);
 }
 
-}  // namespace mbrec
+}  // namespace mbrec_fast

@@ -1,33 +1,27 @@
-// Argument checks and parameter packing shared by the CPU and CUDA sampler kernels (torch side).
+// Argument checks and parameter packing of the sampler ops, shared by their CPU and CUDA units (host side,
+// built on common/checks.h).
 #pragma once
 #include <ATen/ATen.h>
 
-#include "common/csr_checks.h"
+#include "common/checks.h"
 #include "common/sampler_core.h"
 
-namespace mbrec {
-namespace sampler_ops {
-
-inline void check_t(const at::Tensor& t, const char* name, at::ScalarType dt, int64_t ndim, const at::Device& dev) {
-  TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == ndim, name, " must be ", ndim, "-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
+namespace mbrec_fast {
+namespace sampler {
 
 // Validates the sample_negatives arguments and fills the row parameters (pointers into the tensors).
-inline sampler::RowParams make_row_params(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& users,
-                                          const at::Tensor& behaviors, const at::Tensor& level_thr,
-                                          const at::Tensor& alias_thr, const at::Tensor& alias_idx,
-                                          const at::Tensor& weights_q, const at::Tensor& prefix, int64_t n_items,
-                                          int64_t num_neg, int64_t mode, bool replacement, int64_t seed,
-                                          int64_t offset) {
+inline RowParams make_row_params(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& users,
+                                 const at::Tensor& behaviors, const at::Tensor& level_thr,
+                                 const at::Tensor& alias_thr, const at::Tensor& alias_idx,
+                                 const at::Tensor& weights_q, const at::Tensor& prefix, int64_t n_items,
+                                 int64_t num_neg, int64_t mode, bool replacement, int64_t seed,
+                                 int64_t offset) {
   const auto dev = indices.device();
-  check_t(indptr, "indptr", at::kLong, 2, dev);
-  check_t(indices, "indices", at::kInt, 1, dev);
-  check_t(users, "users", at::kLong, 1, dev);
-  check_t(behaviors, "behaviors", at::kLong, 1, dev);
-  check_t(level_thr, "level_thresholds", at::kLong, 2, dev);
+  check_tensor(indptr, "indptr", at::kLong, 2, dev);
+  check_tensor(indices, "indices", at::kInt, 1, dev);
+  check_tensor(users, "users", at::kLong, 1, dev);
+  check_tensor(behaviors, "behaviors", at::kLong, 1, dev);
+  check_tensor(level_thr, "level_thresholds", at::kLong, 2, dev);
   TORCH_CHECK(indptr.size(0) >= 3, "indptr must have R + 2 >= 3 slots, got ", indptr.size(0));
   const int64_t R = indptr.size(0) - 2;
   TORCH_CHECK(level_thr.size(0) == R && level_thr.size(1) == R, "level_thresholds must be [R, R] = [", R, ", ", R, "]");
@@ -39,15 +33,15 @@ inline sampler::RowParams make_row_params(const at::Tensor& indptr, const at::Te
   check_csr_offsets(indptr, indices.numel(), "indptr");
   const bool weighted = alias_thr.numel() > 0;
   if (weighted) {
-    check_t(alias_thr, "alias_threshold", at::kLong, 1, dev);
-    check_t(alias_idx, "alias_index", at::kInt, 1, dev);
-    check_t(weights_q, "weights_q", at::kLong, 1, dev);
-    check_t(prefix, "weight_prefix", at::kLong, 1, dev);
+    check_tensor(alias_thr, "alias_threshold", at::kLong, 1, dev);
+    check_tensor(alias_idx, "alias_index", at::kInt, 1, dev);
+    check_tensor(weights_q, "weights_q", at::kLong, 1, dev);
+    check_tensor(prefix, "weight_prefix", at::kLong, 1, dev);
     TORCH_CHECK(alias_thr.numel() == n_items && alias_idx.numel() == n_items && weights_q.numel() == n_items &&
                     prefix.numel() == n_items + 1,
                 "popularity tables must have n_items (prefix: n_items + 1) entries");
   }
-  sampler::RowParams P;
+  RowParams P;
   P.g.indptr = indptr.data_ptr<int64_t>();
   P.g.stride = indptr.size(1);
   P.g.indices = indices.data_ptr<int32_t>();
@@ -66,13 +60,13 @@ inline sampler::RowParams make_row_params(const at::Tensor& indptr, const at::Te
   return P;
 }
 
-inline sampler::SeqParams make_seq_params(const at::Tensor& excl, const at::Tensor& excl_len, const at::Tensor& pos_dom,
-                                          const at::Tensor& dom_indptr, const at::Tensor& dom_items, int64_t n_items,
-                                          int64_t num_neg, int64_t pad, int64_t seed, int64_t offset) {
+inline SeqParams make_seq_params(const at::Tensor& excl, const at::Tensor& excl_len, const at::Tensor& pos_dom,
+                                 const at::Tensor& dom_indptr, const at::Tensor& dom_items, int64_t n_items,
+                                 int64_t num_neg, int64_t pad, int64_t seed, int64_t offset) {
   const auto dev = pos_dom.device();
-  check_t(excl, "excl", at::kInt, 2, dev);
-  check_t(excl_len, "excl_len", at::kLong, 1, dev);
-  check_t(pos_dom, "pos_domain", at::kLong, 2, dev);
+  check_tensor(excl, "excl", at::kInt, 2, dev);
+  check_tensor(excl_len, "excl_len", at::kLong, 1, dev);
+  check_tensor(pos_dom, "pos_domain", at::kLong, 2, dev);
   TORCH_CHECK(excl.size(0) == pos_dom.size(0) && excl_len.numel() == pos_dom.size(0),
               "excl, excl_len and pos_domain must have one row per sequence");
   TORCH_CHECK(num_neg >= 1, "num_neg must be >= 1, got ", num_neg);
@@ -80,12 +74,12 @@ inline sampler::SeqParams make_seq_params(const at::Tensor& excl, const at::Tens
   TORCH_CHECK(seed >= 0 && offset >= 0, "seed and offset must be non-negative");
   const bool has_dom = dom_indptr.numel() > 0;
   if (has_dom) {
-    check_t(dom_indptr, "dom_indptr", at::kLong, 1, dev);
-    check_t(dom_items, "dom_items", at::kInt, 1, dev);
+    check_tensor(dom_indptr, "dom_indptr", at::kLong, 1, dev);
+    check_tensor(dom_items, "dom_items", at::kInt, 1, dev);
     check_csr_offsets(dom_indptr, dom_items.numel(), "dom_indptr");
   }
   check_values_in(excl_len, 0, excl.size(1), "excl_len");
-  sampler::SeqParams S;
+  SeqParams S;
   S.excl = excl.data_ptr<int32_t>();
   S.excl_stride = excl.size(1);
   S.excl_len = excl_len.data_ptr<int64_t>();
@@ -101,5 +95,5 @@ inline sampler::SeqParams make_seq_params(const at::Tensor& excl, const at::Tens
   return S;
 }
 
-}  // namespace sampler_ops
-}  // namespace mbrec
+}  // namespace sampler
+}  // namespace mbrec_fast
