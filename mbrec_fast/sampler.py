@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from . import _sampler_ops
 from ._checks import check_csr, check_tensor
 
 __all__ = ["InteractionGraph", "sample_negatives", "sample_sequence_negatives", "TripleBatches",
@@ -39,10 +40,6 @@ __all__ = ["InteractionGraph", "sample_negatives", "sample_sequence_negatives", 
 MODES = ("exclusive", "strict", "cascade", "visited", "unvisited")
 _MODE_IDS = {m: i for i, m in enumerate(MODES)}
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
-
-
-def _has_op(name: str) -> bool:
-    return hasattr(torch.ops.mbrec_fast, name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,12 +117,7 @@ class InteractionGraph:
         _check_range(users, "users", n_users)
         _check_range(items, "items", n_items)
         _check_range(behaviors, "behaviors", n_behaviors)
-        if _has_op("build_interaction_graph"):
-            indptr, indices = torch.ops.mbrec_fast.build_interaction_graph(
-                users.cpu().contiguous(), items.cpu().contiguous(), behaviors.cpu().contiguous(), n_users, n_items,
-                n_behaviors)
-        else:
-            indptr, indices = _build_torch(users.cpu(), items.cpu(), behaviors.cpu(), n_users, n_items, n_behaviors)
+        indptr, indices = _sampler_ops.build_interaction_graph(users, items, behaviors, n_users, n_items, n_behaviors)
         return cls._trusted(indptr, indices, n_users, n_items, behavior_names)
 
     @classmethod
@@ -546,22 +538,16 @@ def sample_negatives(graph: InteractionGraph, users, num_neg: int, *, behavior=N
         if alias.n != graph.n_items:
             raise ValueError(f"popularity must have n_items = {graph.n_items} weights, got {alias.n}")
 
-    if _has_op("sample_negatives"):
-        thr = _level_thresholds(table).to(device) if mode == "cascade" else _never_touched_thresholds(R, str(device))
-        if alias is not None:
-            a = alias.to(device)
-            pop = (a.threshold, a.alias, a.weights_q, a.prefix)
-        else:
-            empty64 = torch.empty(0, dtype=torch.int64, device=device)
-            pop = (empty64, torch.empty(0, dtype=torch.int32, device=device), empty64, empty64)
-        out = torch.ops.mbrec_fast.sample_negatives(
-            graph._indptr, graph._indices, users.to(device).contiguous(), behaviors.to(device).contiguous(), thr, *pop,
-            graph.n_items, num_neg, _MODE_IDS[mode], bool(replacement), int(seed), int(offset))
-    else:  # reference backend (extension built without the sampler kernels)
-        from .reference.sampler import sample_negatives_reference
-        pop = None if alias is None else alias.weights_q.to(torch.float64).numpy()
-        out = sample_negatives_reference(graph, users, behaviors, num_neg, mode, table.numpy(), replacement,
-                                         pop, seed=int(seed) * 1_000_003 + int(offset)).to(device)
+    thr = _level_thresholds(table).to(device) if mode == "cascade" else _never_touched_thresholds(R, str(device))
+    if alias is not None:
+        a = alias.to(device)
+        pop = (a.threshold, a.alias, a.weights_q, a.prefix)
+    else:
+        empty64 = torch.empty(0, dtype=torch.int64, device=device)
+        pop = (empty64, torch.empty(0, dtype=torch.int32, device=device), empty64, empty64)
+    out = _sampler_ops.sample_negatives(
+        graph._indptr, graph._indices, users.to(device).contiguous(), behaviors.to(device).contiguous(), thr, pop,
+        graph.n_items, num_neg, _MODE_IDS[mode], bool(replacement), int(seed), int(offset))
     # A row can lack allowed items only in the visited mode, with zero popularity weights, or when a user
     # touched nearly every item; otherwise the scan of the output is skipped.
     can_run_short = (mode == "visited" or alias is not None
@@ -631,36 +617,29 @@ def sample_sequence_negatives(seqs: torch.Tensor, n_items: int, num_neg: int, *,
     else:
         pos_dom = torch.where(valid, torch.zeros_like(s), torch.full_like(s, -1))
 
-    if _has_op("sample_sequence_negatives"):
-        # Per row: distinct sorted items of the sequence (plus the pad id when it is an item id), then a
-        # sentinel n_items; the kernel reads each row up to its length.
-        big = torch.full_like(s, n_items)
-        excl = torch.where(valid, s, big)
-        if 0 <= pad < n_items:
-            excl = torch.cat([excl, torch.full((B, 1), pad, dtype=torch.int64, device=device)], 1)
-        excl, _ = torch.sort(excl, 1)
-        dup = torch.zeros_like(excl, dtype=torch.bool)
-        dup[:, 1:] = excl[:, 1:] == excl[:, :-1]
-        excl = torch.where(dup, torch.full_like(excl, n_items), excl)
-        excl, _ = torch.sort(excl, 1)
-        excl_len = (excl < n_items).sum(1)
-        if item_domain is not None:
-            order = torch.argsort(item_domain, stable=True)
-            dom_indptr = torch.zeros(n_domains + 1, dtype=torch.int64, device=device)
-            dom_indptr[1:] = torch.cumsum(torch.bincount(item_domain, minlength=n_domains), 0)
-            dom_items = order.to(torch.int32)
-        else:
-            dom_indptr = torch.empty(0, dtype=torch.int64, device=device)
-            dom_items = torch.empty(0, dtype=torch.int32, device=device)
-        out = torch.ops.mbrec_fast.sample_sequence_negatives(
-            excl.to(torch.int32).contiguous(), excl_len.contiguous(), pos_dom.contiguous(), dom_indptr, dom_items.contiguous(),
-            n_items, int(num_neg), int(pad), int(seed), int(offset))
+    # Per row: distinct sorted items of the sequence (plus the pad id when it is an item id), then a
+    # sentinel n_items; the kernel reads each row up to its length.
+    big = torch.full_like(s, n_items)
+    excl = torch.where(valid, s, big)
+    if 0 <= pad < n_items:
+        excl = torch.cat([excl, torch.full((B, 1), pad, dtype=torch.int64, device=device)], 1)
+    excl, _ = torch.sort(excl, 1)
+    dup = torch.zeros_like(excl, dtype=torch.bool)
+    dup[:, 1:] = excl[:, 1:] == excl[:, :-1]
+    excl = torch.where(dup, torch.full_like(excl, n_items), excl)
+    excl, _ = torch.sort(excl, 1)
+    excl_len = (excl < n_items).sum(1)
+    if item_domain is not None:
+        order = torch.argsort(item_domain, stable=True)
+        dom_indptr = torch.zeros(n_domains + 1, dtype=torch.int64, device=device)
+        dom_indptr[1:] = torch.cumsum(torch.bincount(item_domain, minlength=n_domains), 0)
+        dom_items = order.to(torch.int32)
     else:
-        from .reference.sampler import sample_sequence_negatives_reference
-        out = sample_sequence_negatives_reference(s.cpu(), n_items, int(num_neg), pad,
-                                                  None if item_domain is None else item_domain.cpu(),
-                                                  None if seq_domain is None else seq_domain.cpu(),
-                                                  seed=int(seed) * 1_000_003 + int(offset)).to(device)
+        dom_indptr = torch.empty(0, dtype=torch.int64, device=device)
+        dom_items = torch.empty(0, dtype=torch.int32, device=device)
+    out = _sampler_ops.sample_sequence_negatives(
+        excl.to(torch.int32).contiguous(), excl_len.contiguous(), pos_dom.contiguous(), dom_indptr, dom_items.contiguous(),
+        n_items, int(num_neg), int(pad), int(seed), int(offset))
     if on_empty == "error":
         hole = valid & (out < 0).any(-1) if pad >= 0 else valid & (out == -1).any(-1)
         if bool(hole.any()):
@@ -753,31 +732,3 @@ class TripleBatches:
 
 
 NegativeSampler = TripleBatches
-
-
-# ----------------------------------------------------------------------------------------------------------
-# fake (meta) implementations: output shapes follow from the inputs
-# ----------------------------------------------------------------------------------------------------------
-def _register_fakes() -> None:
-    if not _has_op("sample_negatives"):
-        return
-
-    @torch.library.register_fake("mbrec_fast::sample_negatives")
-    def _sample_negatives_fake(indptr, indices, users, behaviors, level_thresholds, alias_threshold, alias_index,
-                               weights_q, weight_prefix, n_items, num_neg, mode, replacement, seed, offset):
-        torch._check(users.dim() == 1)
-        return users.new_empty((users.shape[0], num_neg), dtype=torch.int64)
-
-    @torch.library.register_fake("mbrec_fast::sample_sequence_negatives")
-    def _sample_sequence_negatives_fake(excl, excl_len, pos_domain, dom_indptr, dom_items, n_items, num_neg, pad,
-                                        seed, offset):
-        return pos_domain.new_empty((pos_domain.shape[0], pos_domain.shape[1], num_neg), dtype=torch.int64)
-
-    @torch.library.register_fake("mbrec_fast::build_interaction_graph")
-    def _build_fake(users, items, behaviors, n_users, n_items, n_behaviors):
-        nnz = torch.library.get_ctx().new_dynamic_size()
-        return (users.new_empty((n_behaviors + 2, n_users + 1), dtype=torch.int64),
-                users.new_empty((nnz,), dtype=torch.int32))
-
-
-_register_fakes()
