@@ -24,10 +24,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._checks import check_csr, check_finite, check_tensor
+from . import _evaluator_ops
+from ._evaluator_ops import METRICS
 
 __all__ = ["EvalResult", "evaluate_full_ranking", "topk", "METRICS"]
 
-METRICS = ("hr", "ndcg", "recall", "precision", "mrr")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Csr = Tuple[torch.Tensor, torch.Tensor]
 ScoreFn = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -66,48 +67,9 @@ class EvalResult:
     per_user: Optional[Dict[str, torch.Tensor]] = None
 
 
-# ----------------------------------------------------------------------------------------------
-# The fused ops (csrc/evaluator/): fake implementations for tracing, and thin call wrappers.
-
-@torch.library.register_fake("mbrec_fast::topk_dot")
-def _topk_dot_fake(user_emb, item_emb, users, excl_indptr, excl_indices, k, block_users, block_items):
-    b = users.shape[0]
-    return user_emb.new_empty((b, k), dtype=torch.float32), user_emb.new_empty((b, k), dtype=torch.int64)
-
-
-@torch.library.register_fake("mbrec_fast::topk_merge")
-def _topk_merge_fake(block_scores, users, item_start, excl_indptr, excl_indices, top_scores, top_ids):
-    return torch.empty_like(top_scores), torch.empty_like(top_ids)
-
-
-@torch.library.register_fake("mbrec_fast::rank_metrics")
-def _rank_metrics_fake(top_ids, users, tgt_indptr, tgt_indices, tgt_groups, n_groups, ks):
-    b = top_ids.shape[0]
-    return (top_ids.new_empty((n_groups + 1, b, len(ks), len(METRICS)), dtype=torch.float64),
-            top_ids.new_empty((n_groups + 1, b), dtype=torch.int64))
-
-
 def _empty_csr(n_rows: int, device) -> Csr:
     return (torch.zeros(n_rows + 1, dtype=torch.int64, device=device),
             torch.zeros(0, dtype=torch.int64, device=device))
-
-
-def _topk_dot(user_emb, item_emb, users, exclude: Csr, k: int, block_users: int, block_items: int,
-              adapt_users: bool = False):
-    if adapt_users and user_emb.device.type == "cpu":
-        # give every thread a user block when there are few users
-        threads = max(1, torch.get_num_threads())
-        block_users = max(1, min(block_users, -(-users.numel() // threads)))
-    return torch.ops.mbrec_fast.topk_dot(user_emb, item_emb, users, exclude[0], exclude[1], k, block_users, block_items)
-
-
-def _topk_merge(block_scores, users, item_start: int, exclude: Csr, top_scores, top_ids):
-    return torch.ops.mbrec_fast.topk_merge(block_scores, users, item_start, exclude[0], exclude[1], top_scores, top_ids)
-
-
-def _rank_metrics(top_ids, users, targets: Csr, groups, n_groups: int, ks: List[int]):
-    """Per-user metric values [n_groups + 1, b, len(ks), 5] (float64) and distinct-target counts [n_groups + 1, b]."""
-    return torch.ops.mbrec_fast.rank_metrics(top_ids, users, targets[0], targets[1], groups, n_groups, ks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,8 +162,8 @@ def topk(user_emb: torch.Tensor, item_emb: torch.Tensor, k: int,
     _check_dot_finite(user_emb, item_emb, users)
     bu = _check_block(block_users, "block_users", DEFAULT_BLOCK_USERS, device)
     bi = _check_block(block_items, "block_items", DEFAULT_BLOCK_ITEMS, device)
-    scores, ids = _topk_dot(user_emb.contiguous(), item_emb.contiguous(), users, exclude, k, bu, bi,
-                            adapt_users=block_users is None)
+    scores, ids = _evaluator_ops.topk_dot(user_emb.contiguous(), item_emb.contiguous(), users, exclude, k, bu, bi,
+                                          adapt_users=block_users is None)
     _check_no_overflow(scores, ids)
     return scores, ids
 
@@ -259,7 +221,7 @@ def _topk_score_fn(score_fn: ScoreFn, users: torch.Tensor, n_items: int, exclude
             else:
                 gathered[:, start - w_start:start - w_start + block.shape[1]].copy_(block)
             del block
-        top_s, top_i = _topk_merge(gathered, users, w_start, exclude, top_s, top_i)
+        top_s, top_i = _evaluator_ops.topk_merge(gathered, users, w_start, exclude, top_s, top_i)
         del gathered
         if on_window is not None:
             on_window(w_end)
@@ -311,6 +273,51 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
     of users and, with a score_fn, after each window of items (users_done then counts the chunk's
     users in proportion to the items scored). It only observes; the results do not depend on it.
     """
+    plan = _resolve_arguments(user_emb, item_emb, exclude, targets, ks, metrics, score_fn, n_items, users,
+                              target_groups, group_names, block_users, block_items, process_group, progress)
+    totals = _rank_in_chunks(plan, user_emb, item_emb, score_fn, per_user, progress)
+    if plan.process_group is not None:
+        totals = _reduce_across_ranks(totals, plan.process_group, per_user)
+    return _result(plan, totals, per_user)
+
+
+@dataclass
+class _EvalPlan:
+    """The arguments of `evaluate_full_ranking`, checked and resolved."""
+    metrics: List[str]
+    ks: List[int]
+    n_items: int
+    device: torch.device
+    targets: Csr
+    exclude: Csr
+    users: torch.Tensor  # the users this process evaluates (its shard under a process group)
+    target_groups: torch.Tensor  # int64 label per target; empty without groups
+    group_names: List[str]
+    block_users: int
+    block_items: int
+    adapt_users: bool  # block_users was not given: the CPU op may shrink it to occupy every thread
+    process_group: object  # a torch.distributed group, or None
+
+
+@dataclass
+class _Totals:
+    """Metric sums and user counts (this process's, or every rank's once reduced).
+
+    sums [n_groups + 1, len(ks), len(METRICS)] float64 over the evaluated users of each group (0 = all
+    targets); n_eval [n_groups + 1] int64 users with >= 1 target in the group; n_skip users without targets;
+    with per_user, the evaluated users' ids and their overall values [n, len(ks), len(METRICS)].
+    """
+    sums: torch.Tensor
+    n_eval: torch.Tensor
+    n_skip: int
+    user_ids: Optional[torch.Tensor] = None
+    user_values: Optional[torch.Tensor] = None
+
+
+def _resolve_arguments(user_emb, item_emb, exclude, targets, ks, metrics, score_fn, n_items, users,
+                       target_groups, group_names, block_users, block_items, process_group, progress) -> _EvalPlan:
+    """Checks the arguments of `evaluate_full_ranking` (the first bad one raises) and resolves the defaults:
+    item count, device, empty exclude, all users, block sizes, groups, and this rank's shard of the users."""
     if progress is not None and not callable(progress):
         raise TypeError("progress must be callable or None")
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -351,39 +358,50 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
         _check_dot_finite(user_emb, item_emb, users)
     bu = _check_block(block_users, "block_users", DEFAULT_BLOCK_USERS, device)
     bi = _check_block(block_items, "block_items", DEFAULT_BLOCK_ITEMS, device)
-
-    if target_groups is not None:
-        check_tensor(target_groups, "target_groups", ndim=1, dtypes=(torch.int64, torch.int32), device=device)
-        if target_groups.numel() != targets[1].numel():
-            raise ValueError(f"target_groups must have one label per target ({targets[1].numel()}), "
-                             f"got {target_groups.numel()}")
-        target_groups = target_groups.to(torch.int64).contiguous()
-        n_labels = int(target_groups.max()) + 1 if target_groups.numel() else 0
-        if target_groups.numel() and int(target_groups.min()) < 0:
-            raise ValueError("target_groups labels must be >= 0")
-        if group_names is None:
-            if n_labels > max(target_groups.numel(), _MAX_UNNAMED_GROUPS):  # one bad label must not allocate
-                raise ValueError(f"target_groups has label {n_labels - 1} but only {target_groups.numel()} targets; "
-                                 f"unnamed labels must be dense ids (or pass group_names)")
-            group_names = [str(g) for g in range(n_labels)]
-        group_names = [str(g) for g in group_names]
-        if n_labels > len(group_names):
-            raise ValueError(f"target_groups has label {n_labels - 1} but group_names names only {len(group_names)} groups")
-        if len(set(group_names)) != len(group_names):
-            raise ValueError("group_names must be distinct")
-    else:
-        if group_names is not None:
-            raise ValueError("group_names given without target_groups")
-        group_names = []
-        target_groups = torch.zeros(0, dtype=torch.int64, device=device)
-    n_groups = len(group_names)
+    target_groups, group_names = _resolve_target_groups(target_groups, group_names, targets, device)
 
     pg = _resolve_group(process_group)
     if pg is not None:
         import torch.distributed as dist
         rank, world = dist.get_rank(pg), dist.get_world_size(pg)
         users = users.tensor_split(world)[rank]
+    return _EvalPlan(metrics=metrics, ks=ks, n_items=n_items, device=device, targets=targets, exclude=exclude,
+                     users=users, target_groups=target_groups, group_names=group_names, block_users=bu,
+                     block_items=bi, adapt_users=block_users is None, process_group=pg)
 
+
+def _resolve_target_groups(target_groups, group_names, targets: Csr, device) -> Tuple[torch.Tensor, List[str]]:
+    """(int64 label per target, group names); an empty label tensor and no names without target_groups."""
+    if target_groups is None:
+        if group_names is not None:
+            raise ValueError("group_names given without target_groups")
+        return torch.zeros(0, dtype=torch.int64, device=device), []
+    check_tensor(target_groups, "target_groups", ndim=1, dtypes=(torch.int64, torch.int32), device=device)
+    if target_groups.numel() != targets[1].numel():
+        raise ValueError(f"target_groups must have one label per target ({targets[1].numel()}), "
+                         f"got {target_groups.numel()}")
+    target_groups = target_groups.to(torch.int64).contiguous()
+    n_labels = int(target_groups.max()) + 1 if target_groups.numel() else 0
+    if target_groups.numel() and int(target_groups.min()) < 0:
+        raise ValueError("target_groups labels must be >= 0")
+    if group_names is None:
+        if n_labels > max(target_groups.numel(), _MAX_UNNAMED_GROUPS):  # one bad label must not allocate
+            raise ValueError(f"target_groups has label {n_labels - 1} but only {target_groups.numel()} targets; "
+                             f"unnamed labels must be dense ids (or pass group_names)")
+        group_names = [str(g) for g in range(n_labels)]
+    group_names = [str(g) for g in group_names]
+    if n_labels > len(group_names):
+        raise ValueError(f"target_groups has label {n_labels - 1} but group_names names only {len(group_names)} groups")
+    if len(set(group_names)) != len(group_names):
+        raise ValueError("group_names must be distinct")
+    return target_groups, group_names
+
+
+def _rank_in_chunks(plan: _EvalPlan, user_emb, item_emb, score_fn: Optional[ScoreFn], per_user: bool,
+                    progress) -> _Totals:
+    """Ranks this process's users, _USER_CHUNK at a time (top-k by the dot-product op or over score_fn
+    blocks), and sums each chunk's metric values into the totals."""
+    ks, n_items, n_groups = plan.ks, plan.n_items, len(plan.group_names)
     kmax = max(ks)
     n_ks, n_m = len(ks), len(METRICS)
     sums = torch.zeros(n_groups + 1, n_ks, n_m, dtype=torch.float64)
@@ -393,16 +411,18 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
     kept_values: List[torch.Tensor] = []
     if score_fn is None:
         ue, ie = user_emb.contiguous(), item_emb.contiguous()
-    n_total, n_done = users.numel(), 0
-    for chunk in users.split(_USER_CHUNK):
+    n_total, n_done = plan.users.numel(), 0
+    for chunk in plan.users.split(_USER_CHUNK):
         if score_fn is None:
-            top_scores, top_ids = _topk_dot(ue, ie, chunk, exclude, kmax, bu, bi, adapt_users=block_users is None)
+            top_scores, top_ids = _evaluator_ops.topk_dot(ue, ie, chunk, plan.exclude, kmax, plan.block_users,
+                                                          plan.block_items, adapt_users=plan.adapt_users)
             _check_no_overflow(top_scores, top_ids)
         else:
             on_window = None if progress is None else (
                 lambda end, done=n_done, b=chunk.numel(): progress(done + b * end // n_items, n_total))
-            _, top_ids = _topk_score_fn(score_fn, chunk, n_items, exclude, kmax, bi, device, on_window)
-        values, counts = _rank_metrics(top_ids, chunk, targets, target_groups, n_groups, ks)
+            _, top_ids = _topk_score_fn(score_fn, chunk, n_items, plan.exclude, kmax, plan.block_items, plan.device,
+                                        on_window)
+        values, counts = _evaluator_ops.rank_metrics(top_ids, chunk, plan.targets, plan.target_groups, n_groups, ks)
         values, counts = values.cpu(), counts.cpu()
         valid = counts > 0
         sums += (values * valid[:, :, None, None]).sum(1)
@@ -414,39 +434,53 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
         n_done += chunk.numel()
         if progress is not None:
             progress(n_done, n_total)
+    totals = _Totals(sums=sums, n_eval=n_eval, n_skip=n_skip)
+    if per_user:
+        totals.user_ids = torch.cat(kept_users) if kept_users else torch.zeros(0, dtype=torch.int64)
+        totals.user_values = (torch.cat(kept_values) if kept_values
+                              else torch.zeros(0, n_ks, n_m, dtype=torch.float64))
+    return totals
 
-    if pg is not None:
-        import torch.distributed as dist
-        packed = torch.cat([sums.flatten(), n_eval.double(), torch.tensor([float(n_skip)], dtype=torch.float64)])
-        backend_dev = "cuda" if dist.get_backend(pg) == "nccl" else "cpu"
-        packed = packed.to(backend_dev)
-        dist.all_reduce(packed, group=pg)
-        packed = packed.cpu()
-        sums = packed[:sums.numel()].view_as(sums)
-        n_eval = packed[sums.numel():sums.numel() + n_groups + 1].round().to(torch.int64)
-        n_skip = int(round(float(packed[-1])))
+
+def _reduce_across_ranks(totals: _Totals, pg, per_user: bool) -> _Totals:
+    """Every rank's totals summed (one all_reduce) and, with per_user, every rank's users gathered in rank
+    order; each rank returns the same result."""
+    import torch.distributed as dist
+    sums, n_eval = totals.sums, totals.n_eval
+    packed = torch.cat([sums.flatten(), n_eval.double(), torch.tensor([float(totals.n_skip)], dtype=torch.float64)])
+    backend_dev = "cuda" if dist.get_backend(pg) == "nccl" else "cpu"
+    packed = packed.to(backend_dev)
+    dist.all_reduce(packed, group=pg)
+    packed = packed.cpu()
+    reduced = _Totals(sums=packed[:sums.numel()].view_as(sums),
+                      n_eval=packed[sums.numel():sums.numel() + n_eval.numel()].round().to(torch.int64),
+                      n_skip=int(round(float(packed[-1]))))
+    if per_user:
+        gathered = [None] * dist.get_world_size(pg)
+        dist.all_gather_object(gathered, (totals.user_ids, totals.user_values), group=pg)
+        reduced.user_ids = torch.cat([x[0] for x in gathered])
+        reduced.user_values = torch.cat([x[1] for x in gathered])
+    return reduced
+
+
+def _result(plan: _EvalPlan, totals: _Totals, per_user: bool) -> EvalResult:
+    """The means over evaluated users, overall and per group, as an EvalResult."""
+    sums, n_eval = totals.sums, totals.n_eval
 
     def means(g: int) -> Dict[str, float]:
         out = {}
-        for j, k in enumerate(ks):
-            for m in metrics:
+        for j, k in enumerate(plan.ks):
+            for m in plan.metrics:
                 out[f"{m}@{k}"] = float(sums[g, j, METRICS.index(m)] / n_eval[g]) if n_eval[g] else 0.0
         return out
 
-    result = EvalResult(metrics=means(0), n_users=int(n_eval[0]), n_skipped=n_skip,
-                        groups={name: means(g + 1) for g, name in enumerate(group_names)},
-                        group_users={name: int(n_eval[g + 1]) for g, name in enumerate(group_names)})
+    names = plan.group_names
+    result = EvalResult(metrics=means(0), n_users=int(n_eval[0]), n_skipped=totals.n_skip,
+                        groups={name: means(g + 1) for g, name in enumerate(names)},
+                        group_users={name: int(n_eval[g + 1]) for g, name in enumerate(names)})
     if per_user:
-        u = torch.cat(kept_users) if kept_users else torch.zeros(0, dtype=torch.int64)
-        v = torch.cat(kept_values) if kept_values else torch.zeros(0, n_ks, n_m, dtype=torch.float64)
-        if pg is not None:
-            import torch.distributed as dist
-            gathered = [None] * dist.get_world_size(pg)
-            dist.all_gather_object(gathered, (u, v), group=pg)
-            u = torch.cat([x[0] for x in gathered])
-            v = torch.cat([x[1] for x in gathered])
-        result.per_user = {"user": u}
-        for j, k in enumerate(ks):
-            for m in metrics:
-                result.per_user[f"{m}@{k}"] = v[:, j, METRICS.index(m)].clone()
+        result.per_user = {"user": totals.user_ids}
+        for j, k in enumerate(plan.ks):
+            for m in plan.metrics:
+                result.per_user[f"{m}@{k}"] = totals.user_values[:, j, METRICS.index(m)].clone()
     return result
