@@ -13,9 +13,6 @@ import mbrec_fast as mf
 from mbrec_fast.reference import sampler as ref
 from mbrec_fast.sampler import MODES, AliasTable, InteractionGraph, _build_torch
 
-HAS_KERNELS = hasattr(torch.ops.mbrec_fast, "sample_negatives")
-needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="extension built without the sampler ops")
-
 DATASETS = {"beibei": ["cart", "buy"], "retailrocket": ["view", "cart", "buy"]}
 
 
@@ -296,7 +293,6 @@ def test_reference_sampler_same_rules(real_graph):
 # ---------------------------------------------------------------------------------------------------------
 # determinism and termination
 # ---------------------------------------------------------------------------------------------------------
-@needs_kernels
 def test_same_seed_same_bits_across_threads(real_graph):
     name, g = real_graph
     users = g.positives(g.target)[0][:20000]
@@ -321,7 +317,6 @@ def test_same_seed_same_bits_across_threads(real_graph):
     assert not torch.equal(again, other_seed) and not torch.equal(again, other_offset)
 
 
-@needs_kernels
 @pytest.mark.parametrize("num_neg", [
     1,   # one pre-computed Philox block per row, mostly unused
     8,   # two blocks: the usual case
@@ -353,7 +348,6 @@ def test_reference_philox_matches_random123_known_answers():
         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
-@needs_kernels
 @pytest.mark.parametrize("seed,offset", [
     (0, 0),                          # the all-zero key and counter of the first known-answer vector (row 0)
     (0x123456789ABCDEF, 7),          # the seed's high word in the key
@@ -381,7 +375,6 @@ def test_kernel_draws_follow_the_philox_stream(seed, offset):
         assert out[row].tolist() == expect, row
 
 
-@needs_kernels
 def test_same_bits_in_subprocess_with_omp_threads():
     # a fresh process with OMP_NUM_THREADS=2 reproduces this process's bits
     code = textwrap.dedent("""
@@ -625,7 +618,6 @@ def test_bad_sequence_input():
         mf.sample_sequence_negatives(torch.tensor([[0, 1, 2]]), 3, 1)
 
 
-@needs_kernels
 def test_op_level_checks_name_the_argument():
     # the C++ side is a second line of defense with the argument's name
     g = small_graph()
@@ -685,7 +677,6 @@ def _op_args(g, popularity=False):
     return (g._indptr, g._indices, torch.arange(10), torch.full((10,), R - 1), _level_thresholds(table), *pop)
 
 
-@needs_kernels
 @pytest.mark.parametrize("mode,replacement,popularity", [
     (0, True, False),   # exclusive, uniform
     (2, False, True),   # cascade, without replacement, popularity
@@ -697,7 +688,6 @@ def test_opcheck_sample_negatives(mode, replacement, popularity):
     torch.library.opcheck(torch.ops.mbrec_fast.sample_negatives.default, args)
 
 
-@needs_kernels
 def test_opcheck_sequence_and_build():
     excl = torch.tensor([[1, 2, 5], [0, 5, 5]], dtype=torch.int32)
     args = (excl, torch.tensor([2, 1]), torch.tensor([[0, 1], [-1, 0]]), torch.tensor([0, 2, 5]),
@@ -708,7 +698,6 @@ def test_opcheck_sequence_and_build():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@needs_kernels
 def test_torch_compile_fullgraph():
     g = small_graph()
     args = _op_args(g)
