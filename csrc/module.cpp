@@ -1,6 +1,11 @@
-// The mbrec_fast operator library. Every op family declares its schemas in its own
-// TORCH_LIBRARY_FRAGMENT next to its kernels (csrc/<family>/<family>_ops.cpp); this file
-// owns the namespace and the Python module that loading the shared object needs.
+// The mbrec_fast operator library. Every C++ op family (evaluator, sampler) has the same layout:
+//   csrc/<family>/<family>_ops.cpp   the schemas (TORCH_LIBRARY_FRAGMENT, m.def only);
+//   csrc/<family>/<family>_cpu.cpp   the CPU kernels and their TORCH_LIBRARY_IMPL(mbrec_fast, CPU);
+//   csrc/<family>/<family>_cuda.cu   the CUDA kernels and their TORCH_LIBRARY_IMPL(mbrec_fast, CUDA);
+//   csrc/<family>/<family>_args.h    the argument checks both kernels run, on csrc/common/checks.h;
+//   mbrec_fast/_<family>_ops.py      the fake (meta) implementations and the Python call wrappers.
+// All C++ code lives in namespace mbrec_fast. This file owns the op namespace and the Python module that
+// loading the shared object needs.
 #include <torch/library.h>
 #include <Python.h>
 
