@@ -352,6 +352,24 @@ def test_opcheck(idx):
                                                 "test_aot_dispatch_dynamic"))
 
 
+def test_op_level_checks_name_the_argument():
+    """The ops' own checks (csrc/common/checks.h, shared with the sampler) name the bad argument."""
+    ue, ie = int_emb(2, 3), int_emb(4, 3)
+    ptr, idx = torch.tensor([0, 1, 2]), torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match=r"users out of range: ids must lie in \[0, 2\), found \[0, 5\]"):
+        torch.ops.mbrec_fast.topk_dot(ue, ie, torch.tensor([0, 5]), ptr, idx, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="users must have dtype Long"):
+        torch.ops.mbrec_fast.topk_dot(ue, ie, torch.tensor([0, 1], dtype=torch.int32), ptr, idx, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="exclude.indices must have dtype Long"):
+        torch.ops.mbrec_fast.topk_dot(ue, ie, torch.arange(2), ptr, idx.int(), 1, 1, 1)
+    with pytest.raises(RuntimeError, match="targets.indptr must be 1-D"):
+        torch.ops.mbrec_fast.rank_metrics(torch.zeros(2, 1, dtype=torch.int64), torch.arange(2), ptr[None], idx,
+                                          torch.zeros(0, dtype=torch.int64), 0, [1])
+    with pytest.raises(RuntimeError, match="users out of range"):
+        torch.ops.mbrec_fast.topk_merge(torch.ones(2, 3), torch.tensor([0, -1]), 0, ptr, idx,
+                                        torch.full((2, 1), -math.inf), torch.full((2, 1), -1, dtype=torch.int64))
+
+
 def test_compile_fullgraph():
     ue, ie = int_emb(6, 3), int_emb(9, 3)
     ex = rand_csr(6, 9, 0.2, torch.Generator().manual_seed(0))
