@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .gated_experts import ACT_CODES, _activate, _activate_grad, _saved_state
+from mbrec_fast._experts_torch import check_finite_value, check_route, routed_experts_bwd_torch, sort_routes
+
+from .epilogue import ACT_CODES, _activate_grad, _normalize_activate, _saved_state
 
 __all__ = ["routed_experts_fwd_triton", "routed_experts_bwd_triton"]
 
@@ -62,17 +64,8 @@ def _routed_experts_fwd_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + expert * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         tl.store(pre_ptr + rows[:, None] * H + offs_h[None, :], _saved_state(acc, ACT, LN), mask=mask_mh)
-        y = acc
-        if LN:
-            mean = tl.sum(tl.where(mask_h[None, :], y, 0.0), axis=1) / H
-            cen = tl.where(mask_h[None, :], y - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(cen * cen, axis=1) / H + ln_eps)
-            y = cen * rstd[:, None]
-            if HAS_LNW:
-                y = y * tl.load(lnw_ptr + expert * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            if HAS_LNB:
-                y = y + tl.load(lnb_ptr + expert * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        a = _activate(y, ACT)
+        a, _, _, _, _ = _normalize_activate(acc, mask_h[None, :], lnw_ptr, lnb_ptr, expert * H + offs_h, mask_h, H,
+                                            ln_eps, LN, HAS_LNW, HAS_LNB, ACT)
         if HAS_RW:
             a = a * tl.load(rw_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         tl.atomic_add(out_ptr + sample[:, None] * H + offs_h[None, :], a, mask=mask_mh)
@@ -81,14 +74,13 @@ def _routed_experts_fwd_kernel(
 def routed_experts_fwd_triton(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation,
                               block_m=None, block_h=None, block_d=None):
     """Same contract as `torch.ops.mbrec_fast.routed_experts_fwd`: (out [B, H], pre [B*k, H], order, offsets)."""
-    from mbrec_fast._experts_ops import _sort_routes, _check_route, _check_finite_value
     E, D, H = weight.shape
     B, k = route.shape
     # bias / LayerNorm params are indexed as dense [E, H] rows
     bias, ln_weight, ln_bias = (None if t is None else t.contiguous() for t in (bias, ln_weight, ln_bias))
-    _check_route(route, E)
-    _check_finite_value(route_weight, "route_weight")
-    order, offsets = _sort_routes(route, E)
+    check_route(route, E)
+    check_finite_value(route_weight, "route_weight")
+    order, offsets = sort_routes(route, E)
     ln = ln_weight is not None or ln_bias is not None
     if _INTERPRET:
         bm, bh, bd = 16, (max(16, triton.next_power_of_2(H)) if ln else 16), 16
@@ -140,22 +132,11 @@ def _routed_experts_bwd_elem_kernel(
     expert = tl.load(route_ptr + pairs, mask=mask_m, other=0)
     p_ptrs = rows[:, None] * H + offs_h[None, :]
     eh = expert[:, None] * H + offs_h[None, :]
-    y = tl.load(pre_ptr + p_ptrs, mask=mask_mh, other=0.0)
-    if LN:
-        mean = tl.sum(y, axis=1) / H
-        cen = tl.where(mask_mh, y - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(cen * cen, axis=1) / H + ln_eps)
-        xhat = cen * rstd[:, None]
-        y = xhat
-        if HAS_LNW:
-            lnw = tl.load(lnw_ptr + eh, mask=mask_mh, other=0.0).to(tl.float32)
-            y = y * lnw
-        if HAS_LNB:
-            y = y + tl.load(lnb_ptr + eh, mask=mask_mh, other=0.0).to(tl.float32)
-        y = tl.where(mask_mh, y, 0.0)
+    pre = tl.load(pre_ptr + p_ptrs, mask=mask_mh, other=0.0)
+    a, y, xhat, rstd, lnw = _normalize_activate(pre, mask_mh, lnw_ptr, lnb_ptr, eh, mask_mh, H, ln_eps,
+                                                LN, HAS_LNW, HAS_LNB, ACT)
     go = tl.load(go_ptr + sample[:, None] * s_gob + offs_h[None, :] * s_goh, mask=mask_mh, other=0.0).to(tl.float32)
     if HAS_RW:
-        a = _activate(y, ACT)
         tl.store(drw_ptr + pairs, tl.sum(go * a, axis=1), mask=mask_m)
         go = go * tl.load(rw_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     dy = go * _activate_grad(y, ACT)
@@ -259,9 +240,8 @@ def routed_experts_bwd_triton(grad_out, x, weight, bias, route, route_weight, ln
     (empty where absent). Three launches over the sorted rows saved by the forward: fused elementwise (route-weight
     gradient, d(pre) through activation and LayerNorm), grouped dX (atomic scatter to samples), grouped dW/db."""
     if x.dtype == torch.float64:  # fp64 (gradcheck): the kernels accumulate in fp32, use the torch path
-        from mbrec_fast._experts_ops import _routed_experts_bwd_torch
-        return _routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps,
-                                         activation, pre, order, offsets)
+        return routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps,
+                                        activation, pre, order, offsets)
     E, D, H = weight.shape
     B, k = route.shape
     N = B * k
