@@ -29,12 +29,11 @@ __all__ = ["ACTIVATIONS", "EMPTY_SHAPE", "activate", "compute_dtype", "check_fin
 
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
-
-
-EMPTY_SHAPE = (0,)
+EMPTY_SHAPE = (0,)  # the shape of an absent gradient / absent gate probabilities
 
 
 def activate(y: Tensor, activation: str) -> Tensor:
+    """The expert activation by name: "relu", "gelu" (exact erf), "silu" or "none" (identity)."""
     if activation == "relu":
         return torch.relu(y)
     if activation == "gelu":

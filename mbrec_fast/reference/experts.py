@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._experts_torch import activate
+
 __all__ = ["expert_ref", "gated_experts_ref", "routed_experts_ref", "routed_linear_ref", "gated_heads_ref",
            "LoopGatedExperts"]
 
@@ -25,13 +27,7 @@ def expert_ref(xe: Tensor, w: Tensor, b: Optional[Tensor], lnw=None, lnb=None, e
         h = h + b
     if lnw is not None or lnb is not None:
         h = F.layer_norm(h, (h.shape[-1],), lnw, lnb, eps)
-    if activation == "relu":
-        return torch.relu(h)
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "silu":
-        return F.silu(h)
-    return h
+    return activate(h, activation)
 
 
 def gated_experts_ref(x, weight, bias=None, *, gates=None, gate_weight=None, gate_bias=None, gate_mask=None,
