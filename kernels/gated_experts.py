@@ -16,7 +16,7 @@ import triton.language as tl
 
 from mbrec_fast._experts_torch import check_finite_value, gated_experts_bwd_torch
 
-from .epilogue import ACT_CODES, _activate_grad, _normalize_activate, _saved_state
+from .common import ACT_CODES, _activate_grad, _dot, _normalize_activate, _saved_state
 
 __all__ = ["gated_experts_fwd_triton", "gated_experts_bwd_triton", "experts_dx_dw_triton"]
 
@@ -54,10 +54,7 @@ def _gated_experts_fwd_kernel(
                          mask=mask_b[:, None] & (dd[None, :] < D), other=0.0)
             wg = tl.load(gw_ptr + col_t[None, :] * s_wgt + dd[:, None] * s_wgd + col_e[None, :] * s_wge,
                          mask=(dd[:, None] < D) & col_ok[None, :], other=0.0).to(xt.dtype)
-            if IEEE:
-                logits = tl.dot(xt, wg, logits, input_precision="ieee")
-            else:
-                logits = tl.dot(xt, wg, logits)
+            logits = _dot(xt, wg, logits, IEEE)
         if HAS_GBIAS:
             logits += tl.load(gbias_ptr + col_t * E + col_e, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         allowed = col_ok
@@ -82,10 +79,7 @@ def _gated_experts_fwd_kernel(
                          mask=mask_b[:, None] & (dd[None, :] < D), other=0.0)
             wt = tl.load(w_ptr + e * s_we + dd[:, None] * s_wd + offs_h[None, :] * s_wh,
                          mask=(dd[:, None] < D) & mask_h[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(xt, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc)
+            acc = _dot(xt, wt, acc, IEEE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         tl.store(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :] * s_ph, _saved_state(acc, ACT, LN),
@@ -240,10 +234,7 @@ def _experts_dx_kernel(
                          mask=mask_b[:, None] & (hh[None, :] < H), other=0.0)
             wt = tl.load(w_ptr + e * s_we + hh[:, None] * s_wh + offs_d[None, :] * s_wd,
                          mask=(hh[:, None] < H) & mask_d[None, :], other=0.0).to(tl.float32)
-            if IEEE:
-                acc = tl.dot(dp, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(dp, wt, acc)
+            acc = _dot(dp, wt, acc, IEEE)
     tl.store(dx_ptr + pid_e * s_xe + offs_b[:, None] * s_xb + offs_d[None, :] * s_xd, acc,
              mask=mask_b[:, None] & mask_d[None, :])
 
@@ -272,10 +263,7 @@ def _experts_dw_kernel(
                      mask=mask_d[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         dp = tl.load(dpre_ptr + e * s_pe + bb[:, None] * s_pb + offs_h[None, :] * s_ph,
                      mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(xt, dp, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, dp, acc)
+        acc = _dot(xt, dp, acc, IEEE)
         if HAS_BIAS:
             bsum += tl.sum(dp, axis=0)
     tl.store(dw_ptr + e * D * H + offs_d[:, None] * H + offs_h[None, :], acc, mask=mask_d[:, None] & mask_h[None, :])

@@ -18,11 +18,19 @@ import triton.language as tl
 
 from mbrec_fast._experts_torch import check_finite_value, check_route, routed_experts_bwd_torch, sort_routes
 
-from .epilogue import ACT_CODES, _activate_grad, _normalize_activate, _saved_state
+from .common import ACT_CODES, _activate_grad, _dot, _group_tile, _normalize_activate, _saved_state
 
 __all__ = ["routed_experts_fwd_triton", "routed_experts_bwd_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tile_offsets(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
+    """Each expert's first BLOCK_M row tile (int64 [E+1]) from its first sorted row (`offsets` [E+1])."""
+    counts = offsets[1:] - offsets[:-1]
+    tile_off = torch.zeros(offsets.numel(), dtype=torch.int64, device=offsets.device)
+    torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0, out=tile_off[1:])
+    return tile_off
 
 
 @triton.jit
@@ -37,13 +45,7 @@ def _routed_experts_fwd_kernel(
     pid_h = tl.program_id(1)
     n_tiles = tl.load(tile_off_ptr + E)
     if pid < n_tiles:
-        expert = 0
-        for e in range(E):
-            expert += (pid >= tl.load(tile_off_ptr + e + 1)).to(tl.int32)
-        tile_in_group = pid - tl.load(tile_off_ptr + expert)
-        row_end = tl.load(offsets_ptr + expert + 1)
-        rows = tl.load(offsets_ptr + expert) + tile_in_group * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = rows < row_end
+        expert, rows, mask_m = _group_tile(pid, tile_off_ptr, offsets_ptr, E, BLOCK_M)
         pairs = tl.load(order_ptr + rows, mask=mask_m, other=0)
         sample = pairs // K
         offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -57,10 +59,7 @@ def _routed_experts_fwd_kernel(
                          mask=mask_m[:, None] & (dd[None, :] < D), other=0.0)
             wt = tl.load(w_ptr + expert * s_we + dd[:, None] * s_wd + offs_h[None, :] * s_wh,
                          mask=(dd[:, None] < D) & mask_h[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(xt, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc)
+            acc = _dot(xt, wt, acc, IEEE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + expert * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         tl.store(pre_ptr + rows[:, None] * H + offs_h[None, :], _saved_state(acc, ACT, LN), mask=mask_mh)
@@ -90,9 +89,7 @@ def routed_experts_fwd_triton(x, weight, bias, route, route_weight, ln_weight, l
     bm, bh, bd = block_m or bm, block_h or bh, block_d or bd
     if ln and bh < H:
         raise ValueError(f"LayerNorm needs block_h >= H ({H})")
-    counts = offsets[1:] - offsets[:-1]
-    tile_off = torch.zeros(E + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(torch.div(counts + bm - 1, bm, rounding_mode="floor"), 0, out=tile_off[1:])
+    tile_off = _tile_offsets(offsets, bm)
     N = B * k
     out32 = torch.zeros((B, H), dtype=torch.float32, device=x.device)
     pre = torch.empty((N, H), dtype=torch.float32, device=x.device)
@@ -171,13 +168,7 @@ def _routed_experts_dx_kernel(
     pid_d = tl.program_id(1)
     n_tiles = tl.load(tile_off_ptr + E)
     if pid < n_tiles:
-        expert = 0
-        for e in range(E):
-            expert += (pid >= tl.load(tile_off_ptr + e + 1)).to(tl.int32)
-        tile_in_group = pid - tl.load(tile_off_ptr + expert)
-        row_end = tl.load(offsets_ptr + expert + 1)
-        rows = tl.load(offsets_ptr + expert) + tile_in_group * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = rows < row_end
+        expert, rows, mask_m = _group_tile(pid, tile_off_ptr, offsets_ptr, E, BLOCK_M)
         sample = tl.load(order_ptr + rows, mask=mask_m, other=0) // K
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_k = tl.arange(0, BLOCK_K)
@@ -189,10 +180,7 @@ def _routed_experts_dx_kernel(
                          other=0.0)
             wt = tl.load(w_ptr + expert * s_we + hh[:, None] * s_wh + offs_d[None, :] * s_wd,
                          mask=(hh[:, None] < H) & mask_d[None, :], other=0.0).to(tl.float32)
-            if IEEE:
-                acc = tl.dot(dp, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(dp, wt, acc)
+            acc = _dot(dp, wt, acc, IEEE)
         tl.atomic_add(dx_ptr + sample[:, None] * D + offs_d[None, :], acc, mask=mask_m[:, None] & mask_d[None, :])
 
 
@@ -222,10 +210,7 @@ def _routed_experts_dw_kernel(
         xt = tl.load(x_ptr + offs_d[:, None] * s_xd + sample[None, :] * s_xb,
                      mask=mask_d[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         dp = tl.load(dpre_ptr + rows[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(xt, dp, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, dp, acc)
+        acc = _dot(xt, dp, acc, IEEE)
         if HAS_BIAS:
             bsum += tl.sum(dp, axis=0)
     tl.store(dw_ptr + e * D * H + offs_d[:, None] * H + offs_h[None, :], acc, mask=mask_d[:, None] & mask_h[None, :])
@@ -272,9 +257,7 @@ def routed_experts_bwd_triton(grad_out, x, weight, bias, route, route_weight, ln
             dlnb if dlnb is not None else dpre, N, H, k, float(ln_eps), go.stride(0), go.stride(1),
             HAS_RW=route_weight is not None, HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, LN=ln,
             ACT=ACT_CODES[activation], BLOCK_M=bm, BLOCK_H=bh)
-        counts = offsets[1:] - offsets[:-1]
-        tile_off = torch.zeros(E + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(torch.div(counts + bt - 1, bt, rounding_mode="floor"), 0, out=tile_off[1:])
+        tile_off = _tile_offsets(offsets, bt)
         _routed_experts_dx_kernel[(triton.cdiv(N, bt) + E, triton.cdiv(D, bt))](
             dpre, weight, order, offsets, tile_off, dx, D, H, E, k, *weight.stride(), IEEE=ieee,
             BLOCK_M=bt, BLOCK_D=bt, BLOCK_K=bk)

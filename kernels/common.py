@@ -1,5 +1,6 @@
-"""The per-tile epilogue shared by the gated and routed Triton kernels, forward and backward: the activation codes,
-the activation and its derivative, what the forward saves, and LayerNorm + activation on a tile of expert rows."""
+"""`@triton.jit` helpers shared by the gated and routed Triton kernels, forward and backward: the activation codes,
+the activation and its derivative, what the forward saves, the LayerNorm + activation epilogue of a tile of expert
+rows, the tile GEMM step, and which rows of which expert group a routed program owns."""
 from __future__ import annotations
 
 import triton
@@ -69,3 +70,26 @@ def _normalize_activate(pre, mask, lnw_ptr, lnb_ptr, ln_offs, ln_mask, H, ln_eps
             y = y + tl.load(lnb_ptr + ln_offs, mask=ln_mask, other=0.0).to(tl.float32)
         y = tl.where(mask, y, 0.0)
     return _activate(y, ACT), y, xhat, rstd, lnw
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b, fp32 accumulation; IEEE fp32 products for fp32 inputs (else tl.dot's default precision)."""
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _group_tile(pid, tile_off_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr):
+    """(expert, rows, mask) of routed program `pid`: its BLOCK_M tile of one expert's group of sorted rows
+    (`offsets`: each expert's first row; `tile_off`: each expert's first tile). Needs pid < tile_off[E]."""
+    expert = 0
+    for e in range(E):
+        expert += (pid >= tl.load(tile_off_ptr + e + 1)).to(tl.int32)
+    tile_in_group = pid - tl.load(tile_off_ptr + expert)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    rows = tl.load(offsets_ptr + expert) + tile_in_group * BLOCK_M + tl.arange(0, BLOCK_M)
+    return expert, rows, rows < row_end
