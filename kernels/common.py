@@ -73,6 +73,19 @@ def _normalize_activate(pre, mask, lnw_ptr, lnb_ptr, ln_offs, ln_mask, H, ln_eps
 
 
 @triton.jit
+def _layer_norm_backward(dy, xhat, rstd, lnw, H, HAS_LNW: tl.constexpr):
+    """d(pre) from d(y) back through `_normalize_activate`'s LayerNorm (y = xhat * lnw + lnb, xhat = (pre - mean) *
+    rstd), with the xhat, rstd and lnw it returned."""
+    if HAS_LNW:
+        dxhat = dy * lnw
+    else:
+        dxhat = dy
+    m1 = tl.sum(dxhat, axis=1) / H
+    m2 = tl.sum(dxhat * xhat, axis=1) / H
+    return rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """acc + a @ b, fp32 accumulation; IEEE fp32 products for fp32 inputs (else tl.dot's default precision)."""
     if IEEE:

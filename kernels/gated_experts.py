@@ -16,7 +16,7 @@ import triton.language as tl
 
 from mbrec_fast._experts_torch import check_finite_value, gated_experts_bwd_torch
 
-from .common import ACT_CODES, _activate_grad, _dot, _normalize_activate, _saved_state
+from .common import ACT_CODES, _activate_grad, _dot, _layer_norm_backward, _normalize_activate, _saved_state
 
 __all__ = ["gated_experts_fwd_triton", "gated_experts_bwd_triton", "experts_dx_dw_triton"]
 
@@ -194,14 +194,9 @@ def _gated_experts_bwd_elem_kernel(
         if LN:
             if HAS_LNW:
                 tl.atomic_add(dlnw_ptr + e * H + offs_h, tl.sum(dy * xhat, axis=0), mask=mask_h)
-                dxhat = dy * lnw
-            else:
-                dxhat = dy
             if HAS_LNB:
                 tl.atomic_add(dlnb_ptr + e * H + offs_h, tl.sum(dy, axis=0), mask=mask_h)
-            m1 = tl.sum(dxhat, axis=1) / H
-            m2 = tl.sum(dxhat * xhat, axis=1) / H
-            dy = rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])
+            dy = _layer_norm_backward(dy, xhat, rstd, lnw, H, HAS_LNW)
         tl.store(dpre_ptr + p_ptrs, dy, mask=mask_bh)
 
 

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from mbrec_fast._experts_torch import check_finite_value, check_route, routed_experts_bwd_torch, sort_routes
 
-from .common import ACT_CODES, _activate_grad, _dot, _group_tile, _normalize_activate, _saved_state
+from .common import (ACT_CODES, _activate_grad, _dot, _group_tile, _layer_norm_backward, _normalize_activate,
+                     _saved_state)
 
 __all__ = ["routed_experts_fwd_triton", "routed_experts_bwd_triton"]
 
@@ -147,13 +148,7 @@ def _routed_experts_bwd_elem_kernel(
                 tl.atomic_add(dlnw_ptr + e * H + offs_h, tl.sum(tl.where(in_e, dy * xhat, 0.0), axis=0), mask=mask_h)
             if HAS_LNB:
                 tl.atomic_add(dlnb_ptr + e * H + offs_h, tl.sum(tl.where(in_e, dy, 0.0), axis=0), mask=mask_h)
-        if HAS_LNW:
-            dxhat = dy * lnw
-        else:
-            dxhat = dy
-        m1 = tl.sum(dxhat, axis=1) / H
-        m2 = tl.sum(dxhat * xhat, axis=1) / H
-        dy = rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])
+        dy = _layer_norm_backward(dy, xhat, rstd, lnw, H, HAS_LNW)
     tl.store(dpre_ptr + p_ptrs, dy, mask=mask_mh)
 
 
