@@ -1,5 +1,5 @@
 """Training throughput (samples/s) of the multi-domain multi-task models: fused expert ops vs the same models with a
-Python loop of per-expert Linear/LayerNorm/ReLU modules (identical parameters, `impl="loop"`).
+Python loop of per-expert Linear/LayerNorm/ReLU modules (identical parameters, `expert_impl="loop"`).
 
 One timed unit = one training step (forward, BCE over tasks, backward, Adam step) on one batch.
 Small shapes by default; `MBREC_FAST_BENCH_FULL=1` runs the large case (batch 2048, 6 domains x 3 tasks, 8 experts).
@@ -29,14 +29,14 @@ def data():
                               domain_probs=[1.0] * CASE["n_domains"], seed=0)
 
 
-@pytest.mark.parametrize("impl", ["fused", "loop"])
+@pytest.mark.parametrize("expert_impl", ["fused", "loop"])
 @pytest.mark.parametrize("name", MODELS)
-def test_train_step(benchmark, record, data, name, impl):
+def test_train_step(benchmark, record, data, name, expert_impl):
     torch.manual_seed(0)
     kw = dict(emb_dim=CASE["emb_dim"], expert_dim=CASE["expert_dim"], n_experts=CASE["n_experts"])
     if name in ("m3oe", "m3rec", "ple"):
         kw["n_shared"] = CASE["n_experts"] if name != "ple" else CASE["n_experts"] // 2
-    model = build_model(name, data, impl=impl, **kw)
+    model = build_model(name, data, expert_impl=expert_impl, **kw)
     params = model.main_parameters() if isinstance(model, M3oE) else list(model.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     batches = list(data.batches(CASE["batch"], seed=0))
@@ -53,7 +53,7 @@ def test_train_step(benchmark, record, data, name, impl):
 
     step()  # warm-up (op probe, allocator)
     benchmark.group = f"multidomain train step: {name} {CASE_NAME}"
-    record(op="multidomain_train_step", case=f"{name} {CASE_NAME}", impl="mbrec_fast" if impl == "fused" else "loop_experts",
+    record(op="multidomain_train_step", case=f"{name} {CASE_NAME}", impl="mbrec_fast" if expert_impl == "fused" else "loop_experts",
            **CASE)
     benchmark.pedantic(step, rounds=5 if not FULL else 10, iterations=1, warmup_rounds=1)
     mean = benchmark.stats.stats.mean if benchmark.stats is not None else None
@@ -71,12 +71,12 @@ def ml100k_batches():
     return data, list(train.batches(4096, seed=0))[:4]
 
 
-@pytest.mark.parametrize("impl", ["fused", "loop"])
+@pytest.mark.parametrize("expert_impl", ["fused", "loop"])
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_train_step_ml100k(benchmark, record, ml100k_batches, name, impl):
+def test_train_step_ml100k(benchmark, record, ml100k_batches, name, expert_impl):
     data, batches = ml100k_batches
     torch.manual_seed(0)
-    model = build_model(name, data, impl=impl)
+    model = build_model(name, data, expert_impl=expert_impl)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-5)
     state = {"i": 0}
 
@@ -90,7 +90,7 @@ def test_train_step_ml100k(benchmark, record, ml100k_batches, name, impl):
     if not getattr(benchmark, "disabled", False):
         step()  # warm-up (op probe, allocator); a disabled benchmark runs the step once as a smoke test
     benchmark.group = f"multidomain train step ml100k: {name} b4096"
-    record(op="multidomain_train_step", case=f"{name} ml100k b4096", impl="mbrec_fast" if impl == "fused" else "loop_experts",
+    record(op="multidomain_train_step", case=f"{name} ml100k b4096", impl="mbrec_fast" if expert_impl == "fused" else "loop_experts",
            batch=4096)
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     mean = benchmark.stats.stats.mean if benchmark.stats is not None else None

@@ -110,7 +110,7 @@ def test_syncrec_expert_mix(benchmark, record, setup, impl):
 
     def mix():
         out = mix_expert_heads(trunks, gates, model.head_weight, model.head_bias, model.head_ln_weight,
-                               model.head_ln_bias, impl="fused" if impl == "mbrec_fast" else "loop")
+                               model.head_ln_bias, expert_impl="fused" if impl == "mbrec_fast" else "loop")
         out.square().sum().backward()
 
     _time(benchmark, record, mix, "syncrec expert heads + gate mix, fwd+bwd (one batch)", "syncrec_expert_mix",

@@ -14,30 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from mbrec_fast._experts_torch import check_finite_value, gated_experts_bwd_torch
+
+from .common import ACT_CODES, _activate_grad, _dot, _layer_norm_backward, _normalize_activate, _saved_state
+
 __all__ = ["gated_experts_fwd_triton", "gated_experts_bwd_triton", "experts_dx_dw_triton"]
 
-ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _activate(y, ACT: tl.constexpr):
-    if ACT == 1:
-        y = tl.maximum(y, 0.0)
-    elif ACT == 2:
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    elif ACT == 3:
-        y = y / (1.0 + tl.exp(-y))
-    return y
-
-
-@triton.jit
-def _saved_state(pre, ACT: tl.constexpr, LN: tl.constexpr):
-    """What the forward saves for the backward (the op's contract, on every device): relu(pre) for relu without
-    LayerNorm (its derivative follows from the output, so the backward recomputes nothing), else pre."""
-    if ACT == 1 and not LN:
-        pre = tl.maximum(pre, 0.0)
-    return pre
 
 
 @triton.jit
@@ -71,10 +54,7 @@ def _gated_experts_fwd_kernel(
                          mask=mask_b[:, None] & (dd[None, :] < D), other=0.0)
             wg = tl.load(gw_ptr + col_t[None, :] * s_wgt + dd[:, None] * s_wgd + col_e[None, :] * s_wge,
                          mask=(dd[:, None] < D) & col_ok[None, :], other=0.0).to(xt.dtype)
-            if IEEE:
-                logits = tl.dot(xt, wg, logits, input_precision="ieee")
-            else:
-                logits = tl.dot(xt, wg, logits)
+            logits = _dot(xt, wg, logits, IEEE)
         if HAS_GBIAS:
             logits += tl.load(gbias_ptr + col_t * E + col_e, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         allowed = col_ok
@@ -99,25 +79,13 @@ def _gated_experts_fwd_kernel(
                          mask=mask_b[:, None] & (dd[None, :] < D), other=0.0)
             wt = tl.load(w_ptr + e * s_we + dd[:, None] * s_wd + offs_h[None, :] * s_wh,
                          mask=(dd[:, None] < D) & mask_h[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(xt, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc)
+            acc = _dot(xt, wt, acc, IEEE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         tl.store(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :] * s_ph, _saved_state(acc, ACT, LN),
                  mask=mask_bh)
-        y = acc
-        if LN:
-            mean = tl.sum(tl.where(mask_h[None, :], y, 0.0), axis=1) / H
-            cen = tl.where(mask_h[None, :], y - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(cen * cen, axis=1) / H + ln_eps)
-            y = cen * rstd[:, None]
-            if HAS_LNW:
-                y = y * tl.load(lnw_ptr + e * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            if HAS_LNB:
-                y = y + tl.load(lnb_ptr + e * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        a = _activate(y, ACT)
+        a, _, _, _, _ = _normalize_activate(acc, mask_h[None, :], lnw_ptr, lnb_ptr, e * H + offs_h, mask_h, H, ln_eps,
+                                            LN, HAS_LNW, HAS_LNB, ACT)
         for t in range(T):
             if FUSED_GATE:
                 g = tl.sum(tl.where(cols[None, :] == t * BLOCK_E + e, probs, 0.0), axis=1)
@@ -143,7 +111,6 @@ def _pick_blocks(B: int, H: int, ln: bool):
 def gated_experts_fwd_triton(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps,
                              activation, block_b=None, block_h=None, block_d=None):
     """Same contract as `torch.ops.mbrec_fast.gated_experts_fwd`: (out [T, B, H], pre fp32, probs fp32 or empty)."""
-    from mbrec_fast._experts_ops import _check_finite_value
     E, D, H = weight.shape
     B = x.shape[-2]
     # bias / LayerNorm params are indexed as dense [E, H] rows
@@ -157,7 +124,7 @@ def gated_experts_fwd_triton(x, weight, bias, gates, gate_weight, gate_bias, gat
         probs = torch.empty((T, B, E), dtype=torch.float32, device=x.device)
         g = probs
     else:
-        _check_finite_value(gates, "gates")
+        check_finite_value(gates, "gates")
         probs = x.new_empty((0,), dtype=torch.float32)
         g = gates
     T = g.shape[0]
@@ -196,21 +163,6 @@ def gated_experts_fwd_triton(x, weight, bias, gates, gate_weight, gate_bias, gat
 
 # ------------------------------------------------------------------------------------------------------ backward
 @triton.jit
-def _activate_grad(y, ACT: tl.constexpr):
-    """d act(y) / dy (1 for the identity)."""
-    if ACT == 1:
-        g = (y > 0.0).to(tl.float32)
-    elif ACT == 2:
-        g = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476)) + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
-    elif ACT == 3:
-        s = 1.0 / (1.0 + tl.exp(-y))
-        g = s * (1.0 + y * (1.0 - s))
-    else:
-        g = tl.full(y.shape, 1.0, tl.float32)
-    return g
-
-
-@triton.jit
 def _gated_experts_bwd_elem_kernel(
         pre_ptr, g_ptr, go_ptr, lnw_ptr, lnb_ptr, dpre_ptr, dg_ptr, dlnw_ptr, dlnb_ptr,
         B, H, E, T, ln_eps,
@@ -228,20 +180,9 @@ def _gated_experts_bwd_elem_kernel(
     mask_bh = mask_b[:, None] & mask_h[None, :]
     for e in range(E):
         p_ptrs = e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :] * s_ph
-        y = tl.load(pre_ptr + p_ptrs, mask=mask_bh, other=0.0)
-        if LN:
-            mean = tl.sum(y, axis=1) / H
-            cen = tl.where(mask_bh, y - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(cen * cen, axis=1) / H + ln_eps)
-            xhat = cen * rstd[:, None]
-            y = xhat
-            if HAS_LNW:
-                lnw = tl.load(lnw_ptr + e * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-                y = y * lnw[None, :]
-            if HAS_LNB:
-                y = y + tl.load(lnb_ptr + e * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            y = tl.where(mask_bh, y, 0.0)
-        a = _activate(y, ACT)
+        pre = tl.load(pre_ptr + p_ptrs, mask=mask_bh, other=0.0)
+        a, y, xhat, rstd, lnw = _normalize_activate(pre, mask_bh, lnw_ptr, lnb_ptr, e * H + offs_h, mask_h, H, ln_eps,
+                                                    LN, HAS_LNW, HAS_LNB, ACT)
         d_a = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
         for t in range(T):
             go = tl.load(go_ptr + t * s_got + offs_b[:, None] * s_gob + offs_h[None, :] * s_goh,
@@ -253,14 +194,9 @@ def _gated_experts_bwd_elem_kernel(
         if LN:
             if HAS_LNW:
                 tl.atomic_add(dlnw_ptr + e * H + offs_h, tl.sum(dy * xhat, axis=0), mask=mask_h)
-                dxhat = dy * lnw[None, :]
-            else:
-                dxhat = dy
             if HAS_LNB:
                 tl.atomic_add(dlnb_ptr + e * H + offs_h, tl.sum(dy, axis=0), mask=mask_h)
-            m1 = tl.sum(dxhat, axis=1) / H
-            m2 = tl.sum(dxhat * xhat, axis=1) / H
-            dy = rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])
+            dy = _layer_norm_backward(dy, xhat, rstd, lnw, H, HAS_LNW)
         tl.store(dpre_ptr + p_ptrs, dy, mask=mask_bh)
 
 
@@ -293,10 +229,7 @@ def _experts_dx_kernel(
                          mask=mask_b[:, None] & (hh[None, :] < H), other=0.0)
             wt = tl.load(w_ptr + e * s_we + hh[:, None] * s_wh + offs_d[None, :] * s_wd,
                          mask=(hh[:, None] < H) & mask_d[None, :], other=0.0).to(tl.float32)
-            if IEEE:
-                acc = tl.dot(dp, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(dp, wt, acc)
+            acc = _dot(dp, wt, acc, IEEE)
     tl.store(dx_ptr + pid_e * s_xe + offs_b[:, None] * s_xb + offs_d[None, :] * s_xd, acc,
              mask=mask_b[:, None] & mask_d[None, :])
 
@@ -325,10 +258,7 @@ def _experts_dw_kernel(
                      mask=mask_d[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         dp = tl.load(dpre_ptr + e * s_pe + bb[:, None] * s_pb + offs_h[None, :] * s_ph,
                      mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(xt, dp, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, dp, acc)
+        acc = _dot(xt, dp, acc, IEEE)
         if HAS_BIAS:
             bsum += tl.sum(dp, axis=0)
     tl.store(dw_ptr + e * D * H + offs_d[:, None] * H + offs_h[None, :], acc, mask=mask_d[:, None] & mask_h[None, :])
@@ -384,9 +314,8 @@ def gated_experts_bwd_triton(grad_out, x, weight, bias, gates, gate_weight, gate
     d(pre) through activation and LayerNorm), dX and dW/db. The gate-weight gradients (softmax Jacobian on the small
     [B, T, E] block, then two GEMMs of size D×T·E) run as torch ops."""
     if x.dtype == torch.float64:  # fp64 (gradcheck): the kernels accumulate in fp32, use the torch path
-        from mbrec_fast._experts_ops import _gated_experts_bwd_torch
-        return _gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate_bias, gate_mask,
-                                        ln_weight, ln_bias, ln_eps, activation, pre, probs)
+        return gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate_bias, gate_mask,
+                                       ln_weight, ln_bias, ln_eps, activation, pre, probs)
     E, D, H = weight.shape
     B = x.shape[-2]
     shared = x.dim() == 2

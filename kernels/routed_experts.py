@@ -16,11 +16,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .gated_experts import ACT_CODES, _activate, _activate_grad, _saved_state
+from mbrec_fast._experts_torch import check_finite_value, check_route, routed_experts_bwd_torch, sort_routes
+
+from .common import (ACT_CODES, _activate_grad, _dot, _group_tile, _layer_norm_backward, _normalize_activate,
+                     _saved_state)
 
 __all__ = ["routed_experts_fwd_triton", "routed_experts_bwd_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tile_offsets(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
+    """Each expert's first BLOCK_M row tile (int64 [E+1]) from its first sorted row (`offsets` [E+1])."""
+    counts = offsets[1:] - offsets[:-1]
+    tile_off = torch.zeros(offsets.numel(), dtype=torch.int64, device=offsets.device)
+    torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0, out=tile_off[1:])
+    return tile_off
 
 
 @triton.jit
@@ -35,13 +46,7 @@ def _routed_experts_fwd_kernel(
     pid_h = tl.program_id(1)
     n_tiles = tl.load(tile_off_ptr + E)
     if pid < n_tiles:
-        expert = 0
-        for e in range(E):
-            expert += (pid >= tl.load(tile_off_ptr + e + 1)).to(tl.int32)
-        tile_in_group = pid - tl.load(tile_off_ptr + expert)
-        row_end = tl.load(offsets_ptr + expert + 1)
-        rows = tl.load(offsets_ptr + expert) + tile_in_group * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = rows < row_end
+        expert, rows, mask_m = _group_tile(pid, tile_off_ptr, offsets_ptr, E, BLOCK_M)
         pairs = tl.load(order_ptr + rows, mask=mask_m, other=0)
         sample = pairs // K
         offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -55,24 +60,12 @@ def _routed_experts_fwd_kernel(
                          mask=mask_m[:, None] & (dd[None, :] < D), other=0.0)
             wt = tl.load(w_ptr + expert * s_we + dd[:, None] * s_wd + offs_h[None, :] * s_wh,
                          mask=(dd[:, None] < D) & mask_h[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(xt, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc)
+            acc = _dot(xt, wt, acc, IEEE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + expert * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         tl.store(pre_ptr + rows[:, None] * H + offs_h[None, :], _saved_state(acc, ACT, LN), mask=mask_mh)
-        y = acc
-        if LN:
-            mean = tl.sum(tl.where(mask_h[None, :], y, 0.0), axis=1) / H
-            cen = tl.where(mask_h[None, :], y - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(cen * cen, axis=1) / H + ln_eps)
-            y = cen * rstd[:, None]
-            if HAS_LNW:
-                y = y * tl.load(lnw_ptr + expert * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            if HAS_LNB:
-                y = y + tl.load(lnb_ptr + expert * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        a = _activate(y, ACT)
+        a, _, _, _, _ = _normalize_activate(acc, mask_h[None, :], lnw_ptr, lnb_ptr, expert * H + offs_h, mask_h, H,
+                                            ln_eps, LN, HAS_LNW, HAS_LNB, ACT)
         if HAS_RW:
             a = a * tl.load(rw_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         tl.atomic_add(out_ptr + sample[:, None] * H + offs_h[None, :], a, mask=mask_mh)
@@ -81,14 +74,13 @@ def _routed_experts_fwd_kernel(
 def routed_experts_fwd_triton(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation,
                               block_m=None, block_h=None, block_d=None):
     """Same contract as `torch.ops.mbrec_fast.routed_experts_fwd`: (out [B, H], pre [B*k, H], order, offsets)."""
-    from mbrec_fast._experts_ops import _sort_routes, _check_route, _check_finite_value
     E, D, H = weight.shape
     B, k = route.shape
     # bias / LayerNorm params are indexed as dense [E, H] rows
     bias, ln_weight, ln_bias = (None if t is None else t.contiguous() for t in (bias, ln_weight, ln_bias))
-    _check_route(route, E)
-    _check_finite_value(route_weight, "route_weight")
-    order, offsets = _sort_routes(route, E)
+    check_route(route, E)
+    check_finite_value(route_weight, "route_weight")
+    order, offsets = sort_routes(route, E)
     ln = ln_weight is not None or ln_bias is not None
     if _INTERPRET:
         bm, bh, bd = 16, (max(16, triton.next_power_of_2(H)) if ln else 16), 16
@@ -98,9 +90,7 @@ def routed_experts_fwd_triton(x, weight, bias, route, route_weight, ln_weight, l
     bm, bh, bd = block_m or bm, block_h or bh, block_d or bd
     if ln and bh < H:
         raise ValueError(f"LayerNorm needs block_h >= H ({H})")
-    counts = offsets[1:] - offsets[:-1]
-    tile_off = torch.zeros(E + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(torch.div(counts + bm - 1, bm, rounding_mode="floor"), 0, out=tile_off[1:])
+    tile_off = _tile_offsets(offsets, bm)
     N = B * k
     out32 = torch.zeros((B, H), dtype=torch.float32, device=x.device)
     pre = torch.empty((N, H), dtype=torch.float32, device=x.device)
@@ -140,22 +130,11 @@ def _routed_experts_bwd_elem_kernel(
     expert = tl.load(route_ptr + pairs, mask=mask_m, other=0)
     p_ptrs = rows[:, None] * H + offs_h[None, :]
     eh = expert[:, None] * H + offs_h[None, :]
-    y = tl.load(pre_ptr + p_ptrs, mask=mask_mh, other=0.0)
-    if LN:
-        mean = tl.sum(y, axis=1) / H
-        cen = tl.where(mask_mh, y - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(cen * cen, axis=1) / H + ln_eps)
-        xhat = cen * rstd[:, None]
-        y = xhat
-        if HAS_LNW:
-            lnw = tl.load(lnw_ptr + eh, mask=mask_mh, other=0.0).to(tl.float32)
-            y = y * lnw
-        if HAS_LNB:
-            y = y + tl.load(lnb_ptr + eh, mask=mask_mh, other=0.0).to(tl.float32)
-        y = tl.where(mask_mh, y, 0.0)
+    pre = tl.load(pre_ptr + p_ptrs, mask=mask_mh, other=0.0)
+    a, y, xhat, rstd, lnw = _normalize_activate(pre, mask_mh, lnw_ptr, lnb_ptr, eh, mask_mh, H, ln_eps,
+                                                LN, HAS_LNW, HAS_LNB, ACT)
     go = tl.load(go_ptr + sample[:, None] * s_gob + offs_h[None, :] * s_goh, mask=mask_mh, other=0.0).to(tl.float32)
     if HAS_RW:
-        a = _activate(y, ACT)
         tl.store(drw_ptr + pairs, tl.sum(go * a, axis=1), mask=mask_m)
         go = go * tl.load(rw_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     dy = go * _activate_grad(y, ACT)
@@ -169,13 +148,7 @@ def _routed_experts_bwd_elem_kernel(
                 tl.atomic_add(dlnw_ptr + e * H + offs_h, tl.sum(tl.where(in_e, dy * xhat, 0.0), axis=0), mask=mask_h)
             if HAS_LNB:
                 tl.atomic_add(dlnb_ptr + e * H + offs_h, tl.sum(tl.where(in_e, dy, 0.0), axis=0), mask=mask_h)
-        if HAS_LNW:
-            dxhat = dy * lnw
-        else:
-            dxhat = dy
-        m1 = tl.sum(dxhat, axis=1) / H
-        m2 = tl.sum(dxhat * xhat, axis=1) / H
-        dy = rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])
+        dy = _layer_norm_backward(dy, xhat, rstd, lnw, H, HAS_LNW)
     tl.store(dpre_ptr + p_ptrs, dy, mask=mask_mh)
 
 
@@ -190,13 +163,7 @@ def _routed_experts_dx_kernel(
     pid_d = tl.program_id(1)
     n_tiles = tl.load(tile_off_ptr + E)
     if pid < n_tiles:
-        expert = 0
-        for e in range(E):
-            expert += (pid >= tl.load(tile_off_ptr + e + 1)).to(tl.int32)
-        tile_in_group = pid - tl.load(tile_off_ptr + expert)
-        row_end = tl.load(offsets_ptr + expert + 1)
-        rows = tl.load(offsets_ptr + expert) + tile_in_group * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = rows < row_end
+        expert, rows, mask_m = _group_tile(pid, tile_off_ptr, offsets_ptr, E, BLOCK_M)
         sample = tl.load(order_ptr + rows, mask=mask_m, other=0) // K
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_k = tl.arange(0, BLOCK_K)
@@ -208,10 +175,7 @@ def _routed_experts_dx_kernel(
                          other=0.0)
             wt = tl.load(w_ptr + expert * s_we + hh[:, None] * s_wh + offs_d[None, :] * s_wd,
                          mask=(hh[:, None] < H) & mask_d[None, :], other=0.0).to(tl.float32)
-            if IEEE:
-                acc = tl.dot(dp, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(dp, wt, acc)
+            acc = _dot(dp, wt, acc, IEEE)
         tl.atomic_add(dx_ptr + sample[:, None] * D + offs_d[None, :], acc, mask=mask_m[:, None] & mask_d[None, :])
 
 
@@ -241,10 +205,7 @@ def _routed_experts_dw_kernel(
         xt = tl.load(x_ptr + offs_d[:, None] * s_xd + sample[None, :] * s_xb,
                      mask=mask_d[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         dp = tl.load(dpre_ptr + rows[:, None] * H + offs_h[None, :], mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(xt, dp, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, dp, acc)
+        acc = _dot(xt, dp, acc, IEEE)
         if HAS_BIAS:
             bsum += tl.sum(dp, axis=0)
     tl.store(dw_ptr + e * D * H + offs_d[:, None] * H + offs_h[None, :], acc, mask=mask_d[:, None] & mask_h[None, :])
@@ -259,9 +220,8 @@ def routed_experts_bwd_triton(grad_out, x, weight, bias, route, route_weight, ln
     (empty where absent). Three launches over the sorted rows saved by the forward: fused elementwise (route-weight
     gradient, d(pre) through activation and LayerNorm), grouped dX (atomic scatter to samples), grouped dW/db."""
     if x.dtype == torch.float64:  # fp64 (gradcheck): the kernels accumulate in fp32, use the torch path
-        from mbrec_fast._experts_ops import _routed_experts_bwd_torch
-        return _routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps,
-                                         activation, pre, order, offsets)
+        return routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps,
+                                        activation, pre, order, offsets)
     E, D, H = weight.shape
     B, k = route.shape
     N = B * k
@@ -292,9 +252,7 @@ def routed_experts_bwd_triton(grad_out, x, weight, bias, route, route_weight, ln
             dlnb if dlnb is not None else dpre, N, H, k, float(ln_eps), go.stride(0), go.stride(1),
             HAS_RW=route_weight is not None, HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, LN=ln,
             ACT=ACT_CODES[activation], BLOCK_M=bm, BLOCK_H=bh)
-        counts = offsets[1:] - offsets[:-1]
-        tile_off = torch.zeros(E + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(torch.div(counts + bt - 1, bt, rounding_mode="floor"), 0, out=tile_off[1:])
+        tile_off = _tile_offsets(offsets, bt)
         _routed_experts_dx_kernel[(triton.cdiv(N, bt) + E, triton.cdiv(D, bt))](
             dpre, weight, order, offsets, tile_off, dx, D, H, E, k, *weight.stride(), IEEE=ieee,
             BLOCK_M=bt, BLOCK_D=bt, BLOCK_K=bk)

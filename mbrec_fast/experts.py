@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from . import _experts_ops  # noqa: F401  (registers torch.ops.mbrec_fast.{gated,routed}_experts_{fwd,bwd})
-from ._experts_ops import ACTIVATIONS
+from ._experts_torch import ACTIVATIONS
 
 __all__ = ["gated_experts", "routed_experts", "ACTIVATIONS"]
 

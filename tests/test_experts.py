@@ -382,3 +382,91 @@ def test_routed_module_topk_router_trains_router():
     assert mod.router.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="route is required"):
         RoutedExperts(6, 4, num_experts=2)(torch.randn(3, 6))
+
+
+# ------------------------------------------------------------------------------------------------ one stack, one switch
+def test_expert_bank_switch_and_deprecated_spellings():
+    """`expert_impl` switches an ExpertBank between the fused ops and the loop twins of reference/experts.py (same
+    numbers); `impl=` / `.impl` / `set_impl` still work with a DeprecationWarning."""
+    from mbrec_fast.nn import ExpertBank, RoutedMLP, set_expert_impl
+    from mbrec_fast.models.multidomain import ExpertBank as OldPathBank, RoutedMLP as OldPathMLP
+    assert OldPathBank is ExpertBank and OldPathMLP is RoutedMLP
+    bank = ExpertBank(3, 6, 5)
+    x, route = torch.randn(7, 6), torch.tensor([0, 1, 2, 2, 1, 0, 0])
+    gw, gb = torch.randn(2, 6, 3), torch.randn(2, 3)
+    fused = bank.gated(x, gw, gb), bank.routed(x, route), bank.experts_out(x)
+    set_expert_impl(bank, "loop")
+    assert bank.expert_impl == "loop"
+    loop = bank.gated(x, gw, gb), bank.routed(x, route), bank.experts_out(x)
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.warns(DeprecationWarning, match="expert_impl"):
+        old = ExpertBank(2, 4, 3, impl="loop")
+    assert old.expert_impl == "loop" and old.impl == "loop"
+    with pytest.warns(DeprecationWarning):
+        assert RoutedMLP(2, [4, 3, 1], impl="loop").layers[0].expert_impl == "loop"
+    with pytest.raises(ValueError, match="expert_impl"):
+        ExpertBank(2, 4, 3, expert_impl="einsum")
+
+
+def test_models_take_expert_impl_and_deprecated_impl():
+    from mbrec_fast.data.ctr import make_synthetic_ctr
+    from mbrec_fast.models.multidomain import build_model
+    from mbrec_fast.models.nmtr import NMTR
+    from mbrec_fast.models.syncrec import mix_expert_heads
+    from mbrec_fast.training.multidomain import build_parser
+    data = make_synthetic_ctr(200, n_users=20, n_items=10, seed=1)
+    assert build_model("ple", data, expert_impl="loop").expert_impl == "loop"
+    with pytest.warns(DeprecationWarning):
+        model = build_model("mmoe", data, impl="loop")
+    assert model.expert_impl == "loop" and model.experts.expert_impl == "loop"
+    with pytest.warns(DeprecationWarning):
+        model.set_impl("fused")
+    assert model.experts.expert_impl == "fused"
+    for flag in ("--expert-impl", "--impl"):
+        assert build_parser().parse_args(["--model", "mmoe", flag, "loop"]).impl == "loop"
+    nmtr = NMTR(5, 6, 2, dim=4, expert_impl="loop")
+    assert nmtr.fused_experts is False
+    with pytest.warns(DeprecationWarning):
+        assert NMTR(5, 6, 2, dim=4, fused_experts=True).expert_impl == "fused"
+    trunks, gates = torch.randn(2, 3, 4, 5), torch.softmax(torch.randn(2, 3, 4), -1)
+    params = torch.randn(4, 5, 5), torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
+    fused = mix_expert_heads(trunks, gates, *params, expert_impl="fused")
+    with pytest.warns(DeprecationWarning):
+        loop = mix_expert_heads(trunks, gates, *params, impl="loop")
+    torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
+
+
+def test_ple_model_and_cgc_share_gate_masks():
+    from mbrec_fast.data.ctr import make_synthetic_ctr
+    from mbrec_fast.models.multidomain import build_model
+    from mbrec_fast.nn import cgc_expert_inputs, cgc_gate_mask
+    data = make_synthetic_ctr(200, n_users=20, n_items=10, seed=1)
+    model = build_model("ple", data, n_shared=2, n_specific=1)
+    heads = data.n_domains * data.n_tasks
+    assert torch.equal(model.gate_mask, cgc_gate_mask(2, 1, heads, output_shared=True))
+    assert torch.equal(model.owner, cgc_expert_inputs(2, 1, heads))
+    cgc = CGC(6, 4, 2, 1, heads, output_shared=True)
+    assert torch.equal(cgc.mix.gate_mask, model.gate_mask)
+
+
+def test_no_import_circle_between_ops_and_kernels():
+    """The Triton kernels import the leaf `_experts_torch`, never `_experts_ops`; the leaf imports no package module."""
+    import ast
+    import pathlib
+    root = pathlib.Path(mf.__file__).resolve().parent
+    kernel_dir = pathlib.Path(mf.kernels.__file__).resolve().parent if hasattr(mf, "kernels") else root.parent / "kernels"
+
+    def imported(path):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names.add(("." * node.level) + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    for path in kernel_dir.glob("*.py"):
+        assert not any("_experts_ops" in n for n in imported(path)), path
+    leaf = imported(root / "_experts_torch.py")
+    assert not any(n.startswith(".") or n.startswith("mbrec_fast") for n in leaf), leaf

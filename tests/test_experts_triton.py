@@ -201,7 +201,7 @@ def test_triton_kernels_registered_for_cuda():
 def test_cuda_kernel_fp64_dispatch():
     """The registered CUDA kernel runs the torch implementation for fp64 (bit-equal to the op) and Triton otherwise."""
     from mbrec_fast import _experts_ops as ops
-    kernel = ops._fp64_falls_back(gated_experts_fwd_triton, ops._gated_experts_fwd_torch)
+    kernel = ops._fp64_falls_back(gated_experts_fwd_triton, ops.gated_experts_fwd_torch)
     B, D, H, E, T = 5, 6, 7, 2, 2
     for dtype in (torch.float64, torch.float32):
         x, w = torch.randn(B, D, dtype=dtype), torch.randn(E, D, H, dtype=dtype)

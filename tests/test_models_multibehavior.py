@@ -300,8 +300,8 @@ def test_nmtr_fused_expert_op_matches_torch_path(tiny):
     u, i = torch.arange(30), torch.arange(30) % tiny.n_items
     beh = torch.arange(30) % 3                      # rows with 1, 2 and 3 heads
     results = []
-    for fused in (False, True):
-        model.fused_experts = fused
+    for expert_impl in ("loop", "fused"):
+        model.expert_impl = expert_impl
         model.zero_grad()
         out = model.logits(u, i, beh)
         out.square().sum().backward()

@@ -104,7 +104,7 @@ def test_shapes_gradients_and_fused_matches_loop(small, name, setting):
     # every parameter gets a gradient (M3oE's fusion scalars too: they are in the graph)
     assert set(fused_grads) == {n for n, _ in model.named_parameters()}
     model.zero_grad()
-    model.set_impl("loop")
+    model.set_expert_impl("loop")
     out_loop = model(batch)
     torch.testing.assert_close(out, out_loop, rtol=1e-4, atol=1e-5)
     bce_loss(out_loop, batch["labels"]).backward()
@@ -379,7 +379,7 @@ def test_m3oe_variants_fused_matches_loop(small, kw):
     if kw.get("fusion") == "gated":
         assert model.fusion_parameters() == [] and model.shared.n_experts == 4 + 3 + 2
     model.zero_grad()
-    model.set_impl("loop")
+    model.set_expert_impl("loop")
     torch.testing.assert_close(model(batch), out, rtol=1e-4, atol=1e-5)
 
 

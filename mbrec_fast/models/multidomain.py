@@ -2,9 +2,9 @@
 
 Every model maps a batch {sparse, dense, domain} to logits [B, T] — one per task, for the domain the
 sample was observed in. All expert computation (experts, gated mixes, per-domain / per-(domain, task)
-layers and towers) runs through the fused expert ops `mbrec_fast::gated_experts_fwd` and
-`mbrec_fast::routed_experts_fwd` via `ExpertBank` (a one-expert bank is a plain layer); `impl="loop"` switches a bank to a Python loop of
-per-expert Linear/LayerNorm/activation over the SAME parameters (the reference and the benchmark baseline).
+layers and towers) runs through the expert layers of `mbrec_fast.nn` (`ExpertBank`, `RoutedMLP`; a one-expert bank
+is a plain layer) on the fused expert ops; `expert_impl="loop"` switches them to the loop-of-experts twins of
+`mbrec_fast.reference.experts` over the SAME parameters (the reference and the benchmark baseline).
 
 Baselines are head-based: a base model owns one head per (domain, task) pair. `setting` picks the form
 of the M3oE table: "mdmt" (one model, D*T heads), "mtl" (one model per domain, T heads each) and "mdl"
@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _experts_ops as _ops
-from ..experts import gated_experts, routed_experts
+from ..nn import bank as _bank
+from ..nn.bank import ExpertBank, RoutedMLP, resolve_expert_impl
+from ..nn.experts import cgc_expert_inputs, cgc_gate_mask, per_input_gates
 
 __all__ = ["ExpertBank", "RoutedMLP", "FeatureEmbedding", "MLPPerHead", "SharedBottom", "MMoE", "PLE", "STAR",
            "M3oE", "M3REC", "AdaTT", "M2M", "PerGroup", "build_model", "MODEL_NAMES", "bce_loss", "balanced_bce_loss",
@@ -28,117 +29,6 @@ __all__ = ["ExpertBank", "RoutedMLP", "FeatureEmbedding", "MLPPerHead", "SharedB
 
 MODEL_NAMES = ("m3oe", "m3rec", "mlp", "sharedbottom", "mmoe", "ple", "star", "adatt", "adatt-sp", "m2m")
 MDMT_ONLY = ("mlp", "m3oe", "m3rec", "m2m")  # built per (domain, task) already or MDMT by design
-
-
-# ================================================================================================ op calls
-def fused_gated(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps, activation) -> Tensor:
-    """`mbrec_fast.gated_experts` ([G, B, H]) with positional arguments, as the expert banks call it."""
-    return gated_experts(x, weight, bias, gates=gates, gate_weight=gate_weight, gate_bias=gate_bias,
-                         gate_mask=gate_mask, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps,
-                         activation=activation)
-
-
-def fused_routed(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation) -> Tensor:
-    """`mbrec_fast.routed_experts` ([B, H]) with positional arguments, as the expert banks call it."""
-    return routed_experts(x, weight, bias, route, route_weight, ln_weight=ln_weight, ln_bias=ln_bias,
-                          ln_eps=ln_eps, activation=activation)
-
-
-# ================================================================================================ expert banks
-class ExpertBank(nn.Module):
-    """E experts `act(LayerNorm(x W_e + b_e))`, D -> H, stored as weight [E, D, H].
-
-    `gated` mixes them with softmax gates (learned, `gate_weight [G, D, E]`) or given weights (`gates [G, B, E]`)
-    into G outputs [G, B, H]; `routed` sends each sample to one expert (`route [B]`). `impl="fused"` calls the
-    fused ops (one GEMM for all experts, fused LayerNorm/activation/mix); `impl="loop"` a per-expert loop.
-    """
-
-    def __init__(self, n_experts: int, d_in: int, d_out: int, *, layer_norm: bool = True, activation: str = "relu",
-                 impl: str = "fused"):
-        super().__init__()
-        if impl not in ("fused", "loop"):
-            raise ValueError(f"impl must be 'fused' or 'loop', got {impl!r}")
-        self.n_experts, self.d_in, self.d_out, self.activation, self.impl = n_experts, d_in, d_out, activation, impl
-        bound = 1 / math.sqrt(d_in)
-        self.weight = nn.Parameter(torch.empty(n_experts, d_in, d_out).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n_experts, d_out).uniform_(-bound, bound))
-        if layer_norm:
-            self.ln_weight = nn.Parameter(torch.ones(n_experts, d_out))
-            self.ln_bias = nn.Parameter(torch.zeros(n_experts, d_out))
-        else:
-            self.register_parameter("ln_weight", None)
-            self.register_parameter("ln_bias", None)
-
-    # -- loop reference pieces
-    def _one(self, x: Tensor, e: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-        w = self.weight[e] if weight is None else weight[e]
-        b = self.bias[e] if bias is None else bias[e]
-        y = x @ w + b
-        if self.ln_weight is not None:
-            y = F.layer_norm(y, (self.d_out,), self.ln_weight[e], self.ln_bias[e])
-        return _ops._act(y, self.activation)
-
-    def experts_out(self, x: Tensor) -> Tensor:
-        """Every expert's output [B, E, H] (x [B, D] shared or [E, B, D] per expert)."""
-        if self.impl == "loop":
-            return torch.stack([self._one(x if x.dim() == 2 else x[e], e) for e in range(self.n_experts)], 1)
-        B = x.shape[-2]
-        eye = torch.eye(self.n_experts, dtype=torch.float32, device=x.device).unsqueeze(1).expand(-1, B, -1)
-        return self.gated(x, gates=eye.contiguous()).transpose(0, 1)
-
-    def gated(self, x: Tensor, gate_weight: Optional[Tensor] = None, gate_bias: Optional[Tensor] = None,
-              gates: Optional[Tensor] = None, gate_mask: Optional[Tensor] = None) -> Tensor:
-        """Gated mixes [G, B, H]: learned gates (logits x @ gate_weight[g] + gate_bias[g], x 2-D) or given `gates`."""
-        if self.impl == "loop":
-            outs = torch.stack([self._one(x if x.dim() == 2 else x[e], e) for e in range(self.n_experts)], 1)  # [B,E,H]
-            if gates is None:
-                logits = torch.einsum("bd,gde->gbe", x, gate_weight)
-                if gate_bias is not None:
-                    logits = logits + gate_bias.unsqueeze(1)
-                if gate_mask is not None:
-                    logits = logits.masked_fill(~gate_mask.unsqueeze(1), float("-inf"))
-                gates = torch.softmax(logits, -1)
-            return torch.einsum("gbe,beh->gbh", gates, outs)
-        return fused_gated(x, self.weight, self.bias, gates, gate_weight, gate_bias, gate_mask,
-                           self.ln_weight, self.ln_bias, 1e-5, self.activation)
-
-    def routed(self, x: Tensor, route: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-        """Each sample through its own expert: x [B, D], route [B] -> [B, H]. `weight`/`bias` override the bank's
-        (STAR passes W_shared * W_d)."""
-        w = self.weight if weight is None else weight
-        b = self.bias if bias is None else bias
-        if self.n_experts == 1:  # every row has the one expert: a plain layer (the op's routing is pure overhead here)
-            return self._one(x, 0, w, b)
-        if self.impl == "loop":
-            out = x.new_zeros(x.shape[0], self.d_out)
-            for e in range(self.n_experts):
-                rows = (route == e).nonzero().flatten()
-                if rows.numel():
-                    out = out.index_copy(0, rows, self._one(x[rows], e, w, b))
-            return out
-        return fused_routed(x, w, b, route.view(-1, 1), None, self.ln_weight, self.ln_bias, 1e-5, self.activation)
-
-
-class RoutedMLP(nn.Module):
-    """One MLP per route id (towers per (domain, task), per-head MLPs): routed banks, ReLU between, linear last."""
-
-    def __init__(self, n_routes: int, dims: Sequence[int], *, impl: str = "fused", layer_norm: bool = False):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            ExpertBank(n_routes, dims[i], dims[i + 1], layer_norm=layer_norm and i < len(dims) - 2,
-                       activation="relu" if i < len(dims) - 2 else "none", impl=impl)
-            for i in range(len(dims) - 1))
-
-    def forward(self, x: Tensor, route: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer.routed(x, route)
-        return x
-
-
-def _set_impl(module: nn.Module, impl: str) -> None:
-    for m in module.modules():
-        if isinstance(m, ExpertBank):
-            m.impl = impl
 
 
 # ================================================================================================ features
@@ -193,9 +83,11 @@ class _CTRModel(nn.Module):
 
     name = "ctr"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, emb_dim, impl):
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, extra_kwargs=None):
+        """`extra_kwargs`: the subclass's catch-all keyword dict; a deprecated `impl=` in it is taken (and removed)."""
         super().__init__()
-        self.n_domains, self.n_tasks, self.impl = n_domains, n_tasks, impl
+        expert_impl = _bank.check_expert_impl(resolve_expert_impl(expert_impl, {} if extra_kwargs is None else extra_kwargs))
+        self.n_domains, self.n_tasks, self.expert_impl = n_domains, n_tasks, expert_impl
         self.embedding = FeatureEmbedding(field_dims, n_dense, emb_dim)
 
     def heads(self, domain: Tensor) -> Tensor:
@@ -203,9 +95,20 @@ class _CTRModel(nn.Module):
         t = torch.arange(self.n_tasks, device=domain.device).unsqueeze(1)
         return domain.unsqueeze(0) * self.n_tasks + t
 
+    def set_expert_impl(self, expert_impl: str) -> None:
+        """Switches every expert layer to "fused" (the fused ops) or "loop" (the loop-of-experts reference)."""
+        _bank.set_expert_impl(self, expert_impl)
+        self.expert_impl = expert_impl
+
     def set_impl(self, impl: str) -> None:
-        self.impl = impl
-        _set_impl(self, impl)
+        """Deprecated name of `set_expert_impl`."""
+        _bank.warn_deprecated("set_impl()", "set_expert_impl()")
+        self.set_expert_impl(impl)
+
+    @property
+    def impl(self) -> str:
+        """Deprecated name of `expert_impl`."""
+        return self.expert_impl
 
     def forward(self, batch: Dict[str, Tensor]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -224,12 +127,12 @@ class MLPPerHead(_CTRModel):
 
     name = "mlp"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, hidden=(64,), tower=(32,), impl="fused", **_):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, hidden=(64,), tower=(32,), expert_impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         n_heads = n_domains * n_tasks
         dims = [self.embedding.out_dim, *hidden]
-        self.body = nn.ModuleList(ExpertBank(n_heads, dims[i], dims[i + 1], impl=impl) for i in range(len(dims) - 1))
-        self.tower = RoutedMLP(n_heads, [dims[-1], *tower, 1], impl=impl)
+        self.body = nn.ModuleList(ExpertBank(n_heads, dims[i], dims[i + 1], expert_impl=self.expert_impl) for i in range(len(dims) - 1))
+        self.tower = RoutedMLP(n_heads, [dims[-1], *tower, 1], expert_impl=self.expert_impl)
 
     def forward(self, batch):
         x = self.embedding(batch["sparse"], batch["dense"])
@@ -246,10 +149,10 @@ class SharedBottom(_CTRModel):
 
     name = "sharedbottom"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, expert_dim=64, tower=(32,), impl="fused", **_):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
-        self.bottom = ExpertBank(1, self.embedding.out_dim, expert_dim, impl=impl)
-        self.tower = RoutedMLP(n_domains * n_tasks, [expert_dim, *tower, 1], impl=impl)
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, expert_dim=64, tower=(32,), expert_impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
+        self.bottom = ExpertBank(1, self.embedding.out_dim, expert_dim, expert_impl=self.expert_impl)
+        self.tower = RoutedMLP(n_domains * n_tasks, [expert_dim, *tower, 1], expert_impl=self.expert_impl)
 
     def forward(self, batch):
         x = self.embedding(batch["sparse"], batch["dense"])
@@ -264,13 +167,13 @@ class MMoE(_CTRModel):
     name = "mmoe"
 
     def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_experts=4, expert_dim=64, tower=(32,),
-                 impl="fused", **_):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+                 expert_impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         n_heads, d = n_domains * n_tasks, self.embedding.out_dim
-        self.experts = ExpertBank(n_experts, d, expert_dim, impl=impl)
+        self.experts = ExpertBank(n_experts, d, expert_dim, expert_impl=self.expert_impl)
         self.gate_weight = nn.Parameter(torch.randn(n_heads, d, n_experts) * 0.01)
         self.gate_bias = nn.Parameter(torch.zeros(n_heads, n_experts))
-        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], impl=impl)
+        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], expert_impl=self.expert_impl)
 
     def forward(self, batch):
         x = self.embedding(batch["sparse"], batch["dense"])
@@ -293,20 +196,16 @@ class PLE(_CTRModel):
     name = "ple"
 
     def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_shared=2, n_specific=1, expert_dim=64,
-                 n_levels=2, tower=(32,), impl="fused", **_):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+                 n_levels=2, tower=(32,), expert_impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         n_heads = n_domains * n_tasks
         self.n_heads, self.n_shared, self.n_specific, self.n_levels = n_heads, n_shared, n_specific, n_levels
         n_exp = n_shared + n_heads * n_specific
         # gate g < n_heads: head g's gate over shared + its own experts; gate n_heads: shared gate over all
-        mask = torch.zeros(n_heads + 1, n_exp, dtype=torch.bool)
-        mask[:, :n_shared] = True
-        for h in range(n_heads):
-            mask[h, n_shared + h * n_specific: n_shared + (h + 1) * n_specific] = True
-        mask[n_heads] = True
-        self.register_buffer("gate_mask", mask, persistent=False)
-        owner = torch.cat([torch.full((n_shared,), n_heads), torch.arange(n_heads).repeat_interleave(n_specific)])
-        self.register_buffer("owner", owner, persistent=False)  # which level input each expert reads
+        self.register_buffer("gate_mask", cgc_gate_mask(n_shared, n_specific, n_heads, output_shared=True),
+                             persistent=False)
+        # which level input each expert reads
+        self.register_buffer("owner", cgc_expert_inputs(n_shared, n_specific, n_heads), persistent=False)
         d = self.embedding.out_dim
         self.levels = nn.ModuleList()
         self.gate_weights = nn.ParameterList()
@@ -314,10 +213,10 @@ class PLE(_CTRModel):
         for level in range(n_levels):
             d_in = d if level == 0 else expert_dim
             n_gates = n_heads + (1 if level < n_levels - 1 else 0)
-            self.levels.append(ExpertBank(n_exp, d_in, expert_dim, impl=impl))
+            self.levels.append(ExpertBank(n_exp, d_in, expert_dim, expert_impl=self.expert_impl))
             self.gate_weights.append(nn.Parameter(torch.randn(n_gates, d_in, n_exp) * 0.01))
             self.gate_biases.append(nn.Parameter(torch.zeros(n_gates, n_exp)))
-        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], impl=impl)
+        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], expert_impl=self.expert_impl)
 
     def forward(self, batch):
         x = self.embedding(batch["sparse"], batch["dense"])
@@ -331,8 +230,7 @@ class PLE(_CTRModel):
             else:
                 per_expert = h[self.owner]  # [E, B, H]
                 # each gate reads its own head's input: gate logits computed per gate
-                logits = torch.einsum("gbd,gde->gbe", h[:n_gates], self.gate_weights[level]) + self.gate_biases[level].unsqueeze(1)
-                gates = torch.softmax(logits.masked_fill(~mask.unsqueeze(1), float("-inf")), -1)
+                gates = per_input_gates(h[:n_gates], self.gate_weights[level], self.gate_biases[level], mask)
                 h = bank.gated(per_expert.contiguous(), gates=gates)
         mixed = _select_heads(h[:self.n_heads], heads)
         return self.tower(mixed.reshape(-1, mixed.shape[-1]), heads.reshape(-1)).view(self.n_tasks, -1).t()
@@ -346,10 +244,10 @@ class STAR(_CTRModel):
 
     name = "star"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, hidden=(64,), tower=(32,), impl="fused", **_):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, hidden=(64,), tower=(32,), expert_impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         dims = [self.embedding.out_dim, *hidden]
-        self.star_layers = nn.ModuleList(ExpertBank(n_domains, dims[i], dims[i + 1], impl=impl) for i in range(len(dims) - 1))
+        self.star_layers = nn.ModuleList(ExpertBank(n_domains, dims[i], dims[i + 1], expert_impl=self.expert_impl) for i in range(len(dims) - 1))
         self.shared_weights = nn.ParameterList(nn.Parameter(torch.empty(dims[i], dims[i + 1]).uniform_(-1, 1) / math.sqrt(dims[i]))
                                                for i in range(len(dims) - 1))
         self.shared_biases = nn.ParameterList(nn.Parameter(torch.zeros(dims[i + 1])) for i in range(len(dims) - 1))
@@ -357,8 +255,8 @@ class STAR(_CTRModel):
             nn.init.ones_(bank.weight)
             nn.init.zeros_(bank.bias)
         self.domain_emb = nn.Embedding(n_domains, emb_dim)
-        self.aux = RoutedMLP(1, [emb_dim + self.embedding.out_dim, 32, n_tasks], impl=impl)
-        self.tower = RoutedMLP(n_domains * n_tasks, [dims[-1], *tower, 1], impl=impl)
+        self.aux = RoutedMLP(1, [emb_dim + self.embedding.out_dim, 32, n_tasks], expert_impl=self.expert_impl)
+        self.tower = RoutedMLP(n_domains * n_tasks, [dims[-1], *tower, 1], expert_impl=self.expert_impl)
 
     def forward(self, batch):
         x = self.embedding(batch["sparse"], batch["dense"])
@@ -385,9 +283,14 @@ class PerGroup(nn.Module):
         else:
             self.members = nn.ModuleList(make(n_domains, 1) for _ in range(n_tasks))
 
-    def set_impl(self, impl: str) -> None:
+    def set_expert_impl(self, expert_impl: str) -> None:
         for m in self.members:
-            m.set_impl(impl)
+            m.set_expert_impl(expert_impl)
+
+    def set_impl(self, impl: str) -> None:
+        """Deprecated name of `set_expert_impl`."""
+        _bank.warn_deprecated("set_impl()", "set_expert_impl()")
+        self.set_expert_impl(impl)
 
     def forward(self, batch):
         dom = batch["domain"]
@@ -416,19 +319,19 @@ class AdaTT(_CTRModel):
     name = "adatt"
 
     def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_specific=1, n_shared=2,
-                 expert_dim=64, tower=(32,), sparse=False, impl="fused", **_):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+                 expert_dim=64, tower=(32,), sparse=False, expert_impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         n_heads, d = n_domains * n_tasks, self.embedding.out_dim
         self.n_heads, self.n_specific = n_heads, n_specific
         self.n_shared = 0 if sparse else n_shared
         n_exp = n_heads * n_specific + self.n_shared
-        self.experts = ExpertBank(n_exp, d, expert_dim, impl=impl)
+        self.experts = ExpertBank(n_exp, d, expert_dim, expert_impl=self.expert_impl)
         self.gate_weight = nn.Parameter(torch.randn(n_heads, d, n_exp) * 0.01)
         self.gate_bias = nn.Parameter(torch.zeros(n_heads, n_exp))
         self.native_weight = nn.Parameter(torch.ones(n_heads, n_specific))
         own = torch.arange(n_heads).unsqueeze(1) * n_specific + torch.arange(n_specific)  # [heads, n_specific]
         self.register_buffer("own_experts", own, persistent=False)
-        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], impl=impl)
+        self.tower = RoutedMLP(n_heads, [expert_dim, *tower, 1], expert_impl=self.expert_impl)
 
     def forward(self, batch):
         x = self.embedding(batch["sparse"], batch["dense"])
@@ -456,11 +359,11 @@ class M2M(_CTRModel):
     name = "m2m"
 
     def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_experts=4, expert_dim=64,
-                 impl="fused", **_):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+                 expert_impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         H, d, n_heads = expert_dim, self.embedding.out_dim, n_domains * n_tasks
         self.expert_dim = H
-        self.experts = ExpertBank(n_experts, d, H, impl=impl)
+        self.experts = ExpertBank(n_experts, d, H, expert_impl=self.expert_impl)
         self.scenario = nn.Embedding(n_domains, emb_dim)
         self.task_emb = nn.Parameter(torch.randn(n_tasks, H) * 0.1)
         nn.init.normal_(self.scenario.weight, std=1.0)
@@ -468,8 +371,8 @@ class M2M(_CTRModel):
         self.query_gen = nn.Parameter(torch.randn(emb_dim, H * H) * scale)  # meta unit of the attention
         self.tower_gen = nn.Parameter(torch.randn(n_tasks, emb_dim, H * H) * scale)  # meta tower weights per task
         self.tower_gen_bias = nn.Parameter(torch.zeros(n_tasks, emb_dim, H))
-        self.meta_tower = ExpertBank(n_heads, H, H, layer_norm=False, activation="relu", impl=impl)
-        self.out = ExpertBank(n_tasks, H, 1, layer_norm=False, activation="none", impl=impl)
+        self.meta_tower = ExpertBank(n_heads, H, H, layer_norm=False, activation="relu", expert_impl=self.expert_impl)
+        self.out = ExpertBank(n_tasks, H, 1, layer_norm=False, activation="none", expert_impl=self.expert_impl)
 
     def forward(self, batch):
         x = self.embedding(batch["sparse"], batch["dense"])
@@ -524,8 +427,8 @@ class M3oE(_CTRModel):
 
     def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_shared=None, expert_dim=64,
                  variant="official", fusion="add", fixed_fusion=False, use_domain_module=True, use_task_module=True,
-                 impl="fused", **kwargs):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+                 expert_impl="fused", **kwargs):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, kwargs)
         if variant not in M3OE_VARIANTS:
             raise ValueError(f"variant must be one of {sorted(M3OE_VARIANTS)}, got {variant!r}")
         if fusion not in ("add", "concat", "gated"):
@@ -542,7 +445,7 @@ class M3oE(_CTRModel):
         self.use_domain_module, self.use_task_module = use_domain_module, use_task_module
         self.fixed_fusion = fixed_fusion or fusion == "gated"
         # domain representation: STAR layer (routed over domains) + mapping (+ skip)
-        self.star = ExpertBank(n_domains, d, star_dim, layer_norm=False, activation=cfg["star_activation"], impl=impl)
+        self.star = ExpertBank(n_domains, d, star_dim, layer_norm=False, activation=cfg["star_activation"], expert_impl=self.expert_impl)
         self.star_shared_weight = nn.Parameter(torch.empty(d, star_dim))
         self.star_shared_bias = nn.Parameter(torch.zeros(star_dim))
         nn.init.zeros_(self.star.bias)
@@ -554,20 +457,20 @@ class M3oE(_CTRModel):
             nn.init.ones_(self.star.weight)
             nn.init.uniform_(self.star_shared_weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
         ln = cfg["rep_skip"]  # the official mapping and skip are Linear-LN-ReLU
-        self.mapping = ExpertBank(1, star_dim, rep_dim, layer_norm=ln, activation="relu", impl=impl)
-        self.skip = ExpertBank(1, d, rep_dim, layer_norm=True, activation="relu", impl=impl) if cfg["rep_skip"] else None
+        self.mapping = ExpertBank(1, star_dim, rep_dim, layer_norm=ln, activation="relu", expert_impl=self.expert_impl)
+        self.skip = ExpertBank(1, d, rep_dim, layer_norm=True, activation="relu", expert_impl=self.expert_impl) if cfg["rep_skip"] else None
         n_heads = n_domains * n_tasks
         n_dom = n_domains if use_domain_module else 0
         n_task = n_tasks if use_task_module else 0
         if fusion == "gated":  # one bank of shared + domain + task experts, one gate per head over all of them
-            self.shared = ExpertBank(n_shared + n_dom + n_task, rep_dim, expert_dim, impl=impl)
+            self.shared = ExpertBank(n_shared + n_dom + n_task, rep_dim, expert_dim, expert_impl=self.expert_impl)
             n_gate = n_shared + n_dom + n_task
             self.domain_experts = self.task_experts = None
         else:
-            self.shared = ExpertBank(n_shared, rep_dim, expert_dim, impl=impl)
+            self.shared = ExpertBank(n_shared, rep_dim, expert_dim, expert_impl=self.expert_impl)
             n_gate = n_shared
-            self.domain_experts = ExpertBank(n_domains, rep_dim, expert_dim, impl=impl) if use_domain_module else None
-            self.task_experts = ExpertBank(n_tasks, rep_dim, expert_dim, impl=impl) if use_task_module else None
+            self.domain_experts = ExpertBank(n_domains, rep_dim, expert_dim, expert_impl=self.expert_impl) if use_domain_module else None
+            self.task_experts = ExpertBank(n_tasks, rep_dim, expert_dim, expert_impl=self.expert_impl) if use_task_module else None
         self.shared_gate_weight = nn.Parameter(torch.randn(n_heads, rep_dim, n_gate) * 0.01)
         self.shared_gate_bias = nn.Parameter(torch.zeros(n_heads, n_gate))
         # fusion scalars (pre-sigmoid): α domain, α task, β domain, β task (one each, or one per domain / task)
@@ -579,7 +482,7 @@ class M3oE(_CTRModel):
                 setattr(self, nm, nn.Parameter(torch.full((n,), float(cfg["fusion_init"]))))
         tower_in = expert_dim * (1 + (fusion == "concat") * ((n_dom > 0) + (n_task > 0)))
         hidden = cfg["tower_hidden"] or expert_dim
-        self.tower = RoutedMLP(n_heads, [tower_in, hidden, 1], impl=impl, layer_norm=cfg["tower_layer_norm"])
+        self.tower = RoutedMLP(n_heads, [tower_in, hidden, 1], expert_impl=self.expert_impl, layer_norm=cfg["tower_layer_norm"])
 
     def fusion_parameters(self) -> List[nn.Parameter]:
         """The α/β scalars (empty with fixed_fusion)."""
@@ -674,8 +577,8 @@ class M3REC(_CTRModel):
 
     def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, user_field=0, item_field=1, item_sparse_fields=(),
                  item_dense_cols=(), emb_dim=16, n_shared=2, expert_dim=64, tower=(32,), cold_prob=0.1,
-                 min_item_count=1, n_heads_attn=2, use_generator=True, impl="fused", **_):
-        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, impl)
+                 min_item_count=1, n_heads_attn=2, use_generator=True, expert_impl="fused", **_):
+        super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         self.user_field, self.item_field, self.cold_prob, self.min_item_count = user_field, item_field, cold_prob, min_item_count
         self.item_side_fields = [f for f in item_sparse_fields if f != item_field]
         self.item_dense_cols = list(item_dense_cols)
@@ -683,7 +586,7 @@ class M3REC(_CTRModel):
         # MIEG
         gen_in = emb_dim * len(self.item_side_fields) + len(self.item_dense_cols)
         self.use_generator = use_generator  # False: the ablation without MIEG (every item its id embedding alone)
-        self.generator = RoutedMLP(1, [max(gen_in, 1), 2 * emb_dim, emb_dim], impl=impl) if use_generator else None
+        self.generator = RoutedMLP(1, [max(gen_in, 1), 2 * emb_dim, emb_dim], expert_impl=self.expert_impl) if use_generator else None
         self.register_buffer("item_seen", torch.ones(n_items))
         # UPT
         self.user_scenario = nn.Embedding(n_users * n_domains, emb_dim)
@@ -694,11 +597,11 @@ class M3REC(_CTRModel):
         # backbone + aggregate gates
         d = self.embedding.out_dim
         self.scenario_emb = nn.Embedding(n_domains, emb_dim)
-        self.shared = ExpertBank(n_shared, d, expert_dim, impl=impl)
-        self.scenario_experts = ExpertBank(n_domains, d, expert_dim, impl=impl)
+        self.shared = ExpertBank(n_shared, d, expert_dim, expert_impl=self.expert_impl)
+        self.scenario_experts = ExpertBank(n_domains, d, expert_dim, expert_impl=self.expert_impl)
         self.gate = nn.Linear(d + emb_dim, n_tasks * (n_shared + 1))
         self.n_shared = n_shared
-        self.tower = RoutedMLP(n_tasks, [expert_dim + emb_dim, *tower, 1], impl=impl)
+        self.tower = RoutedMLP(n_tasks, [expert_dim + emb_dim, *tower, 1], expert_impl=self.expert_impl)
 
     def fit_item_counts(self, item_ids: Tensor) -> None:
         """Marks the items seen at least `min_item_count` times in training (call with the training item ids)."""
@@ -754,9 +657,11 @@ _BASE = {"mlp": MLPPerHead, "sharedbottom": SharedBottom, "mmoe": MMoE, "ple": P
          "m3rec": M3REC, "adatt": AdaTT, "adatt-sp": AdaTT, "m2m": M2M}
 
 
-def build_model(name: str, data, *, setting: str = "mdmt", impl: str = "fused", **kwargs) -> nn.Module:
+def build_model(name: str, data, *, setting: str = "mdmt", expert_impl: str = "fused", **kwargs) -> nn.Module:
     """Model `name` for a CTRData's shapes. `setting` ("mdmt", "mtl", "mdl") applies to the baselines
-    sharedbottom, mmoe, ple, star; mlp is per (domain, task) already, m3oe/m3rec are mdmt by design."""
+    sharedbottom, mmoe, ple, star; mlp is per (domain, task) already, m3oe/m3rec are mdmt by design.
+    `expert_impl`: "fused" or "loop" (`impl=` is its deprecated spelling)."""
+    expert_impl = resolve_expert_impl(expert_impl, kwargs)
     key = name.lower()
     if key not in _BASE:
         raise ValueError(f"unknown model {name!r} (one of {', '.join(MODEL_NAMES)})")
@@ -770,7 +675,7 @@ def build_model(name: str, data, *, setting: str = "mdmt", impl: str = "fused", 
         extra.update(user_field=data.user_field if data.user_field is not None else 0,
                      item_field=data.item_field if data.item_field is not None else 1,
                      item_sparse_fields=data.item_sparse_fields, item_dense_cols=data.item_dense_cols)
-    make = lambda nd, nt: cls(data.field_dims, data.n_dense, nd, nt, impl=impl, **extra)  # noqa: E731
+    make = lambda nd, nt: cls(data.field_dims, data.n_dense, nd, nt, expert_impl=expert_impl, **extra)  # noqa: E731
     if setting == "mdmt" or key in MDMT_ONLY:
         model = make(data.n_domains, data.n_tasks)
     else:

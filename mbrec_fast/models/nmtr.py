@@ -12,9 +12,10 @@ cascade-aware part) or "cascade" (a level mixture, see `mbrec_fast.models._batch
 
 The per-behavior MLP towers are routed experts: every (example, head s <= r) pair is one row routed to
 expert s, so an example at behavior r runs exactly the r + 1 heads its cascaded logit needs. By default
-each layer is either the package's fused `mbrec_fast.routed_experts` op or a grouped GEMM in PyTorch
-(rows grouped by head, one GEMM per head; same math). `fused_experts=None` (default) picks the fused op
-on CUDA and the PyTorch path on CPU, where the two measured within noise of each other. Evaluation does not route:
+each layer is either the package's fused `mbrec_fast.routed_experts` op (`expert_impl="fused"`) or its loop twin
+`mbrec_fast.reference.experts.routed_linear_ref` (`expert_impl="loop"`: rows grouped by head, one GEMM per head;
+same math). `expert_impl=None` (default) picks the fused op on CUDA and the loop on CPU, where the two measured
+within noise of each other. Evaluation does not route:
 for a [users x items] block every head is needed, and the first layer splits into a user half and an
 item half (one broadcast add instead of a [b * n, 2d] GEMM), which routed rows cannot express.
 """
@@ -27,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..experts import routed_experts
+from ..nn.bank import check_expert_impl, warn_deprecated
+from ..reference.experts import routed_linear_ref
 from ._batches import PairBatches, default_level_probs
 from .base import MultiBehaviorModel, Scorer
 from .lightgcn import check_model_kwargs
@@ -34,22 +38,6 @@ from .lightgcn import check_model_kwargs
 __all__ = ["NMTR", "INTERACTIONS"]
 
 INTERACTIONS = ("gmf", "mlp", "neumf")
-
-
-def _routed_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, route: torch.Tensor,
-                         relu: bool) -> torch.Tensor:
-    """out[j] = act(x[j] @ weight[route[j]] + bias[route[j]]): rows grouped by expert, one GEMM each."""
-    out = x.new_empty(x.shape[0], weight.shape[2])
-    for e in range(weight.shape[0]):
-        sel = torch.nonzero(route == e).flatten()
-        if sel.numel():
-            out = out.index_copy(0, sel, torch.addmm(bias[e], x.index_select(0, sel), weight[e]))
-    return torch.relu(out) if relu else out
-
-
-def _routed_linear_fused(x, weight, bias, route, relu: bool) -> torch.Tensor:
-    from ..experts import routed_experts
-    return routed_experts(x, weight, bias, route, activation="relu" if relu else "none")
 
 
 class NMTR(MultiBehaviorModel):
@@ -61,7 +49,8 @@ class NMTR(MultiBehaviorModel):
     loss_weights: lambda_r per behavior (normalized to sum 1; default equal). The batch loss is
     R * mean_j(lambda_{r_j} * BCE_j), i.e. the plain mean BCE when the weights are equal.
     neg_mode: sampler mode "exclusive" (paper) or "cascade" with `level_probs` [R, R].
-    fused_experts: True / False forces the fused routed-experts op / the PyTorch path for the towers.
+    expert_impl: "fused" / "loop" forces the fused routed-experts op / its loop twin for the towers (None: fused on
+    CUDA, loop on CPU). `fused_experts` (True / False / None) is its deprecated spelling.
     reg: L2 on the embedding rows of a batch (per example).
     """
 
@@ -71,7 +60,7 @@ class NMTR(MultiBehaviorModel):
     def __init__(self, n_users: int, n_items: int, n_behaviors: int, dim: int = 64, interaction: str = "neumf",
                  mlp_layers: int = 3, loss_weights: Optional[Sequence[float]] = None, neg_ratio: int = 4,
                  reg: float = 0.0, neg_mode: str = "exclusive", level_probs=None, eval_user_block: int = 64,
-                 fused_experts: Optional[bool] = None):
+                 expert_impl: Optional[str] = None, fused_experts: Optional[bool] = None):
         super().__init__()
         if interaction not in INTERACTIONS:
             raise ValueError(f"interaction must be one of {INTERACTIONS}, got {interaction!r}")
@@ -88,7 +77,12 @@ class NMTR(MultiBehaviorModel):
                              f"got {list(loss_weights)}")
         self.n_users, self.n_items, self.n_behaviors, self.dim = n_users, n_items, n_behaviors, dim
         self.interaction, self.neg_ratio, self.reg, self.neg_mode = interaction, neg_ratio, reg, neg_mode
-        self.eval_user_block, self.fused_experts = eval_user_block, fused_experts
+        self.eval_user_block, self.expert_impl = eval_user_block, expert_impl
+        if expert_impl is not None:
+            check_expert_impl(expert_impl)
+        if fused_experts is not None:
+            warn_deprecated("fused_experts=", "expert_impl=")
+            self.fused_experts = fused_experts
         self.register_buffer("loss_weights", (weights / weights.sum()).float(), persistent=False)
         self.level_probs = None
         if neg_mode == "cascade":
@@ -128,12 +122,21 @@ class NMTR(MultiBehaviorModel):
         check_model_kwargs(cls, kwargs)
         return cls(data.n_users, data.n_items, data.n_behaviors, dim=dim, reg=reg, neg_ratio=neg_ratio, **kwargs)
 
+    @property
+    def fused_experts(self) -> Optional[bool]:
+        """Deprecated spelling of `expert_impl`: True = "fused", False = "loop", None = by device."""
+        return None if self.expert_impl is None else self.expert_impl == "fused"
+
+    @fused_experts.setter
+    def fused_experts(self, value: Optional[bool]) -> None:
+        self.expert_impl = None if value is None else ("fused" if value else "loop")
+
     # ------------------------------------------------------------------------------ scores
     def _tower(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        fused = self.fused_experts if self.fused_experts is not None else x.is_cuda
-        layer = _routed_linear_fused if fused else _routed_linear_torch
+        impl = self.expert_impl if self.expert_impl is not None else ("fused" if x.is_cuda else "loop")
         for w, b in zip(self.mlp_weight, self.mlp_bias):
-            x = layer(x, w, b, route, True)
+            x = routed_experts(x, w, b, route, activation="relu") if impl == "fused" else \
+                routed_linear_ref(x, w, b, route, True)
         return x
 
     def logits(self, users: torch.Tensor, items: torch.Tensor, behaviors) -> torch.Tensor:

@@ -50,6 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..experts import gated_experts
+from ..nn.bank import check_expert_impl, resolve_expert_impl
+from ..reference.experts import gated_heads_ref
 from .sasrec import CausalEncoder, histories_to_inputs, sampled_softmax_loss
 
 __all__ = ["SyNCRec", "gap_weights", "mix_expert_heads"]
@@ -92,9 +94,7 @@ class SyNCRec(nn.Module):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.warmup_steps = warmup_steps
-        if expert_impl not in ("fused", "loop"):
-            raise ValueError(f"expert_impl must be 'fused' or 'loop', got {expert_impl!r}")
-        self.expert_impl = expert_impl
+        self.expert_impl = check_expert_impl(expert_impl)
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"r must lie in [0, 1], got {r}")
         if not 0.0 <= momentum < 1.0:
@@ -182,7 +182,7 @@ class SyNCRec(nn.Module):
             keep[own] = True
             shape = (-1,) + (1,) * (p.dim() - 1)
             params.append(torch.where(keep.view(shape), p, p.detach()))   # the other group's heads: no gradient
-        return self.out_norm(mix_expert_heads(trunks, gates, *params, impl=self.expert_impl))
+        return self.out_norm(mix_expert_heads(trunks, gates, *params, expert_impl=self.expert_impl))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Cross-domain hidden states [B, L, d] (the prediction path)."""
@@ -316,19 +316,20 @@ class SyNCRec(nn.Module):
 
 
 def mix_expert_heads(trunks: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, impl: str = "fused") -> torch.Tensor:
+                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, expert_impl: str = "fused",
+                     **deprecated) -> torch.Tensor:
     """sum_e gates[..., e] * LayerNorm(trunks[..., e, :] @ weight[e] + bias[e]) for trunks [B, L, E, d], gates
-    [B, L, E]: one `gated_experts` call ("fused") or a Python loop over the experts ("loop", plain PyTorch)."""
+    [B, L, E]: one `gated_experts` call ("fused") or the loop twin `reference.experts.gated_heads_ref` ("loop").
+    `impl=` is the deprecated spelling of `expert_impl=`."""
+    expert_impl = resolve_expert_impl(expert_impl, deprecated)
+    if deprecated:
+        raise TypeError(f"unexpected keyword arguments {sorted(deprecated)}")
     B, L, E, d = trunks.shape
-    if impl == "fused":
+    if check_expert_impl(expert_impl) == "fused":
         xe = trunks.reshape(B * L, E, d).transpose(0, 1).contiguous()   # [E, B*L, d]
         return gated_experts(xe, weight, bias, gates=gates.reshape(1, B * L, E), ln_weight=ln_weight,
                              ln_bias=ln_bias, activation="none")[0].view(B, L, d)
-    mixed = trunks.new_zeros(B, L, d)
-    for e in range(E):
-        head = F.layer_norm(trunks[:, :, e] @ weight[e] + bias[e], (d,)) * ln_weight[e] + ln_bias[e]
-        mixed = mixed + gates[..., e:e + 1] * head
-    return mixed
+    return gated_heads_ref(trunks, gates, weight, bias, ln_weight, ln_bias)
 
 
 def _domain_means(loss: torch.Tensor, valid: torch.Tensor, dom: torch.Tensor,

@@ -1,5 +1,7 @@
-"""Expert-layer modules on the fused ops: MMoE (`GatedExperts`), `CGC` / `PLE`, `RoutedExperts` (STAR, MEMBER,
-SyNCRec paths) and `DomainTaskExperts` (M3oE), plus `from_loop` to convert loop-style modules.
+"""Multi-layer expert modules on the fused ops: MMoE (`GatedExperts`), `CGC` / `PLE`, `RoutedExperts` (STAR, MEMBER,
+SyNCRec paths) and `DomainTaskExperts` (M3oE), plus `from_loop` to convert loop-style modules, and the CGC / PLE gate
+masks and per-input gates that the multi-domain PLE model shares. One-layer banks and the `expert_impl` switch are
+in `mbrec_fast.nn.bank`.
 
 Multi-layer experts (``expert_hidden=[h1, ..., hL]``): layers 1..L-1 of all experts run as one batched GEMM that
 keeps the per-expert hidden state [E, B, h] (the first from the shared X, then `baddbmm`); the last layer is fused
@@ -15,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._experts_torch import activate
 from ..experts import gated_experts, routed_experts, ACTIVATIONS
 
-__all__ = ["ExpertStack", "GatedExperts", "CGC", "PLE", "RoutedExperts", "DomainTaskExperts", "from_loop"]
+__all__ = ["ExpertStack", "GatedExperts", "CGC", "PLE", "RoutedExperts", "DomainTaskExperts", "from_loop",
+           "cgc_gate_mask", "cgc_expert_inputs", "per_input_gates"]
 
 Hidden = Union[int, Sequence[int]]
 
@@ -93,7 +97,7 @@ class ExpertStack(nn.Module):
         if self.layer_norm:
             y = F.layer_norm(y, (y.shape[-1],), None, None, self.ln_eps) * self.ln_weight[i].unsqueeze(1) \
                 + self.ln_bias[i].unsqueeze(1)
-        y = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu}.get(self.activation, lambda t: t)(y)
+        y = activate(y, self.activation)
         return F.dropout(y, self.dropout, self.training)
 
     def hidden(self, x: Tensor) -> Tensor:
@@ -156,6 +160,32 @@ class GatedExperts(nn.Module):
         return gated_experts(h, ex.weight[last], gates=gates, **ex.layer(last))
 
 
+def cgc_gate_mask(n_shared: int, n_specific: int, n_tasks: int, output_shared: bool) -> Tensor:
+    """CGC / PLE gate masks, bool [n_tasks (+1), E] over the experts [shared..., task 0's..., task 1's..., ...]:
+    task t's gate sees the shared experts and its own; the shared gate (row n_tasks, with `output_shared`) sees all."""
+    E = n_shared + n_specific * n_tasks
+    mask = torch.zeros(n_tasks + int(output_shared), E, dtype=torch.bool)
+    mask[:, :n_shared] = True
+    for t in range(n_tasks):
+        mask[t, n_shared + t * n_specific:n_shared + (t + 1) * n_specific] = True
+    if output_shared:
+        mask[n_tasks] = True
+    return mask
+
+
+def cgc_expert_inputs(n_shared: int, n_specific: int, n_tasks: int) -> Tensor:
+    """Which per-task input each CGC expert reads at levels >= 2 (long [E]): shared experts read the shared input
+    (index n_tasks), task t's experts read task t's."""
+    return torch.tensor([n_tasks] * n_shared + [t for t in range(n_tasks) for _ in range(n_specific)],
+                        dtype=torch.long)
+
+
+def per_input_gates(x: Tensor, gate_weight: Tensor, gate_bias: Tensor, gate_mask: Tensor) -> Tensor:
+    """Masked softmax gates [G, B, E] where gate g reads its own input x[g] ([G, B, D]; PLE levels >= 2)."""
+    logits = torch.einsum("gbd,gde->gbe", x, gate_weight) + gate_bias.unsqueeze(1)
+    return torch.softmax(logits.masked_fill(~gate_mask.unsqueeze(1), float("-inf")), -1)
+
+
 class CGC(nn.Module):
     """Customized Gate Control (PLE's extraction layer): shared experts plus ``n_specific_experts`` per task; task
     t's gate mixes the shared experts and its own. With ``output_shared=True`` (inner PLE levels) one more gate
@@ -175,16 +205,11 @@ class CGC(nn.Module):
             raise ValueError("CGC needs at least one expert (n_shared_experts + n_specific_experts * num_tasks > 0)")
         E = S + P * T
         n_out = T + int(output_shared)
-        mask = torch.zeros(n_out, E, dtype=torch.bool)
-        mask[:, :S] = True
-        for t in range(T):
-            mask[t, S + t * P:S + (t + 1) * P] = True
-        if output_shared:
-            mask[T] = True
+        mask = cgc_gate_mask(S, P, T, output_shared)
         if not bool(mask.any(1).all()):
             raise ValueError("with n_shared_experts = 0, n_specific_experts must be >= 1")
         # input index per expert / per gate when inputs are per task: shared experts and gate read input T.
-        expert_input = torch.tensor([T] * S + [t for t in range(T) for _ in range(P)], dtype=torch.long)
+        expert_input = cgc_expert_inputs(S, P, T)
         gate_input = torch.arange(n_out)
         self.num_tasks, self.output_shared = T, output_shared
         self.mix = GatedExperts(input_dim, expert_hidden, E, n_out, activation, layer_norm, dropout, gate_mask=mask)
@@ -203,9 +228,7 @@ class CGC(nn.Module):
             raise ValueError(f"per-task CGC input must be [num_tasks + 1 = {T + 1}, B, D], got {tuple(x.shape)}")
         m = self.mix
         gx = x.index_select(0, self.gate_input.clamp(max=T))  # gate t reads task t's input; shared gate reads x[T]
-        logits = torch.einsum("tbd,tde->tbe", gx, m.gate_weight) + m.gate_bias.unsqueeze(1)
-        logits = logits.masked_fill(~m.gate_mask.unsqueeze(1), float("-inf"))
-        gates = torch.softmax(logits, dim=-1)
+        gates = per_input_gates(gx, m.gate_weight, m.gate_bias, m.gate_mask)
         xe = x.index_select(0, self.expert_input)  # [E, B, D]
         ex = m.experts
         last = len(ex.dims) - 1

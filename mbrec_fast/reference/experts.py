@@ -1,7 +1,9 @@
-"""Loop-of-experts reference for `gated_experts` / `routed_experts` (the pattern used by torch-rechub,
-DeepCTR-Torch, FuxiCTR: one small GEMM per expert in a Python loop, stack, softmax gate, bmm per task).
+"""Loop-of-experts twins of the fused expert ops and modules (the pattern used by torch-rechub, DeepCTR-Torch,
+FuxiCTR: one small GEMM per expert in a Python loop, stack, softmax gate, mix per task).
 
-Plain autograd code in the input dtype: slow and simple on purpose.
+They are the references of the tests and the `expert_impl="loop"` path of every module and model in
+`mbrec_fast.nn` / `mbrec_fast.models` (the same parameters run through a Python loop). Plain autograd code in the
+input dtype: slow and simple on purpose.
 """
 from __future__ import annotations
 
@@ -11,22 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["gated_experts_ref", "routed_experts_ref", "LoopGatedExperts"]
+from .._experts_torch import activate
+
+__all__ = ["expert_ref", "gated_experts_ref", "routed_experts_ref", "routed_linear_ref", "gated_heads_ref",
+           "LoopGatedExperts"]
 
 
-def _expert(xe: Tensor, w: Tensor, b: Optional[Tensor], lnw, lnb, eps: float, activation: str) -> Tensor:
+def expert_ref(xe: Tensor, w: Tensor, b: Optional[Tensor], lnw=None, lnb=None, eps: float = 1e-5,
+               activation: str = "relu") -> Tensor:
+    """One expert: ``act(LayerNorm(xe @ w + b))`` (LayerNorm when lnw or lnb is given)."""
     h = xe @ w
     if b is not None:
         h = h + b
     if lnw is not None or lnb is not None:
         h = F.layer_norm(h, (h.shape[-1],), lnw, lnb, eps)
-    if activation == "relu":
-        return torch.relu(h)
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "silu":
-        return F.silu(h)
-    return h
+    return activate(h, activation)
 
 
 def gated_experts_ref(x, weight, bias=None, *, gates=None, gate_weight=None, gate_bias=None, gate_mask=None,
@@ -36,21 +37,18 @@ def gated_experts_ref(x, weight, bias=None, *, gates=None, gate_weight=None, gat
     outs = []
     for e in range(E):
         xe = x if x.dim() == 2 else x[e]
-        outs.append(_expert(xe, weight[e], None if bias is None else bias[e],
+        outs.append(expert_ref(xe, weight[e], None if bias is None else bias[e],
                             None if ln_weight is None else ln_weight[e], None if ln_bias is None else ln_bias[e],
                             ln_eps, activation))
     stacked = torch.stack(outs, dim=1)  # [B, E, H]
     if gates is None:
-        mixes = []
-        for t in range(gate_weight.shape[0]):
-            logits = x @ gate_weight[t]
-            if gate_bias is not None:
-                logits = logits + gate_bias[t]
-            if gate_mask is not None:
-                logits = logits.masked_fill(~gate_mask[t], float("-inf"))
-            mixes.append(torch.softmax(logits, dim=-1))
-        gates = torch.stack(mixes)
-    return torch.stack([torch.bmm(gates[t].unsqueeze(1), stacked).squeeze(1) for t in range(gates.shape[0])])
+        logits = torch.einsum("bd,gde->gbe", x, gate_weight)
+        if gate_bias is not None:
+            logits = logits + gate_bias.unsqueeze(1)
+        if gate_mask is not None:
+            logits = logits.masked_fill(~gate_mask.unsqueeze(1), float("-inf"))
+        gates = torch.softmax(logits, -1)
+    return torch.einsum("gbe,beh->gbh", gates, stacked)
 
 
 def routed_experts_ref(x, weight, bias, route, route_weight=None, *, ln_weight=None, ln_bias=None, ln_eps=1e-5,
@@ -66,12 +64,35 @@ def routed_experts_ref(x, weight, bias, route, route_weight=None, *, ln_weight=N
         rows = hit.any(1).nonzero().flatten()
         if rows.numel() == 0:
             continue
-        h = _expert(x[rows], weight[e], None if bias is None else bias[e],
+        h = expert_ref(x[rows], weight[e], None if bias is None else bias[e],
                     None if ln_weight is None else ln_weight[e], None if ln_bias is None else ln_bias[e],
                     ln_eps, activation)
         w = hit[rows].to(x.dtype) if route_weight is None else (hit[rows] * route_weight[rows])
         out = out.index_add(0, rows, h * w.sum(1, keepdim=True))
     return out
+
+
+def routed_linear_ref(x: Tensor, weight: Tensor, bias: Tensor, route: Tensor, relu: bool) -> Tensor:
+    """``out[j] = act(x[j] @ weight[route[j]] + bias[route[j]])`` for route [B] (top-1, no LayerNorm, relu or
+    none): rows grouped by expert, one addmm each (NMTR's towers on CPU, where it is as fast as the fused op)."""
+    out = x.new_empty(x.shape[0], weight.shape[2])
+    for e in range(weight.shape[0]):
+        sel = torch.nonzero(route == e).flatten()
+        if sel.numel():
+            out = out.index_copy(0, sel, torch.addmm(bias[e], x.index_select(0, sel), weight[e]))
+    return torch.relu(out) if relu else out
+
+
+def gated_heads_ref(trunks: Tensor, gates: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor,
+                    ln_bias: Tensor) -> Tensor:
+    """``sum_e gates[..., e] * LayerNorm(trunks[..., e, :] @ weight[e] + bias[e])`` for trunks [B, L, E, d] and
+    gates [B, L, E] (SyNCRec's expert heads and mixture), one expert at a time."""
+    B, L, E, d = trunks.shape
+    mixed = trunks.new_zeros(B, L, d)
+    for e in range(E):
+        head = F.layer_norm(trunks[:, :, e] @ weight[e] + bias[e], (d,)) * ln_weight[e] + ln_bias[e]
+        mixed = mixed + gates[..., e:e + 1] * head
+    return mixed
 
 
 class LoopGatedExperts(nn.Module):

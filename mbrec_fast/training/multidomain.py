@@ -91,7 +91,9 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--no-task-module", action="store_true", help="M3oE ablation")
     p.add_argument("--cold-prob", type=float, default=0.1, help="M3REC: id-dropout rate of the meta item generator")
     p.add_argument("--no-generator", action="store_true", help="M3REC ablation: no meta item-embedding generator")
-    p.add_argument("--impl", default="fused", choices=["fused", "loop"], help="expert layers: fused ops or a Python loop")
+    # dest stays "impl": the key under which run configs and checkpoints store it
+    p.add_argument("--expert-impl", "--impl", dest="impl", default="fused", choices=["fused", "loop"],
+                   help="expert layers: fused ops or the loop-of-experts reference (--impl: deprecated spelling)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
     add_run_dir(p, "run_dir", "runs/<model>-<setting>-<data>-s<seed>")
     add_resume(p)
@@ -281,7 +283,7 @@ def run_training(args: argparse.Namespace, data: Optional[CTRData] = None, progr
     device = torch.device(args.device)
     train, valid, test = train.to(device), valid.to(device), test.to(device)
     seed_everything(args.seed)
-    model = build_model(args.model, data, setting=args.setting, impl=args.impl, **_model_kwargs(args)).to(device)
+    model = build_model(args.model, data, setting=args.setting, expert_impl=args.impl, **_model_kwargs(args)).to(device)
     if isinstance(model, M3REC):
         model.fit_item_counts(train.sparse[:, model.item_field])
     main_opt, fusion_opt = _optimizers(model, args)
@@ -365,7 +367,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         args.data_path = a.data_path
     data = load_data(args)
     splits = dict(zip(("train", "valid", "test"), _split(data, args)))
-    model = build_model(args.model, data, setting=args.setting, impl=args.impl, **_model_kwargs(args))
+    model = build_model(args.model, data, setting=args.setting, expert_impl=args.impl, **_model_kwargs(args))
     model.load_state_dict(ckpt["model"])
     metrics = evaluate_split(model, splits[a.split], progress=progress_enabled(False if a.no_progress else None))
     _print_metrics(metrics, data.task_names, data.n_domains)

@@ -1,0 +1,359 @@
+"""The torch implementation of the expert ops (their CPU kernels, and the CUDA kernels' fp64 path) and the
+helpers the Triton launchers share (route sorting, value checks).
+
+A leaf module: it imports neither `mbrec_fast._experts_ops` (which registers these functions as the ops' default
+kernels) nor `mbrec_fast.kernels` (the Triton launchers, which import from here), so there is no import circle.
+
+The default implementation of every op is the "concatenated-weights" path: all experts share X, so the E small
+GEMMs become ONE GEMM of X[B, D] against the expert weights laid side by side [D, E*H]; bias is folded into that
+GEMM (addmm), then LayerNorm, activation and the gated reduction run on the [B, E, H] block. The forward stores one
+fp32 [B, E, H] tensor (the size of the expert outputs) and the gate probabilities [T, B, E]: for relu/none without
+LayerNorm it is the activation itself (relu applied in place to the GEMM output; its derivative follows from it, so
+the backward recomputes nothing), otherwise the pre-activation, from which the backward recomputes
+LayerNorm/activation.
+
+Computation is always in fp32 (fp16/bf16 inputs are upcast; fp32 accumulation), outputs and gradients are cast
+back to the dtype of the tensor they belong to.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ACTIVATIONS", "EMPTY_SHAPE", "activate", "compute_dtype", "check_finite_value", "sort_routes",
+           "check_route", "gated_experts_fwd_torch", "gated_experts_bwd_torch", "routed_experts_fwd_torch",
+           "routed_experts_bwd_torch"]
+
+
+ACTIVATIONS = ("none", "relu", "gelu", "silu")
+EMPTY_SHAPE = (0,)  # the shape of an absent gradient / absent gate probabilities
+
+
+def activate(y: Tensor, activation: str) -> Tensor:
+    """The expert activation by name: "relu", "gelu" (exact erf), "silu" or "none" (identity)."""
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "silu":
+        return F.silu(y)
+    return y
+
+
+def _act_grad(y: Tensor, activation: str) -> Optional[Tensor]:
+    """Derivative of the activation at y (None for the identity)."""
+    if activation == "relu":
+        return (y > 0).to(y.dtype)
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(y * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * y * y) * 0.3989422804014327
+        return cdf + y * pdf
+    if activation == "silu":
+        s = torch.sigmoid(y)
+        return s * (1.0 + y * (1.0 - s))
+    return None
+
+
+def _layer_norm_stats(pre: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """Normalized values and 1/std over the last dim (fp32)."""
+    # native_layer_norm is one fused pass; var_mean + arithmetic was ~4x slower on CPU.
+    normed, _, rstd = torch.native_layer_norm(pre, [pre.shape[-1]], None, None, eps)
+    return normed, rstd
+
+
+def _has_ln(ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
+    return ln_weight is not None or ln_bias is not None
+
+
+def _empty_like_dtype(ref: Tensor) -> Tensor:
+    return ref.new_empty(EMPTY_SHAPE)
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """Compute dtype: fp64 stays fp64 (gradcheck), everything else runs in fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_finite_value(t: Optional[Tensor], name: str) -> None:
+    if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def _gate_probs(x32: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], gate_mask: Optional[Tensor]) -> Tensor:
+    """Masked softmax gate probabilities [B, T, E] (fp32) from X[B, D], Wg[T, D, E], bg[T, E]."""
+    T, D, E = gate_weight.shape
+    x = x32
+    wg = gate_weight.to(compute_dtype(x)).permute(1, 0, 2).reshape(D, T * E)
+    if gate_bias is not None:
+        logits = torch.addmm(gate_bias.to(compute_dtype(x)).reshape(T * E), x32, wg)
+    else:
+        logits = x32 @ wg
+    logits = logits.view(-1, T, E)
+    if gate_mask is not None:
+        logits = logits.masked_fill(~gate_mask.view(1, T, E), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _expert_pre(x32: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Pre-activation of every expert: [B, E, H] for shared X[B, D], [E, B, H] for per-expert X[E, B, D]."""
+    E, D, H = weight.shape
+    x = x32
+    if x32.dim() == 2:
+        w_cat = weight.to(compute_dtype(x)).permute(1, 0, 2).reshape(D, E * H)
+        if bias is not None:
+            pre = torch.addmm(bias.to(compute_dtype(x)).reshape(E * H), x32, w_cat)
+        else:
+            pre = x32 @ w_cat
+        return pre.view(x32.shape[0], E, H)
+    if bias is not None:
+        return torch.baddbmm(bias.to(compute_dtype(x)).unsqueeze(1), x32, weight.to(compute_dtype(x)))
+    return torch.bmm(x32, weight.to(compute_dtype(x)))
+
+
+def _normalize_activate(pre_beh: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], ln_eps: float,
+                        activation: str) -> Tensor:
+    """LayerNorm (per expert, over H) then activation on a [B, E, H] view."""
+    y = pre_beh
+    if _has_ln(ln_weight, ln_bias):
+        y, _ = _layer_norm_stats(y, ln_eps)
+        if ln_weight is not None:
+            y = y * ln_weight.to(y.dtype)
+        if ln_bias is not None:
+            y = y + ln_bias.to(y.dtype)
+    return activate(y, activation)
+
+
+def _saves_activation(activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
+    """The gated forward's saved tensor is the activation itself (relu or none, no LayerNorm: the derivative
+    follows from the output, so the backward recomputes nothing), else the pre-activation."""
+    return activation in ("relu", "none") and not _has_ln(ln_weight, ln_bias)
+
+
+def gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps,
+                            activation):
+    """Torch implementation of the gated forward (CPU kernel; the CUDA kernel for fp64 inputs)."""
+    check_finite_value(gates, "gates")
+    x32 = x.to(compute_dtype(x))
+    pre = _expert_pre(x32, weight, bias)
+    if _saves_activation(activation, ln_weight, ln_bias):
+        if activation == "relu":
+            pre = pre.relu_()  # the fresh GEMM output becomes the activation: no second [B, E, H] tensor
+        a = pre if x.dim() == 2 else pre.permute(1, 0, 2)
+    else:
+        pre_beh = pre if x.dim() == 2 else pre.permute(1, 0, 2)
+        a = _normalize_activate(pre_beh, ln_weight, ln_bias, ln_eps, activation)
+    if gates is None:
+        probs = _gate_probs(x32, gate_weight, gate_bias, gate_mask)  # [B, T, E]
+        g = probs
+        probs_out = probs.permute(1, 0, 2).contiguous()
+    else:
+        g = gates.to(compute_dtype(x)).permute(1, 0, 2)
+        probs_out = x.new_empty(EMPTY_SHAPE, dtype=compute_dtype(x))
+    out = torch.bmm(g, a)  # [B, T, H]
+    out = out.permute(1, 0, 2).to(x.dtype).contiguous()
+    return out, pre, probs_out
+
+
+def gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias,
+                            ln_eps, activation, pre, probs):
+    """Torch implementation of the gated backward (CPU kernel; the CUDA kernel's fp64 fallback)."""
+    E, D, H = weight.shape
+    shared = x.dim() == 2
+    x32 = x.to(compute_dtype(x))
+    g = probs.permute(1, 0, 2) if gates is None else gates.to(compute_dtype(x)).permute(1, 0, 2)  # [B, T, E]
+    go = grad_out.to(compute_dtype(x)).permute(1, 0, 2).contiguous()  # [B, T, H]
+    pre_beh = pre if shared else pre.permute(1, 0, 2)  # [B, E, H]
+    with_ln = _has_ln(ln_weight, ln_bias)
+    if with_ln:
+        xhat, ln_mean, rstd = torch.native_layer_norm(pre_beh, [H], None, None, ln_eps)
+        y = xhat * ln_weight.to(compute_dtype(x)) if ln_weight is not None else xhat
+        if ln_bias is not None:
+            y = y + ln_bias.to(compute_dtype(x))
+    else:
+        y = pre_beh
+    # relu/none without LayerNorm: `pre` holds the activation already (see _saves_activation)
+    a = y if _saves_activation(activation, ln_weight, ln_bias) else activate(y, activation)
+    d_a = torch.bmm(g.transpose(1, 2), go)  # [B, E, H]
+    d_g = torch.bmm(go, a.transpose(1, 2))  # [B, T, E]
+    if activation == "relu":  # one fused pass, in place: d_a where a > 0
+        dy = torch.ops.aten.threshold_backward.grad_input(d_a, a, 0, grad_input=d_a)
+    else:
+        dact = _act_grad(y, activation)
+        dy = d_a if dact is None else d_a.mul_(dact)
+    del a
+    d_lnw, d_lnb = _empty_like_dtype(x), _empty_like_dtype(x)
+    if with_ln:
+        if ln_weight is not None:
+            d_lnw = (dy * xhat).sum(0).to(ln_weight.dtype)
+            dxhat = dy * ln_weight.to(compute_dtype(x))
+        else:
+            dxhat = dy
+        if ln_bias is not None:
+            d_lnb = dy.sum(0).to(ln_bias.dtype)
+        # one fused pass (the loop's F.layer_norm backward uses the same kernel)
+        dpre = torch.ops.aten.native_layer_norm_backward(dxhat, pre_beh, [H], ln_mean, rstd, None, None,
+                                                         [True, False, False])[0]
+    else:
+        dpre = dy
+    if shared:
+        dpre2 = dpre.reshape(-1, E * H)
+        w_cat = weight.to(compute_dtype(x)).permute(1, 0, 2).reshape(D, E * H)
+        dx = dpre2 @ w_cat.t()
+        dw = (x32.t() @ dpre2).view(D, E, H).permute(1, 0, 2).contiguous()
+        db = dpre2.sum(0).view(E, H) if bias is not None else None
+    else:
+        dpre_e = dpre.permute(1, 0, 2)  # [E, B, H]
+        dx = torch.bmm(dpre_e, weight.to(compute_dtype(x)).transpose(1, 2))
+        dw = torch.bmm(x32.transpose(1, 2), dpre_e)
+        db = dpre_e.sum(1) if bias is not None else None
+    d_gates, d_gw, d_gb = _empty_like_dtype(x), _empty_like_dtype(x), _empty_like_dtype(x)
+    if gates is None:
+        T = gate_weight.shape[0]
+        d_logits = g * (d_g - (g * d_g).sum(-1, keepdim=True))  # softmax backward; masked entries have g = 0
+        d_logits2 = d_logits.reshape(-1, T * E)
+        wg = gate_weight.to(compute_dtype(x)).permute(1, 0, 2).reshape(D, T * E)
+        dx = dx.addmm_(d_logits2, wg.t())
+        d_gw = (x32.t() @ d_logits2).view(D, T, E).permute(1, 0, 2).contiguous().to(gate_weight.dtype)
+        if gate_bias is not None:
+            d_gb = d_logits.sum(0).to(gate_bias.dtype)
+    else:
+        d_gates = d_g.permute(1, 0, 2).contiguous().to(gates.dtype)
+    return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if db is None else db.to(bias.dtype), d_gates, d_gw, d_gb,
+            d_lnw, d_lnb]
+
+
+def sort_routes(route: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:
+    """(order [N], offsets [E+1]): flat (sample, slot) pairs sorted by expert id, and each expert's row range."""
+    flat = route.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=route.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
+
+
+def _row_ln_params(t: Optional[Tensor], sorted_expert: Tensor) -> Optional[Tensor]:
+    return None if t is None else t.to(compute_dtype(t)).index_select(0, sorted_expert)
+
+
+def check_route(route: Tensor, num_experts: int) -> None:
+    if route.numel():
+        lo, hi = int(route.min()), int(route.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"route ids must lie in [0, {num_experts}) (num_experts = weight.shape[0]), "
+                             f"found [{lo}, {hi}]")
+
+
+def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation):
+    """Torch implementation of the routed forward (CPU kernel; the CUDA kernel for fp64 inputs)."""
+    E, D, H = weight.shape
+    B, k = route.shape
+    check_route(route, E)
+    check_finite_value(route_weight, "route_weight")
+    order, offsets = sort_routes(route, E)
+    rows = torch.div(order, k, rounding_mode="floor")
+    xs = x.to(compute_dtype(x)).index_select(0, rows)
+    pre = xs.new_empty((B * k, H))
+    w32 = weight.to(compute_dtype(x))
+    b32 = None if bias is None else bias.to(compute_dtype(x))
+    bounds = offsets.tolist()
+    for e in range(E):
+        s, t = bounds[e], bounds[e + 1]
+        if t > s:
+            if b32 is not None:
+                torch.addmm(b32[e], xs[s:t], w32[e], out=pre[s:t])
+            else:
+                torch.mm(xs[s:t], w32[e], out=pre[s:t])
+    sorted_expert = route.reshape(-1).index_select(0, order)
+    if _saves_activation(activation, ln_weight, ln_bias):  # the saved tensor is the activation (as gated)
+        a = pre.relu_() if activation == "relu" else pre
+    else:
+        a = _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
+    if route_weight is not None:
+        a = a * route_weight.reshape(-1).to(compute_dtype(x)).index_select(0, order).unsqueeze(1)
+    out = a.new_zeros((B, H))
+    if k == 1:
+        out.index_copy_(0, rows, a)
+    else:
+        out.index_add_(0, rows, a)
+    return out.to(x.dtype), pre, order, offsets
+
+
+def _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation):
+    y = pre
+    if _has_ln(ln_weight, ln_bias):
+        y, _ = _layer_norm_stats(y, ln_eps)
+        if ln_weight is not None:
+            y = y * _row_ln_params(ln_weight, sorted_expert)
+        if ln_bias is not None:
+            y = y + _row_ln_params(ln_bias, sorted_expert)
+    return activate(y, activation)
+
+
+def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation,
+                             pre, order, offsets):
+    """Torch implementation of the routed backward (CPU kernel; the CUDA kernel's fp64 fallback)."""
+    E, D, H = weight.shape
+    B, k = route.shape
+    N = B * k
+    rows = torch.div(order, k, rounding_mode="floor")
+    sorted_expert = route.reshape(-1).index_select(0, order)
+    go = grad_out.to(compute_dtype(x)).index_select(0, rows)  # [N, H]
+    with_ln = _has_ln(ln_weight, ln_bias)
+    if with_ln:
+        xhat, ln_mean, rstd = torch.native_layer_norm(pre, [H], None, None, ln_eps)
+        lnw_rows = _row_ln_params(ln_weight, sorted_expert)
+        y = xhat * lnw_rows if ln_weight is not None else xhat
+        if ln_bias is not None:
+            y = y + _row_ln_params(ln_bias, sorted_expert)
+    else:
+        y = pre
+    d_rw = _empty_like_dtype(x)
+    if route_weight is not None:
+        # relu/none without LayerNorm: `pre` holds the activation already (see _saves_activation)
+        a = y if _saves_activation(activation, ln_weight, ln_bias) else activate(y, activation)
+        d_rw_sorted = (go * a).sum(-1)
+        del a
+        d_rw = torch.zeros(N, dtype=compute_dtype(x), device=x.device).index_copy_(0, order, d_rw_sorted)
+        d_rw = d_rw.view(B, k).to(route_weight.dtype)
+        go = go.mul_(route_weight.reshape(-1).to(compute_dtype(x)).index_select(0, order).unsqueeze(1))
+    if activation == "relu":  # one fused pass, in place (go is this function's own gathered copy): go where y > 0
+        dy = torch.ops.aten.threshold_backward.grad_input(go, y, 0, grad_input=go)
+    else:
+        dact = _act_grad(y, activation)
+        dy = go if dact is None else go * dact
+    d_lnw, d_lnb = _empty_like_dtype(x), _empty_like_dtype(x)
+    if with_ln:
+        if ln_weight is not None:
+            d_lnw = torch.zeros(E, H, dtype=compute_dtype(x), device=x.device).index_add_(0, sorted_expert, dy * xhat).to(ln_weight.dtype)
+            dxhat = dy * lnw_rows
+        else:
+            dxhat = dy
+        if ln_bias is not None:
+            d_lnb = torch.zeros(E, H, dtype=compute_dtype(x), device=x.device).index_add_(0, sorted_expert, dy).to(ln_bias.dtype)
+        # one fused pass (the loop's F.layer_norm backward uses the same kernel)
+        dpre = torch.ops.aten.native_layer_norm_backward(dxhat, pre, [H], ln_mean, rstd, None, None,
+                                                         [True, False, False])[0]
+    else:
+        dpre = dy
+    xs = x.to(compute_dtype(x)).index_select(0, rows)
+    w32 = weight.to(compute_dtype(x))
+    dxs = torch.empty(N, D, dtype=compute_dtype(x), device=x.device)
+    dw = torch.zeros(E, D, H, dtype=compute_dtype(x), device=x.device)
+    db = torch.zeros(E, H, dtype=compute_dtype(x), device=x.device)
+    bounds = offsets.tolist()
+    for e in range(E):
+        s, t = bounds[e], bounds[e + 1]
+        if t > s:
+            torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
+            torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
+            torch.sum(dpre[s:t], 0, out=db[e])
+    dx = torch.zeros(B, D, dtype=compute_dtype(x), device=x.device)
+    if k == 1:
+        dx.index_copy_(0, rows, dxs)
+    else:
+        dx.index_add_(0, rows, dxs)
+    return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw, d_lnw, d_lnb]
