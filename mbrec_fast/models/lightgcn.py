@@ -20,20 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import PairBatches
+from ..batching import PairBatches
+from ..csr import Csr, coo_to_csr, csr_rows, csr_to_coo
 from .base import MultiBehaviorModel, Scorer
 
 __all__ = ["BipartiteAdjacency", "lightgcn_propagate", "drop_edges", "csr_to_edges", "check_model_kwargs",
            "LightGCN"]
 
-Csr = Tuple[torch.Tensor, torch.Tensor]
-
-
-def csr_to_edges(csr: Csr) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) int64 of a CSR pair (indptr, indices)."""
-    indptr, indices = csr
-    rows = torch.repeat_interleave(torch.arange(indptr.numel() - 1, device=indptr.device), indptr.diff())
-    return rows, indices.long()
+csr_to_edges = csr_to_coo  # (rows, cols) int64 of a CSR pair; the old name of `mbrec_fast.csr.csr_to_coo`
 
 
 def drop_edges(users: torch.Tensor, items: torch.Tensor, rate: float,
@@ -95,17 +89,15 @@ class BipartiteAdjacency:
         if items.numel() and (int(items.min()) < 0 or int(items.max()) >= n_items):
             raise ValueError(f"items must lie in [0, {n_items})")
         self.n_users, self.n_items = int(n_users), int(n_items)
-        key = torch.unique(users * n_items + items)             # sorted by (user, item), de-duplicated
-        u, i = key // n_items, key % n_items
+        crow_u, i = coo_to_csr(users, items, n_users, n_items, torch.long)  # sorted by (user, item), de-duplicated
+        u = csr_rows((crow_u, i))
         deg_u = torch.bincount(u, minlength=n_users).to(dtype)
         deg_i = torch.bincount(i, minlength=n_items).to(dtype)
         val = (deg_u[u] * deg_i[i]).rsqrt()
-        crow_u = torch.zeros(n_users + 1, dtype=torch.long)
-        crow_u[1:] = torch.cumsum(torch.bincount(u, minlength=n_users), 0)
         order = torch.argsort(i * n_users + u)                   # item-major for the transpose
         crow_i = torch.zeros(n_items + 1, dtype=torch.long)
         crow_i[1:] = torch.cumsum(torch.bincount(i, minlength=n_items), 0)
-        self.n_edges = int(key.numel())
+        self.n_edges = int(i.numel())
         self._parts = {"ui": (crow_u, i, val), "iu": (crow_i, u[order], val[order])}
         self._cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -184,9 +176,8 @@ class LightGCN(MultiBehaviorModel):
         return lightgcn_propagate(self.adj, self.user_emb.weight, self.item_emb.weight, self.n_layers)
 
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
-        u, i = data.pairs(data.target)
-        return PairBatches(data.train, u, i, torch.full_like(u, data.target), batch_size=batch_size,
-                           num_neg=self.neg_ratio, seed=seed, epoch=epoch, mode="exclusive")
+        return PairBatches.of_behaviors(data.train, [data.target], batch_size=batch_size, num_neg=self.neg_ratio,
+                                        seed=seed, epoch=epoch, mode="exclusive")
 
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of (users[j], items[j]) with a fresh propagation (autograd on)."""

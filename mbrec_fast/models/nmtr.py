@@ -8,7 +8,7 @@ r (GMF, MLP or NeuMF); cascaded logits along the behavior order (weakest first)
 and a lambda-weighted sum of per-behavior pointwise log losses. Each training interaction (u, i, r) is a
 positive at behavior r with `neg_ratio` negatives from the sampler at behavior r: mode "exclusive"
 (the paper: any item u did not do at r, so an item u only viewed is a negative for "buy" - the
-cascade-aware part) or "cascade" (a level mixture, see `mbrec_fast.models._batches.default_level_probs`).
+cascade-aware part) or "cascade" (a level mixture, see `mbrec_fast.batching.default_level_probs`).
 
 The per-behavior MLP towers are routed experts: every (example, head s <= r) pair is one row routed to
 expert s, so an example at behavior r runs exactly the r + 1 heads its cascaded logit needs. By default
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import PairBatches, default_level_probs
+from ..batching import PairBatches, default_level_probs
 from .base import MultiBehaviorModel, Scorer
 from .lightgcn import check_model_kwargs
 
@@ -205,15 +205,9 @@ class NMTR(MultiBehaviorModel):
     # ------------------------------------------------------------------------------ training
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
         """Every training (u, i, r) once per epoch as a positive at r, with `neg_ratio` negatives at r."""
-        us, its, bs = [], [], []
-        for r in range(data.n_behaviors):
-            u, i = data.pairs(r)
-            us.append(u)
-            its.append(i)
-            bs.append(torch.full_like(u, r))
-        return PairBatches(data.train, torch.cat(us), torch.cat(its), torch.cat(bs), batch_size=batch_size,
-                           num_neg=self.neg_ratio, seed=seed, epoch=epoch, mode=self.neg_mode,
-                           level_probs=self.level_probs)
+        return PairBatches.of_behaviors(data.train, range(data.n_behaviors), batch_size=batch_size,
+                                        num_neg=self.neg_ratio, seed=seed, epoch=epoch, mode=self.neg_mode,
+                                        level_probs=self.level_probs)
 
     def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         dev = self.user_emb.weight.device
