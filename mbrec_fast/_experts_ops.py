@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_finite
+
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
 _EMPTY = (0,)
 
@@ -78,8 +80,8 @@ def _cdt(t: Tensor) -> torch.dtype:
 
 
 def _check_finite_value(t: Optional[Tensor], name: str) -> None:
-    if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    if t is not None:
+        check_finite(t, name)  # the package's one finiteness check (mbrec_fast/_checks.py)
 
 
 # ------------------------------------------------------------------------------------------------ gated: fwd

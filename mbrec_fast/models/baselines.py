@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batching import PairBatches, default_level_probs
-from .base import MultiBehaviorModel, Scorer
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs
 
 __all__ = ["BPRMF", "NeuMF", "MCBPR"]
 
@@ -80,6 +80,12 @@ class MCBPR(BPRMF):
         if tuple(table.shape) != (n_behaviors, n_behaviors):
             raise ValueError(f"level_probs must have shape ({n_behaviors}, {n_behaviors}), got {tuple(table.shape)}")
         self.level_probs = table
+
+    @classmethod
+    def from_data(cls, data, **kwargs) -> "MCBPR":
+        """Model for `data`'s behaviors (kwargs go to the constructor)."""
+        check_model_kwargs(cls, kwargs)
+        return cls(data.n_users, data.n_items, n_behaviors=data.n_behaviors, **kwargs)
 
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
         return PairBatches.of_behaviors(data.train, range(data.n_behaviors), batch_size=batch_size,

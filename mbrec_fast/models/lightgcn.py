@@ -22,7 +22,7 @@ from torch import nn
 
 from ..batching import PairBatches
 from ..csr import Csr, coo_to_csr, csr_rows, csr_to_coo
-from .base import MultiBehaviorModel, Scorer
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs
 
 __all__ = ["BipartiteAdjacency", "lightgcn_propagate", "drop_edges", "csr_to_edges", "check_model_kwargs",
            "LightGCN"]
@@ -47,15 +47,6 @@ def _sparse_csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(crow, col, val, size=size, check_invariants=False)
-
-
-def check_model_kwargs(cls, kwargs: Dict[str, object]) -> None:
-    """Raises a TypeError naming an unknown constructor argument of `cls` (for the `from_data` helpers)."""
-    import inspect
-    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for key in kwargs:
-        if key not in params:
-            raise TypeError(f"{cls.__name__} has no argument {key!r} (accepts: {', '.join(params)})")
 
 
 class _SpMM(torch.autograd.Function):
@@ -165,11 +156,10 @@ class LightGCN(MultiBehaviorModel):
         nn.init.normal_(self.item_emb.weight, std=0.1)
 
     @classmethod
-    def from_data(cls, data, dim: int = 64, reg: float = 1e-4, neg_ratio: int = 1, **kwargs) -> "LightGCN":
-        """Model on `data`'s target-behavior training graph (extra kwargs go to the constructor)."""
+    def from_data(cls, data, **kwargs) -> "LightGCN":
+        """Model on `data`'s target-behavior training graph (kwargs go to the constructor)."""
         check_model_kwargs(cls, kwargs)
-        return cls(data.n_users, data.n_items, data.target_csr(), dim=dim, reg=reg, neg_ratio=neg_ratio,
-                   target_behavior=data.target, **kwargs)
+        return cls(data.n_users, data.n_items, data.target_csr(), target_behavior=data.target, **kwargs)
 
     def propagate(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Propagated (user, item) embeddings, with autograd (one call per optimizer step)."""

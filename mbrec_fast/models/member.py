@@ -37,8 +37,8 @@ from torch import nn
 from ..batching import PairBatches, epoch_seed
 from ..csr import Csr, union_csr
 from ..sampler import InteractionGraph
-from .base import MultiBehaviorModel, Scorer
-from .lightgcn import BipartiteAdjacency, check_model_kwargs, csr_to_edges, drop_edges, lightgcn_propagate
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs
+from .lightgcn import BipartiteAdjacency, csr_to_edges, drop_edges, lightgcn_propagate
 
 __all__ = ["MEMBER", "KeyedCsr", "gated_scores_dense_reference", "pool_restricted_scorer", "evaluate_by_pool",
            "EXCLUDED_SCORE", "VARIANTS", "OFFICIAL_PHASES", "official_propagate"]
@@ -337,10 +337,10 @@ class MEMBER(MultiBehaviorModel):
                                       for _ in range(1 if single_expert else 2)])
 
     @classmethod
-    def from_data(cls, data, dim: int = 32, reg: Optional[float] = None, neg_ratio: int = 1, **kwargs) -> "MEMBER":
-        """Model on `data`'s per-behavior training graphs (extra kwargs go to the constructor)."""
+    def from_data(cls, data, **kwargs) -> "MEMBER":
+        """Model on `data`'s per-behavior training graphs (kwargs go to the constructor)."""
         check_model_kwargs(cls, kwargs)
-        return cls(data.n_users, data.n_items, data.train, dim=dim, reg=reg, neg_ratio=neg_ratio, **kwargs)
+        return cls(data.n_users, data.n_items, data.train, **kwargs)
 
     # ------------------------------------------------------------------------------ experts
     def expert(self, role: int) -> _Expert:

@@ -20,14 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _experts_ops as _ops
+from .. import registry as _registry
 from ..experts import gated_experts, routed_experts
 
 __all__ = ["ExpertBank", "RoutedMLP", "FeatureEmbedding", "MLPPerHead", "SharedBottom", "MMoE", "PLE", "STAR",
            "M3oE", "M3REC", "AdaTT", "M2M", "PerGroup", "build_model", "MODEL_NAMES", "bce_loss", "balanced_bce_loss",
            "ctr_loss"]
 
-MODEL_NAMES = ("m3oe", "m3rec", "mlp", "sharedbottom", "mmoe", "ple", "star", "adatt", "adatt-sp", "m2m")
-MDMT_ONLY = ("mlp", "m3oe", "m3rec", "m2m")  # built per (domain, task) already or MDMT by design
+# the family's model names and those built per (domain, task) already or MDMT by design: mbrec_fast/registry.py
+MODEL_NAMES = _registry.model_names("multidomain")
+MDMT_ONLY = tuple(n for n in MODEL_NAMES if _registry.MODELS[n].mdmt_only)
 
 
 # ================================================================================================ op calls

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batching import PairBatches, default_level_probs
-from .base import MultiBehaviorModel, Scorer
-from .lightgcn import check_model_kwargs
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs
 
 __all__ = ["NMTR", "INTERACTIONS"]
 
@@ -123,10 +122,10 @@ class NMTR(MultiBehaviorModel):
             nn.init.uniform_(self.mlp_h, -math.sqrt(3.0 / widths[-1]), math.sqrt(3.0 / widths[-1]))
 
     @classmethod
-    def from_data(cls, data, dim: int = 64, reg: float = 0.0, neg_ratio: int = 4, **kwargs) -> "NMTR":
-        """Model for `data`'s behaviors (extra kwargs go to the constructor)."""
+    def from_data(cls, data, **kwargs) -> "NMTR":
+        """Model for `data`'s behaviors (kwargs go to the constructor)."""
         check_model_kwargs(cls, kwargs)
-        return cls(data.n_users, data.n_items, data.n_behaviors, dim=dim, reg=reg, neg_ratio=neg_ratio, **kwargs)
+        return cls(data.n_users, data.n_items, data.n_behaviors, **kwargs)
 
     # ------------------------------------------------------------------------------ scores
     def _tower(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
