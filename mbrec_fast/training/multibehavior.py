@@ -56,6 +56,14 @@ ABLATIONS = {"avg": {"gate": "avg"}, "single-expert": {"single_expert": True}}
 
 
 # ------------------------------------------------------------------------------------------ parsing
+def _training_defaults_text(key: str) -> str:
+    """A training option's default and its per-variant values, e.g. "4096; MEMBER faithful 1024"."""
+    parts = [f"{GENERIC_DEFAULTS[key]:g}"]
+    parts += [f"{model.upper()} {variant} {values[key]:g}" for (model, variant), values in VARIANT_DEFAULTS.items()
+              if key in values]
+    return "; ".join(parts)
+
+
 def _model_defaults_text(key: str) -> str:
     """The models' defaults of constructor argument `key`, read from their signatures, e.g. "1; NeuMF/NMTR 4"
     (the most common value first; None: the model's variant decides)."""
@@ -98,9 +106,11 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--valid", default="leave-one-out", choices=["leave-one-out", "none"],
                    help="validation split for early stopping: each user's last purchase, or none")
     p.add_argument("--epochs", type=int, default=10, help="training epochs (at most)")
-    p.add_argument("--batch-size", type=int, default=None, help="training pairs per step (default 4096; MEMBER faithful 1024)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; MEMBER faithful 5e-3)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 0; MEMBER faithful 1e-7)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"training pairs per step (default {_training_defaults_text('batch_size')})")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_training_defaults_text('lr')})")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help=f"weight decay (default {_training_defaults_text('weight_decay')})")
     p.add_argument("--optimizer", default="adam", choices=["adam", "adagrad"],
                    help="adam, or adagrad (the NMTR paper's optimiser, lr 0.01 there)")
     p.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=None, metavar="N",
