@@ -14,17 +14,13 @@ import os
 import pytest
 import torch
 
-from mbrec_fast.models._batches import default_level_probs
+from mbrec_fast.batching import behavior_positives, default_level_probs
 from mbrec_fast.reference.multibehavior import PythonSetSampler, dense_topk_evaluate, plain_epoch, plain_member_epoch
 from mbrec_fast.training.multibehavior import MODELS, build_model, evaluate_model, load_data
 
 FULL = os.environ.get("MBREC_FAST_BENCH_FULL") == "1"
 DATA = "beibei" if FULL else "synthetic:1500x1000"
 KS = (10, 20, 50, 100)
-# the same hyper-parameters on both sides; NeuMF with its paper's 4 negatives
-SETTINGS = {"bpr": dict(dim=64, reg=1e-4, neg_ratio=1), "mcbpr": dict(dim=64, reg=1e-4, neg_ratio=1),
-            "neumf": dict(dim=64, reg=0.0, neg_ratio=4), "nmtr": dict(dim=64, reg=0.0, neg_ratio=4),
-            "lightgcn": dict(dim=64, reg=1e-4, neg_ratio=1), "member": dict(dim=32, reg=1e-4, neg_ratio=1)}
 BATCH = 4096
 EPOCH_MODELS = ["bpr", "mcbpr", "neumf", "lightgcn", "nmtr", "member"]
 
@@ -42,12 +38,8 @@ ALL_MODELS = [m for m in ("bpr", "mcbpr", "neumf", "lightgcn", "nmtr", "member")
 
 def _positive_rows(model, data):
     """The (users, items, behaviors) rows one epoch of `model` trains on, for the plain-PyTorch loop."""
-    if hasattr(model, "_positives"):
-        return model._positives(data)
-    behaviors = range(data.n_behaviors) if model.__class__.__name__ == "NMTR" else [data.target]
-    pairs = [(data.pairs(r), r) for r in behaviors]
-    return (torch.cat([u for (u, _), _ in pairs]), torch.cat([i for (_, i), _ in pairs]),
-            torch.cat([torch.full_like(u, r) for (u, _), r in pairs]))
+    every = type(model).__name__ in ("NMTR", "MCBPR")  # positives at every behavior; the others: the target
+    return behavior_positives(data.train, range(data.n_behaviors) if every else [data.target])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +55,7 @@ def set_sampler(data):
 
 def _model(name, data):
     torch.manual_seed(0)
-    return build_model(name, data, **SETTINGS[name])
+    return build_model(name, data)  # each model's own defaults, used on both sides (NeuMF/NMTR: 4 negatives)
 
 
 def _case(data):

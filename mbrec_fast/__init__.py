@@ -12,10 +12,13 @@ from . import _C  # noqa: F401  (loads the shared object, which registers torch.
 from .evaluator import *  # noqa: F401,F403
 from .sampler import *  # noqa: F401,F403
 from .experts import *  # noqa: F401,F403
+from .batching import TripleBatches
 from . import evaluator, sampler, experts
 
+NegativeSampler = TripleBatches  # its first name
+
 __version__ = "0.1.0"
-__all__ = evaluator.__all__ + sampler.__all__ + experts.__all__
+__all__ = evaluator.__all__ + sampler.__all__ + experts.__all__ + ["TripleBatches", "NegativeSampler"]
 
 
 def cuda_built() -> bool:

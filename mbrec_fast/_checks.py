@@ -1,11 +1,11 @@
 """Argument checks shared by the public wrappers. Each raises ValueError/TypeError naming the argument."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
-Csr = Tuple[torch.Tensor, torch.Tensor]
+from .csr import Csr
 
 
 def check_tensor(x, name: str, *, ndim: Optional[int] = None, dtypes: Optional[Sequence[torch.dtype]] = None,

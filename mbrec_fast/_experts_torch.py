@@ -1,7 +1,7 @@
 """The torch implementation of the expert ops (their CPU kernels, and the CUDA kernels' fp64 path) and the
 helpers the Triton launchers share (route sorting, value checks).
 
-A leaf module: it imports neither `mbrec_fast._experts_ops` (which registers these functions as the ops' default
+A leaf module: apart from the package's checks (`_checks`), it imports neither `mbrec_fast._experts_ops` (which registers these functions as the ops' default
 kernels) nor `mbrec_fast.kernels` (the Triton launchers, which import from here), so there is no import circle.
 
 The default implementation of every op is the "concatenated-weights" path: all experts share X, so the E small
@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._checks import check_finite
 
 __all__ = ["ACTIVATIONS", "EMPTY_SHAPE", "activate", "compute_dtype", "check_finite_value", "sort_routes",
            "check_route", "gated_experts_fwd_torch", "gated_experts_bwd_torch", "routed_experts_fwd_torch",
@@ -78,8 +80,9 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def check_finite_value(t: Optional[Tensor], name: str) -> None:
-    if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    """An optional tensor through the package's one finiteness check (`mbrec_fast._checks.check_finite`)."""
+    if t is not None:
+        check_finite(t, name)
 
 
 def _gate_probs(x32: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], gate_mask: Optional[Tensor]) -> Tensor:

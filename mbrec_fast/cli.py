@@ -1,7 +1,7 @@
 """`mbrec-fast` command line: demo, train, evaluate, bench (`mbrec-fast --help`).
 
 Each model family owns its own argument parser in `mbrec_fast.training.<family>`; this file only
-dispatches, so that adding a model never touches the CLI.
+dispatches, by the model registry (`mbrec_fast.registry`), so that adding a model never touches the CLI.
 """
 from __future__ import annotations
 
@@ -9,39 +9,16 @@ import importlib
 import sys
 from typing import List, Optional
 
-FAMILIES = {  # training module -> (family title, its models with one-line descriptions)
-    "mbrec_fast.training.multibehavior": (
-        "multi-behavior (data: beibei, retailrocket, tmall, a table, synthetic:UxI)", {
-        "bpr": "BPR matrix factorization on the target behavior (alias: mf)",
-        "neumf": "NeuMF (GMF + MLP) on the target behavior",
-        "mcbpr": "multi-channel BPR over every behavior, level-aware negatives",
-        "lightgcn": "LightGCN propagation over the target-behavior graph",
-        "nmtr": "NMTR: one NCF head per behavior, cascaded scores, multi-task loss",
-        "member": "MEMBER: visited / unvisited experts with hard gating",
-    }),
-    "mbrec_fast.training.multidomain": (
-        "multi-domain multi-task CTR (data: ml100k, synthetic, movielens, kuairand, a table)", {
-        "m3oe": "M3oE: domain, task and shared experts fused by learned weights",
-        "m3rec": "M3REC: meta item-embedding generator + experts",
-        "mlp": "one MLP per (domain, task)",
-        "sharedbottom": "shared bottom MLP, one tower per task",
-        "mmoe": "MMoE: shared experts, one softmax gate per task",
-        "ple": "PLE: shared and task-specific experts, progressive extraction",
-        "star": "STAR: star-topology layers shared x per-domain weights",
-        "adatt": "AdaTT: task-specific and shared experts fused per (domain, task) head",
-        "adatt-sp": "AdaTT-sp: AdaTT without the shared experts",
-        "m2m": "M2M: scenario-conditioned meta experts and towers",
-    }),
-    "mbrec_fast.training.sequential": (
-        "cross-domain sequential (data: amazon_toys_games, synthetic, amazon, a log)", {
-        "syncrec": "SyNCRec: single- and cross-domain experts, negative-transfer gaps",
-        "sasrec": "SASRec, one per domain (--setting single) or merged (cross)",
-    }),
-}
+from . import registry
 
-# model name -> training module exposing train_main(argv) and evaluate_main(argv); "mf" is an alias of bpr
-MODEL_FAMILIES = {name: module for module, (_, models) in FAMILIES.items() for name in models}
-MODEL_FAMILIES["mf"] = MODEL_FAMILIES["bpr"]
+# training module -> (family title, its models with one-line descriptions): the help's table, read from
+# the model registry (mbrec_fast/registry.py)
+FAMILIES = {registry.family_module(family): (title, {name: registry.MODELS[name].description
+                                                     for name in registry.model_names(family)})
+            for family, title in registry.FAMILIES.items()}
+
+# model name (aliases included) -> training module exposing train_main(argv) and evaluate_main(argv)
+MODEL_FAMILIES = {name: registry.family_of(name) for name in registry.model_names(aliases=True)}
 
 COMMANDS = {
     "demo": "train and evaluate two small models on Beibei (a few minutes)",

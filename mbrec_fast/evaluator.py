@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .csr import Csr
 from ._checks import check_csr, check_finite, check_tensor
 from . import _evaluator_ops
 from ._evaluator_ops import METRICS
@@ -30,7 +31,6 @@ from ._evaluator_ops import METRICS
 __all__ = ["EvalResult", "evaluate_full_ranking", "topk", "METRICS"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-Csr = Tuple[torch.Tensor, torch.Tensor]
 ScoreFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 # Default block sizes on CPU: 256 users per block (packed d-major, 64 KB at d = 64, stays in L2 while the

@@ -24,18 +24,28 @@ to the pool and renormalized (modes exclusive, strict, unvisited and the never-t
 from __future__ import annotations
 
 import functools
-import math
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from . import _sampler_ops
 from ._checks import check_csr, check_tensor
+from .csr import build_packed_csr as _build_torch, coo_to_csr as _coo_to_csr  # noqa: F401  (old private names)
 
-__all__ = ["InteractionGraph", "sample_negatives", "sample_sequence_negatives", "TripleBatches",
-           "NegativeSampler", "AliasTable", "MODES"]
+
+def __getattr__(name: str):
+    """Deprecated path: `TripleBatches` (and its old name `NegativeSampler`) live in `mbrec_fast.batching`
+    (also `mbrec_fast.TripleBatches`). Resolved on first use: that module builds on this one, which itself
+    never imports it."""
+    if name in ("TripleBatches", "NegativeSampler"):
+        from .batching import TripleBatches
+        return TripleBatches
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["InteractionGraph", "sample_negatives", "sample_sequence_negatives", "AliasTable", "MODES"]
 
 MODES = ("exclusive", "strict", "cascade", "visited", "unvisited")
 _MODE_IDS = {m: i for i, m in enumerate(MODES)}
@@ -314,27 +324,6 @@ def _check_range(x: torch.Tensor, name: str, n: int) -> None:
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= n:
             raise ValueError(f"{name} out of range: ids must lie in [0, {n}), found [{lo}, {hi}]")
-
-
-def _coo_to_csr(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int):
-    key = torch.unique(users * n_items + items)
-    u = torch.div(key, n_items, rounding_mode="floor")
-    indptr = torch.zeros(n_users + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(torch.bincount(u, minlength=n_users), 0)
-    return indptr, (key - u * n_items).to(torch.int32)
-
-
-def _build_torch(users, items, behaviors, n_users, n_items, n_behaviors):
-    """Torch fallback of the C++ build (used only when the extension lacks the op)."""
-    ptrs, idxs, base = [], [], 0
-    groups = [behaviors == b for b in range(n_behaviors)]
-    masks = groups + [torch.ones_like(behaviors, dtype=torch.bool), behaviors < n_behaviors - 1]
-    for m in masks:
-        ip, ix = _coo_to_csr(users[m], items[m], n_users, n_items)
-        ptrs.append(ip + base)
-        idxs.append(ix)
-        base += ix.numel()
-    return torch.stack(ptrs), torch.cat(idxs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -648,87 +637,3 @@ def sample_sequence_negatives(seqs: torch.Tensor, n_items: int, num_neg: int, *,
                              f"{' or outside its domain' if item_domain is not None else ''}); "
                              f"pass on_empty='sentinel' to get -1 instead")
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# training-side batches
-# ----------------------------------------------------------------------------------------------------------
-class TripleBatches:
-    """Epoch iterator over (users, positives, negatives, behaviors) batches: a drop-in for a DataLoader.
-
-    The positives are every (user, item) pair of the given behaviors (default: target only), shuffled per
-    epoch by (seed, epoch). Negatives come from `sample_negatives` with offset = epoch * len(self) + batch
-    index, so an epoch is reproducible and different epochs draw different negatives. Each batch is a dict
-    {"users": int64 [B], "positives": int64 [B], "negatives": int64 [B, num_neg], "behaviors": int64 [B]};
-    with pin_memory=True (CPU graph) the tensors are in pinned memory for non_blocking copies.
-    Extra keyword arguments (mode, level_probs, replacement, popularity, on_empty) go to sample_negatives.
-    """
-
-    def __init__(self, graph: InteractionGraph, behaviors=None, batch_size: int = 1024, num_neg: int = 1, *,
-                 mode: str = "exclusive", seed: int = 0, shuffle: bool = True, pin_memory: bool = False,
-                 drop_last: bool = False, **sample_kwargs):
-        if not isinstance(graph, InteractionGraph):
-            raise TypeError(f"graph must be an InteractionGraph, got {type(graph).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if isinstance(num_neg, bool) or not isinstance(num_neg, int) or num_neg < 1:
-            raise ValueError(f"num_neg must be an int >= 1, got {num_neg!r}")
-        if mode not in _MODE_IDS:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if behaviors is None:
-            behaviors = [graph.target]
-        elif isinstance(behaviors, (int, str)):
-            behaviors = [behaviors]
-        ids = [graph.behavior_id(b) for b in behaviors]
-        us, it, bs = [], [], []
-        for b in ids:
-            u, i = graph.positives(b)
-            us.append(u.cpu())
-            it.append(i.cpu())
-            bs.append(torch.full_like(u.cpu(), b))
-        self.graph = graph
-        self.users = torch.cat(us)
-        self.items = torch.cat(it)
-        self.behaviors = torch.cat(bs)
-        self.batch_size, self.num_neg, self.mode = batch_size, num_neg, mode
-        self.seed, self.shuffle, self.pin_memory, self.drop_last = int(seed), shuffle, pin_memory, drop_last
-        self.sample_kwargs = sample_kwargs
-        if "level_probs" in sample_kwargs and sample_kwargs["level_probs"] is not None and len(set(ids)) > 1:
-            lp = torch.as_tensor(sample_kwargs["level_probs"])
-            if lp.dim() != 2:
-                raise ValueError("level_probs must be an [R, R] table when TripleBatches covers several behaviors")
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch: changes the shuffle and the RNG offset deterministically."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        n = self.users.numel()
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
-        n = self.users.numel()
-        if self.shuffle:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2 ** 63))
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        device = self.graph.device
-        nb = len(self)
-        scalar_behavior = int(self.behaviors[0]) if n and bool((self.behaviors == self.behaviors[0]).all()) else None
-        for k in range(nb):
-            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            u, i, b = self.users[idx], self.items[idx], self.behaviors[idx]
-            neg = sample_negatives(self.graph, u, self.num_neg,
-                                   behavior=scalar_behavior if scalar_behavior is not None else b,
-                                   mode=self.mode, seed=self.seed, offset=self.epoch * nb + k, **self.sample_kwargs)
-            batch = {"users": u, "positives": i, "negatives": neg, "behaviors": b}
-            if device.type != "cpu":
-                batch = {key: v.to(device) for key, v in batch.items()}
-            elif self.pin_memory and torch.cuda.is_available():
-                batch = {key: v.pin_memory() for key, v in batch.items()}
-            yield batch
-
-
-NegativeSampler = TripleBatches

@@ -560,3 +560,14 @@ def test_pool_protocol_expert_scores_and_clear_errors(tiny):
         evaluate_model(lgcn, one, "test", ks=[2], protocol="pool")
     both = evaluate_model(model, tiny, "test", ks=[10], protocol="both")
     assert both["visited_pool_hr@10"] == pytest.approx(a["visited_pool_hr@10"]) and "hr@10" in both
+
+
+def test_member_reuses_the_graph_unions(tiny):
+    """MEMBER built on the training graph (from_data) takes its auxiliary / union CSRs from the graph; built
+    on plain per-behavior CSRs it builds them with the CSR toolkit: the same keys either way."""
+    from_graph = MEMBER.from_data(tiny, dim=8)
+    csrs = [tiny.behavior_csr(r) for r in range(tiny.n_behaviors)]
+    from_csrs = MEMBER(tiny.n_users, tiny.n_items, csrs, dim=8)
+    for part in ("aux", "union", "target"):
+        assert torch.equal(getattr(from_graph, part).keys, getattr(from_csrs, part).keys)
+        assert torch.equal(getattr(from_graph, part).indptr, getattr(from_csrs, part).indptr)

@@ -335,3 +335,15 @@ def test_results_summary_is_mean_and_std_over_seeds(tmp_path):
     assert len(lines) == 4
     assert "| member (faithful) | tmall | full | overall (5) | 0.3000 ± 0.1414 | 0.1000 ± 0.0000 | 2 | 12 | 10 |" in lines
     assert "| member (faithful, ablation=avg) | tmall | full | overall (5) | 0.1000 | 0.0500 | 1 | 12 | 10 |" in lines
+
+
+def test_model_defaults_come_from_the_constructors(tiny):
+    """dim / reg / neg_ratio left at None take the model's own defaults (stated once, in its signature)."""
+    from mbrec_fast.models.base import constructor_defaults
+    from mbrec_fast import registry
+    for name in registry.model_names("multibehavior"):
+        model = build_model(name, tiny)
+        defaults = constructor_defaults(type(model))
+        assert model.dim == defaults["dim"] and model.neg_ratio == defaults["neg_ratio"], name
+        if defaults["reg"] is not None:
+            assert model.reg == defaults["reg"], name

@@ -2,8 +2,8 @@
 seeded synthetic generator that scales to millions of users and items.
 
 Everything is vectorized NumPy (no per-user Python loops): ids are re-indexed with `np.unique`,
-CSRs are built from sorted `user * n_items + item` keys, and leave-one-out picks one row per user with
-a lexsort. Behaviors are integers in cascade order, 0 = weakest (e.g. view), last = target (buy).
+CSRs are built by `mbrec_fast.csr` from sorted `user * n_items + item` keys, and leave-one-out picks
+one row per user with a lexsort. Behaviors are integers in cascade order, 0 = weakest (e.g. view), last = target (buy).
 
 Held-out target items are labelled *visited* (1) when the user touched the item under an auxiliary
 (non-target) behavior in the training data, *unvisited* (0) otherwise.
@@ -20,48 +20,11 @@ import numpy as np
 import torch
 
 from .._checks import check_id_column, data_file
+from ..csr import Csr, build_csr, csr_contains, csr_rows, union_csr
 from ..sampler import InteractionGraph
 
 __all__ = ["MultiBehaviorData", "load_dataset", "from_table", "from_arrays",
            "synthetic_multibehavior", "default_data_root", "build_csr", "csr_contains"]
-
-Csr = Tuple[torch.Tensor, torch.Tensor]
-
-
-# ------------------------------------------------------------------------------------------ CSR helpers
-def build_csr(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> Csr:
-    """Sorted, de-duplicated int64 CSR (indptr [n_rows + 1], indices) from (row, col) pairs."""
-    rows = np.asarray(rows, dtype=np.int64)
-    cols = np.asarray(cols, dtype=np.int64)
-    key = np.unique(rows * n_cols + cols)
-    r = key // n_cols if n_cols else key
-    c = key - r * n_cols
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    indptr[1:] = np.cumsum(np.bincount(r, minlength=n_rows))
-    return torch.from_numpy(indptr), torch.from_numpy(c.astype(np.int64))
-
-
-def _csr_rows(csr: Csr) -> np.ndarray:
-    indptr = csr[0].numpy()
-    return np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
-
-
-def csr_contains(csr: Csr, rows: np.ndarray, cols: np.ndarray, n_cols: int) -> np.ndarray:
-    """Bool mask: is (rows[j], cols[j]) an entry of the CSR? (binary search on flattened sorted keys)."""
-    keys = _csr_rows(csr) * n_cols + csr[1].numpy()
-    q = np.asarray(rows, dtype=np.int64) * n_cols + np.asarray(cols, dtype=np.int64)
-    if keys.size == 0:
-        return np.zeros(q.shape, dtype=bool)
-    pos = np.minimum(np.searchsorted(keys, q), keys.size - 1)
-    return keys[pos] == q
-
-
-def _union_csr(csrs: Sequence[Csr], n_rows: int, n_cols: int) -> Csr:
-    if not csrs:
-        return build_csr(np.zeros(0, np.int64), np.zeros(0, np.int64), n_rows, n_cols)
-    rows = np.concatenate([_csr_rows(c) for c in csrs])
-    cols = np.concatenate([c[1].numpy() for c in csrs])
-    return build_csr(rows, cols, n_rows, n_cols)
 
 
 def _make_graph(users: np.ndarray, items: np.ndarray, behaviors: np.ndarray, n_users: int, n_items: int,
@@ -143,7 +106,7 @@ class MultiBehaviorData:
         if self.valid is None:
             return base
         if "_test_exclude" not in self.info:
-            self.info["_test_exclude"] = _union_csr([base, self.valid], self.n_users, self.n_items)
+            self.info["_test_exclude"] = union_csr([base, self.valid], self.n_users, self.n_items)
         return self.info["_test_exclude"]
 
     def eval_users(self, split: str) -> torch.Tensor:
@@ -162,7 +125,7 @@ class MultiBehaviorData:
 
 
 def _visited_labels(aux: Csr, targets: Csr, n_items: int) -> torch.Tensor:
-    rows = _csr_rows(targets)
+    rows = csr_rows(targets).numpy()
     return torch.from_numpy(csr_contains(aux, rows, targets[1].numpy(), n_items).astype(np.int64))
 
 

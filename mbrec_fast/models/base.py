@@ -10,6 +10,23 @@ from torch import nn
 ScoreFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
+def check_model_kwargs(cls, kwargs: Dict[str, object]) -> None:
+    """Raises a TypeError naming an unknown constructor argument of `cls` (for the `from_data` helpers)."""
+    import inspect
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key in kwargs:
+        if key not in params:
+            raise TypeError(f"{cls.__name__} has no argument {key!r} (accepts: {', '.join(params)})")
+
+
+def constructor_defaults(cls) -> Dict[str, object]:
+    """The defaults of `cls`'s constructor arguments: where each model states its defaults, once (the CLI
+    reads them for its help and passes None through as "the model's default")."""
+    import inspect
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 @dataclass
 class Scorer:
     """How a model scores (user, item) pairs for full-ranking evaluation.
@@ -51,6 +68,15 @@ class MultiBehaviorModel(nn.Module):
 
     #: short name used by the CLI and in checkpoints
     name: str = "model"
+
+    @classmethod
+    def from_data(cls, data, **kwargs) -> "MultiBehaviorModel":
+        """The model for a `MultiBehaviorData` (the one construction protocol of the family): shapes and
+        graphs come from `data`, everything else from kwargs, a constructor argument left out taking the
+        constructor's default. An unknown kwarg raises TypeError naming it. This default suits a
+        constructor (n_users, n_items, ...); models that need more of `data` override it."""
+        check_model_kwargs(cls, kwargs)
+        return cls(data.n_users, data.n_items, **kwargs)
 
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
         """Batches of one epoch. Must be a deterministic function of (seed, epoch), so that a resumed

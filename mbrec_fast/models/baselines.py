@@ -1,7 +1,7 @@
 """Baselines of the multi-behavior experiments: BPR-MF, NeuMF (target behavior only) and MC-BPR.
 
 All three implement `MultiBehaviorModel`: negatives come from the package sampler (through
-`mbrec_fast.models._batches`), evaluation from `mbrec_fast.evaluate_full_ranking` (dot-product fast
+`mbrec_fast.batching`), evaluation from `mbrec_fast.evaluate_full_ranking` (dot-product fast
 path for BPR-MF and MC-BPR, a blocked `score_fn` for NeuMF).
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import PairBatches, default_level_probs
-from .base import MultiBehaviorModel, Scorer
+from ..batching import PairBatches, default_level_probs
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs
 
 __all__ = ["BPRMF", "NeuMF", "MCBPR"]
 
@@ -42,14 +42,9 @@ class BPRMF(MultiBehaviorModel):
         self.user_emb = _init_embedding(n_users, dim)
         self.item_emb = _init_embedding(n_items, dim)
 
-    def _positives(self, data) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        u, i = data.pairs(data.target)
-        return u, i, torch.full_like(u, data.target)
-
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
-        u, i, b = self._positives(data)
-        return PairBatches(data.train, u, i, b, batch_size=batch_size, num_neg=self.neg_ratio, seed=seed,
-                           epoch=epoch, mode="exclusive")
+        return PairBatches.of_behaviors(data.train, [data.target], batch_size=batch_size, num_neg=self.neg_ratio,
+                                        seed=seed, epoch=epoch, mode="exclusive")
 
     def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         dev = self.user_emb.weight.device
@@ -86,19 +81,16 @@ class MCBPR(BPRMF):
             raise ValueError(f"level_probs must have shape ({n_behaviors}, {n_behaviors}), got {tuple(table.shape)}")
         self.level_probs = table
 
-    def _positives(self, data):
-        us, its, bs = [], [], []
-        for r in range(data.n_behaviors):
-            u, i = data.pairs(r)
-            us.append(u)
-            its.append(i)
-            bs.append(torch.full_like(u, r))
-        return torch.cat(us), torch.cat(its), torch.cat(bs)
+    @classmethod
+    def from_data(cls, data, **kwargs) -> "MCBPR":
+        """Model for `data`'s behaviors (kwargs go to the constructor)."""
+        check_model_kwargs(cls, kwargs)
+        return cls(data.n_users, data.n_items, n_behaviors=data.n_behaviors, **kwargs)
 
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
-        u, i, b = self._positives(data)
-        return PairBatches(data.train, u, i, b, batch_size=batch_size, num_neg=self.neg_ratio, seed=seed,
-                           epoch=epoch, mode="cascade", level_probs=self.level_probs)
+        return PairBatches.of_behaviors(data.train, range(data.n_behaviors), batch_size=batch_size,
+                                        num_neg=self.neg_ratio, seed=seed, epoch=epoch, mode="cascade",
+                                        level_probs=self.level_probs)
 
 
 class NeuMF(MultiBehaviorModel):
@@ -126,9 +118,8 @@ class NeuMF(MultiBehaviorModel):
         self.head = nn.Linear(dim + hidden, 1)
 
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
-        u, i = data.pairs(data.target)
-        return PairBatches(data.train, u, i, torch.full_like(u, data.target), batch_size=batch_size,
-                           num_neg=self.neg_ratio, seed=seed, epoch=epoch, mode="exclusive")
+        return PairBatches.of_behaviors(data.train, [data.target], batch_size=batch_size, num_neg=self.neg_ratio,
+                                        seed=seed, epoch=epoch, mode="exclusive")
 
     def _score_pairs(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         g = self.gmf_user(u) * self.gmf_item(i)

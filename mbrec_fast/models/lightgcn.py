@@ -20,20 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import PairBatches
-from .base import MultiBehaviorModel, Scorer
+from ..batching import PairBatches
+from ..csr import Csr, coo_to_csr, csr_rows, csr_to_coo
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs
 
 __all__ = ["BipartiteAdjacency", "lightgcn_propagate", "drop_edges", "csr_to_edges", "check_model_kwargs",
            "LightGCN"]
 
-Csr = Tuple[torch.Tensor, torch.Tensor]
-
-
-def csr_to_edges(csr: Csr) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) int64 of a CSR pair (indptr, indices)."""
-    indptr, indices = csr
-    rows = torch.repeat_interleave(torch.arange(indptr.numel() - 1, device=indptr.device), indptr.diff())
-    return rows, indices.long()
+csr_to_edges = csr_to_coo  # (rows, cols) int64 of a CSR pair; the old name of `mbrec_fast.csr.csr_to_coo`
 
 
 def drop_edges(users: torch.Tensor, items: torch.Tensor, rate: float,
@@ -53,15 +47,6 @@ def _sparse_csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(crow, col, val, size=size, check_invariants=False)
-
-
-def check_model_kwargs(cls, kwargs: Dict[str, object]) -> None:
-    """Raises a TypeError naming an unknown constructor argument of `cls` (for the `from_data` helpers)."""
-    import inspect
-    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for key in kwargs:
-        if key not in params:
-            raise TypeError(f"{cls.__name__} has no argument {key!r} (accepts: {', '.join(params)})")
 
 
 class _SpMM(torch.autograd.Function):
@@ -95,17 +80,15 @@ class BipartiteAdjacency:
         if items.numel() and (int(items.min()) < 0 or int(items.max()) >= n_items):
             raise ValueError(f"items must lie in [0, {n_items})")
         self.n_users, self.n_items = int(n_users), int(n_items)
-        key = torch.unique(users * n_items + items)             # sorted by (user, item), de-duplicated
-        u, i = key // n_items, key % n_items
+        crow_u, i = coo_to_csr(users, items, n_users, n_items, torch.long)  # sorted by (user, item), de-duplicated
+        u = csr_rows((crow_u, i))
         deg_u = torch.bincount(u, minlength=n_users).to(dtype)
         deg_i = torch.bincount(i, minlength=n_items).to(dtype)
         val = (deg_u[u] * deg_i[i]).rsqrt()
-        crow_u = torch.zeros(n_users + 1, dtype=torch.long)
-        crow_u[1:] = torch.cumsum(torch.bincount(u, minlength=n_users), 0)
         order = torch.argsort(i * n_users + u)                   # item-major for the transpose
         crow_i = torch.zeros(n_items + 1, dtype=torch.long)
         crow_i[1:] = torch.cumsum(torch.bincount(i, minlength=n_items), 0)
-        self.n_edges = int(key.numel())
+        self.n_edges = int(i.numel())
         self._parts = {"ui": (crow_u, i, val), "iu": (crow_i, u[order], val[order])}
         self._cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -173,20 +156,18 @@ class LightGCN(MultiBehaviorModel):
         nn.init.normal_(self.item_emb.weight, std=0.1)
 
     @classmethod
-    def from_data(cls, data, dim: int = 64, reg: float = 1e-4, neg_ratio: int = 1, **kwargs) -> "LightGCN":
-        """Model on `data`'s target-behavior training graph (extra kwargs go to the constructor)."""
+    def from_data(cls, data, **kwargs) -> "LightGCN":
+        """Model on `data`'s target-behavior training graph (kwargs go to the constructor)."""
         check_model_kwargs(cls, kwargs)
-        return cls(data.n_users, data.n_items, data.target_csr(), dim=dim, reg=reg, neg_ratio=neg_ratio,
-                   target_behavior=data.target, **kwargs)
+        return cls(data.n_users, data.n_items, data.target_csr(), target_behavior=data.target, **kwargs)
 
     def propagate(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Propagated (user, item) embeddings, with autograd (one call per optimizer step)."""
         return lightgcn_propagate(self.adj, self.user_emb.weight, self.item_emb.weight, self.n_layers)
 
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
-        u, i = data.pairs(data.target)
-        return PairBatches(data.train, u, i, torch.full_like(u, data.target), batch_size=batch_size,
-                           num_neg=self.neg_ratio, seed=seed, epoch=epoch, mode="exclusive")
+        return PairBatches.of_behaviors(data.train, [data.target], batch_size=batch_size, num_neg=self.neg_ratio,
+                                        seed=seed, epoch=epoch, mode="exclusive")
 
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of (users[j], items[j]) with a fresh propagation (autograd on)."""

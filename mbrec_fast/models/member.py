@@ -28,20 +28,20 @@ Propagated embeddings are recomputed at every optimizer step; `scorer()` compute
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import PairBatches, epoch_seed
-from .base import MultiBehaviorModel, Scorer
-from .lightgcn import BipartiteAdjacency, check_model_kwargs, csr_to_edges, drop_edges, lightgcn_propagate
+from ..batching import PairBatches, epoch_seed
+from ..csr import Csr, union_csr
+from ..sampler import InteractionGraph
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs
+from .lightgcn import BipartiteAdjacency, csr_to_edges, drop_edges, lightgcn_propagate
 
 __all__ = ["MEMBER", "KeyedCsr", "gated_scores_dense_reference", "pool_restricted_scorer", "evaluate_by_pool",
            "EXCLUDED_SCORE", "VARIANTS", "OFFICIAL_PHASES", "official_propagate"]
-
-Csr = Tuple[torch.Tensor, torch.Tensor]
 
 
 class KeyedCsr:
@@ -222,7 +222,8 @@ def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Ten
 class MEMBER(MultiBehaviorModel):
     """Visited / unvisited experts with hard gating from the auxiliary CSR (see the module docstring).
 
-    behavior_csrs: per-behavior training CSRs in cascade order (target last; at least 2 behaviors).
+    behavior_csrs: per-behavior training CSRs in cascade order (target last; at least 2 behaviors), or the
+    training `InteractionGraph` itself, whose auxiliary and union CSRs are then reused (`from_data`).
     variant: "legacy" (this package's first version, the default until the faithful one measures better)
     or "faithful" (the official code's choices, see VARIANTS); any knob below left at None takes the
     variant's value, so one knob can be changed at a time.
@@ -248,7 +249,7 @@ class MEMBER(MultiBehaviorModel):
 
     name = "member"
 
-    def __init__(self, n_users: int, n_items: int, behavior_csrs: Sequence[Csr], dim: int = 32, n_layers: int = 2,
+    def __init__(self, n_users: int, n_items: int, behavior_csrs: Union[Sequence[Csr], InteractionGraph], dim: int = 32, n_layers: int = 2,
                  lambda_visited: float = 0.5, lambda_unvisited: float = 0.5, con_visited: float = 0.1,
                  con_unvisited: float = 0.1, temp_visited: float = 0.6, temp_unvisited: float = 0.7,
                  gen_weight: float = 0.1, gen_batch: int = 1024, gen_neg: Optional[int] = None,
@@ -272,6 +273,9 @@ class MEMBER(MultiBehaviorModel):
             value = gate if key == "gate" else knobs[key]
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
+        graph = behavior_csrs if isinstance(behavior_csrs, InteractionGraph) else None
+        if graph is not None:
+            behavior_csrs = [graph.csr(r) for r in range(graph.n_behaviors)]
         R = len(behavior_csrs)
         if R < 2:
             raise ValueError("MEMBER needs at least one auxiliary behavior besides the target (got 1 behavior)")
@@ -315,17 +319,13 @@ class MEMBER(MultiBehaviorModel):
         all_u = torch.cat([e[0] for e in edges])
         all_i = torch.cat([e[1] for e in edges])
         self.union_adj = BipartiteAdjacency(all_u, all_i, n_users, n_items)
-        aux_u = torch.cat([e[0] for e in edges[:-1]])
-        aux_i = torch.cat([e[1] for e in edges[:-1]])
-        aux_key = torch.unique(aux_u * n_items + aux_i)
-        aux_indptr = torch.zeros(n_users + 1, dtype=torch.long)
-        aux_indptr[1:] = torch.cumsum(torch.bincount(aux_key // n_items, minlength=n_users), 0)
-        self.aux = KeyedCsr((aux_indptr, aux_key % n_items), n_items)
+        if graph is not None:  # the graph holds both unions already
+            aux_csr, all_csr = graph.aux_csr(), graph.union_csr()
+        else:
+            aux_csr, all_csr = union_csr(csrs[:-1], n_users, n_items), union_csr(csrs, n_users, n_items)
+        self.aux = KeyedCsr(aux_csr, n_items)
         self.target = KeyedCsr(csrs[-1], n_items)
-        union_key = torch.unique(all_u * n_items + all_i)
-        union_indptr = torch.zeros(n_users + 1, dtype=torch.long)
-        union_indptr[1:] = torch.cumsum(torch.bincount(union_key // n_items, minlength=n_users), 0)
-        self.union = KeyedCsr((union_indptr, union_key % n_items), n_items)
+        self.union = KeyedCsr(all_csr, n_items)
         tu, ti = edges[-1]
         visited = self.aux.contains(tu, ti)
         self.visited_purchases = (tu[visited], ti[visited])
@@ -337,11 +337,10 @@ class MEMBER(MultiBehaviorModel):
                                       for _ in range(1 if single_expert else 2)])
 
     @classmethod
-    def from_data(cls, data, dim: int = 32, reg: Optional[float] = None, neg_ratio: int = 1, **kwargs) -> "MEMBER":
-        """Model on `data`'s per-behavior training graphs (extra kwargs go to the constructor)."""
+    def from_data(cls, data, **kwargs) -> "MEMBER":
+        """Model on `data`'s per-behavior training graphs (kwargs go to the constructor)."""
         check_model_kwargs(cls, kwargs)
-        csrs = [data.behavior_csr(r) for r in range(data.n_behaviors)]
-        return cls(data.n_users, data.n_items, csrs, dim=dim, reg=reg, neg_ratio=neg_ratio, **kwargs)
+        return cls(data.n_users, data.n_items, data.train, **kwargs)
 
     # ------------------------------------------------------------------------------ experts
     def expert(self, role: int) -> _Expert:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import registry as _registry
 from ..nn import bank as _bank
 from ..nn.bank import ExpertBank, RoutedMLP, resolve_expert_impl
 from ..nn.experts import cgc_expert_inputs, cgc_gate_mask, per_input_gates
@@ -27,8 +28,9 @@ __all__ = ["ExpertBank", "RoutedMLP", "FeatureEmbedding", "MLPPerHead", "SharedB
            "M3oE", "M3REC", "AdaTT", "M2M", "PerGroup", "build_model", "MODEL_NAMES", "bce_loss", "balanced_bce_loss",
            "ctr_loss"]
 
-MODEL_NAMES = ("m3oe", "m3rec", "mlp", "sharedbottom", "mmoe", "ple", "star", "adatt", "adatt-sp", "m2m")
-MDMT_ONLY = ("mlp", "m3oe", "m3rec", "m2m")  # built per (domain, task) already or MDMT by design
+# the family's model names and those built per (domain, task) already or MDMT by design: mbrec_fast/registry.py
+MODEL_NAMES = _registry.model_names("multidomain")
+MDMT_ONLY = tuple(n for n in MODEL_NAMES if _registry.MODELS[n].mdmt_only)
 
 
 # ================================================================================================ features

@@ -8,7 +8,7 @@ r (GMF, MLP or NeuMF); cascaded logits along the behavior order (weakest first)
 and a lambda-weighted sum of per-behavior pointwise log losses. Each training interaction (u, i, r) is a
 positive at behavior r with `neg_ratio` negatives from the sampler at behavior r: mode "exclusive"
 (the paper: any item u did not do at r, so an item u only viewed is a negative for "buy" - the
-cascade-aware part) or "cascade" (a level mixture, see `mbrec_fast.models._batches.default_level_probs`).
+cascade-aware part) or "cascade" (a level mixture, see `mbrec_fast.batching.default_level_probs`).
 
 The per-behavior MLP towers are routed experts: every (example, head s <= r) pair is one row routed to
 expert s, so an example at behavior r runs exactly the r + 1 heads its cascaded logit needs. By default
@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batching import PairBatches, default_level_probs
 from ..experts import routed_experts
 from ..nn.bank import check_expert_impl, warn_deprecated
 from ..reference.experts import routed_linear_ref
-from ._batches import PairBatches, default_level_probs
-from .base import MultiBehaviorModel, Scorer
-from .lightgcn import check_model_kwargs
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs
 
 __all__ = ["NMTR", "INTERACTIONS"]
 
@@ -117,10 +116,10 @@ class NMTR(MultiBehaviorModel):
             nn.init.uniform_(self.mlp_h, -math.sqrt(3.0 / widths[-1]), math.sqrt(3.0 / widths[-1]))
 
     @classmethod
-    def from_data(cls, data, dim: int = 64, reg: float = 0.0, neg_ratio: int = 4, **kwargs) -> "NMTR":
-        """Model for `data`'s behaviors (extra kwargs go to the constructor)."""
+    def from_data(cls, data, **kwargs) -> "NMTR":
+        """Model for `data`'s behaviors (kwargs go to the constructor)."""
         check_model_kwargs(cls, kwargs)
-        return cls(data.n_users, data.n_items, data.n_behaviors, dim=dim, reg=reg, neg_ratio=neg_ratio, **kwargs)
+        return cls(data.n_users, data.n_items, data.n_behaviors, **kwargs)
 
     @property
     def fused_experts(self) -> Optional[bool]:
@@ -208,15 +207,9 @@ class NMTR(MultiBehaviorModel):
     # ------------------------------------------------------------------------------ training
     def training_batches(self, data, epoch: int, batch_size: int, seed: int) -> Iterable[Dict[str, torch.Tensor]]:
         """Every training (u, i, r) once per epoch as a positive at r, with `neg_ratio` negatives at r."""
-        us, its, bs = [], [], []
-        for r in range(data.n_behaviors):
-            u, i = data.pairs(r)
-            us.append(u)
-            its.append(i)
-            bs.append(torch.full_like(u, r))
-        return PairBatches(data.train, torch.cat(us), torch.cat(its), torch.cat(bs), batch_size=batch_size,
-                           num_neg=self.neg_ratio, seed=seed, epoch=epoch, mode=self.neg_mode,
-                           level_probs=self.level_probs)
+        return PairBatches.of_behaviors(data.train, range(data.n_behaviors), batch_size=batch_size,
+                                        num_neg=self.neg_ratio, seed=seed, epoch=epoch, mode=self.neg_mode,
+                                        level_probs=self.level_probs)
 
     def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         dev = self.user_emb.weight.device

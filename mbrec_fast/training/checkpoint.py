@@ -15,6 +15,8 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from .. import registry
+
 FORMAT_VERSION = 1
 
 
@@ -128,12 +130,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def family_of_checkpoint(argv: List[str]) -> str:
     """The training module that owns the checkpoint named by `--checkpoint` in argv."""
-    from ..cli import MODEL_FAMILIES
-
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--checkpoint", required=True)
     args, _ = parser.parse_known_args(argv)
     name = str(load_checkpoint(args.checkpoint).get("model_name", "")).lower()
-    if name not in MODEL_FAMILIES:
+    family = registry.family_of(name)
+    if family is None:
         raise SystemExit(f"mbrec-fast evaluate: checkpoint {args.checkpoint} names unknown model {name!r}")
-    return MODEL_FAMILIES[name]
+    return family

@@ -15,8 +15,6 @@ each global batch is split across ranks and the evaluator shards users across ra
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import os
 import sys
@@ -27,6 +25,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from .. import registry
 from .._progress import progress_enabled
 from ..evaluator import METRICS
 from .checkpoint import load_checkpoint
@@ -39,34 +38,50 @@ __all__ = ["train_main", "evaluate_main", "build_parser", "build_evaluate_parser
            "evaluate_model", "results_markdown", "metrics_table", "MODELS", "check_protocol", "result_rows",
            "write_result_rows", "variant_label", "summary_markdown"]
 
-# name -> (module, class name); the first three live in baselines.py, the rest in their own modules
-MODELS = {
-    "bpr": ("mbrec_fast.models.baselines", "BPRMF"),
-    "mf": ("mbrec_fast.models.baselines", "BPRMF"),
-    "neumf": ("mbrec_fast.models.baselines", "NeuMF"),
-    "mcbpr": ("mbrec_fast.models.baselines", "MCBPR"),
-    "lightgcn": ("mbrec_fast.models.lightgcn", "LightGCN"),
-    "nmtr": ("mbrec_fast.models.nmtr", "NMTR"),
-    "member": ("mbrec_fast.models.member", "MEMBER"),
-}
-# defaults that differ by model (the papers' settings); anything else falls back to the parser's
-MODEL_DEFAULTS = {
-    "neumf": {"neg_ratio": 4, "reg": 0.0},
-    "nmtr": {"neg_ratio": 4, "reg": 0.0},
-    "member": {"dim": 32},
-}
-# (model, --variant) -> defaults of that configuration: the faithful MEMBER takes the official code's
-# optimiser settings (Adam lr 5e-3, batch 1,024, weight decay 1e-7, no L2 term in the loss)
+# name (aliases included) -> (module, class name), from the model registry (mbrec_fast/registry.py)
+MODELS = {name: tuple(registry.resolve(name).builder.split(":"))
+          for name in registry.model_names("multibehavior", aliases=True)}
+# the model arguments --emb-dim, --reg and --neg-ratio: None means the model's own default, stated once in
+# its constructor's signature (MEMBER's reg: its variant's)
+MODEL_ARGS = ("dim", "reg", "neg_ratio")
+# (model, --variant) -> training defaults of that configuration: the faithful MEMBER takes the official
+# code's optimiser settings (Adam lr 5e-3, batch 1,024, weight decay 1e-7; its variant drops the L2 term)
 VARIANT_DEFAULTS = {
-    ("member", "faithful"): {"lr": 5e-3, "batch_size": 1024, "weight_decay": 1e-7, "reg": 0.0},
+    ("member", "faithful"): {"lr": 5e-3, "batch_size": 1024, "weight_decay": 1e-7},
 }
-GENERIC_DEFAULTS = {"dim": 64, "neg_ratio": 1, "reg": 1e-4, "lr": 1e-3, "batch_size": 4096, "weight_decay": 0.0}
+GENERIC_DEFAULTS = {"lr": 1e-3, "batch_size": 4096, "weight_decay": 0.0}
 PROTOCOLS = ("full", "pool", "both")
 # --ablation -> MEMBER constructor arguments
 ABLATIONS = {"avg": {"gate": "avg"}, "single-expert": {"single_expert": True}}
 
 
 # ------------------------------------------------------------------------------------------ parsing
+def _training_defaults_text(key: str) -> str:
+    """A training option's default and its per-variant values, e.g. "4096; MEMBER faithful 1024"."""
+    parts = [f"{GENERIC_DEFAULTS[key]:g}"]
+    parts += [f"{model.upper()} {variant} {values[key]:g}" for (model, variant), values in VARIANT_DEFAULTS.items()
+              if key in values]
+    return "; ".join(parts)
+
+
+def _model_defaults_text(key: str) -> str:
+    """The models' defaults of constructor argument `key`, read from their signatures, e.g. "1; NeuMF/NMTR 4"
+    (the most common value first; None: the model's variant decides)."""
+    from ..models.base import constructor_defaults
+    by_value: Dict[Any, List[str]] = {}
+    for name in registry.model_names("multibehavior"):
+        try:
+            cls = registry.load_builder(name)
+        except (ImportError, AttributeError):
+            continue
+        by_value.setdefault(constructor_defaults(cls).get(key), []).append(cls.__name__)
+    if not by_value:
+        return "the model's"
+    common = max(by_value, key=lambda v: (v is not None, len(by_value[v])))
+    text = lambda v: "its --variant's" if v is None else f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "; ".join([text(common)] + [f"{'/'.join(names)} {text(v)}" for v, names in by_value.items() if v != common])
+
+
 def add_protocol_options(p: argparse.ArgumentParser) -> None:
     """--protocol, --pool-others and --pool-scores, shared by train and evaluate."""
     p.add_argument("--protocol", default="full",
@@ -91,15 +106,19 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--valid", default="leave-one-out", choices=["leave-one-out", "none"],
                    help="validation split for early stopping: each user's last purchase, or none")
     p.add_argument("--epochs", type=int, default=10, help="training epochs (at most)")
-    p.add_argument("--batch-size", type=int, default=None, help="training pairs per step (default 4096; MEMBER faithful 1024)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; MEMBER faithful 5e-3)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 0; MEMBER faithful 1e-7)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"training pairs per step (default {_training_defaults_text('batch_size')})")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_training_defaults_text('lr')})")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help=f"weight decay (default {_training_defaults_text('weight_decay')})")
     p.add_argument("--optimizer", default="adam", choices=["adam", "adagrad"],
                    help="adam, or adagrad (the NMTR paper's optimiser, lr 0.01 there)")
     p.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=None, metavar="N",
-                   help="embedding size (default 64; MEMBER 32; --dim is an alias)")
-    p.add_argument("--neg-ratio", type=int, default=None, help="negatives per positive (default 1; NeuMF/NMTR 4)")
-    p.add_argument("--reg", type=float, default=None, help="L2 on the embedding rows of a batch (default 1e-4)")
+                   help=f"embedding size (default {_model_defaults_text('dim')}; --dim is an alias)")
+    p.add_argument("--neg-ratio", type=int, default=None,
+                   help=f"negatives per positive (default {_model_defaults_text('neg_ratio')})")
+    p.add_argument("--reg", type=float, default=None,
+                   help=f"L2 on the embedding rows of a batch (default {_model_defaults_text('reg')})")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and negatives")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
@@ -152,8 +171,9 @@ def _model_kwargs(args) -> Dict[str, Any]:
 
 
 def _fill_defaults(args) -> None:
+    """Training defaults (lr, batch size, weight decay) for the options left at None; the model arguments
+    stay None until the model is built (`_record_model_args`)."""
     defaults = dict(GENERIC_DEFAULTS)
-    defaults.update(MODEL_DEFAULTS.get(args.model, {}))
     defaults.update(VARIANT_DEFAULTS.get((args.model, getattr(args, "variant", None)), {}))
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -177,26 +197,30 @@ def load_data(spec: str, valid: str = "leave-one-out", seed: int = 0, behaviors:
     return load_dataset(spec, valid=valid, seed=seed)
 
 
-def build_model(name: str, data, *, dim: int, reg: float, neg_ratio: int, **extra) -> nn.Module:
-    """Constructs model `name` for `data`, passing the arguments its constructor accepts."""
-    module_name, class_name = MODELS[name]
+def build_model(name: str, data, *, dim: Optional[int] = None, reg: Optional[float] = None,
+                neg_ratio: Optional[int] = None, **extra) -> nn.Module:
+    """Constructs model `name` for `data` through its `from_data`; dim, reg and neg_ratio left at None take
+    the model's defaults. An argument the model does not take exits naming it."""
+    from ..models.base import check_model_kwargs
+    entry = registry.resolve(name)
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        cls = registry.load_builder(name)
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"model {name!r} is not available ({module_name}.{class_name}: {exc})")
-    if hasattr(cls, "from_data"):
-        return cls.from_data(data, dim=dim, reg=reg, neg_ratio=neg_ratio, **extra)
-    offered = {"n_users": data.n_users, "n_items": data.n_items, "n_behaviors": data.n_behaviors,
-               "dim": dim, "embedding_dim": dim, "reg": reg, "neg_ratio": neg_ratio, "data": data,
-               "graph": data.train, "behavior_names": data.behavior_names}
-    params = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in offered.items() if k in params}
-    for key, value in extra.items():
-        if key not in params and not takes_any:
-            raise SystemExit(f"model {name!r} has no argument {key!r} (accepts: {', '.join(p for p in params if p != 'self')})")
-        kwargs[key] = value
-    return cls(**kwargs)
+        raise SystemExit(f"model {name!r} is not available ({entry.builder if entry else name}: {exc})")
+    kwargs = {k: v for k, v in dict(dim=dim, reg=reg, neg_ratio=neg_ratio).items() if v is not None}
+    kwargs.update(extra)
+    try:
+        check_model_kwargs(cls, kwargs)
+    except TypeError as exc:
+        raise SystemExit(f"model {name!r}: {exc}")
+    return cls.from_data(data, **kwargs)
+
+
+def _record_model_args(args, model: nn.Module) -> None:
+    """Fills the model arguments left at None with the values the model took (for the run's config)."""
+    for key in MODEL_ARGS:
+        if getattr(args, key, None) is None and hasattr(model, key):
+            setattr(args, key, getattr(model, key))
 
 
 class _LossModule(nn.Module):
@@ -362,6 +386,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     seed_everything(args.seed)
     model = build_model(args.model, data, dim=args.dim, reg=args.reg, neg_ratio=args.neg_ratio,
                         **_model_kwargs(args)).to(device)
+    _record_model_args(args, model)
     model.name = args.model
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.protocol != "full" and args.pool_scores == "expert" and not hasattr(model, "expert_scorer"):

@@ -37,6 +37,7 @@ from ..data.sequences import (SequenceData, SequenceSplit, leave_one_out, load_a
                               make_training_windows)
 from ..models.sasrec import PerDomainSASRec, SASRec
 from ..models.syncrec import SyNCRec
+from .. import registry
 from .checkpoint import load_checkpoint
 from .._progress import progress_enabled, ranking_progress
 from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
@@ -47,7 +48,7 @@ __all__ = ["build_parser", "build_evaluate_parser", "load_data", "build_model", 
            "sampled_metrics", "sample_eval_negatives", "train_main", "evaluate_main", "table_main", "run_training"]
 
 KS = (1, 5, 10)
-MODELS = ("syncrec", "sasrec")
+MODELS = registry.model_names("sequential")
 PROTOCOLS = ("official", "domain")
 
 
