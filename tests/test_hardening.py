@@ -251,6 +251,17 @@ def test_corrupted_ctr_and_sequence_files(data_dir, tmp_path, loader, name, kind
         assert kind in ("truncated", "garbled-row", "not-utf8")
 
 
+def test_kuairand_truncated_last_line_names_the_line(data_dir, tmp_path):
+    """The last line cut after a few fields used to load with NaN labels and tab; now it names the line."""
+    from mbrec_fast.data.ctr import load_kuairand
+    text = (data_dir / "samples" / "kuairand_sample.csv").read_text().rstrip("\n").split("\n")
+    cut = text[:-1] + [",".join(text[-1].split(",")[:4])]
+    path = tmp_path / "kuairand_cut.csv"
+    path.write_text("\n".join(cut) + "\n")
+    with pytest.raises(ValueError, match=rf"line {len(cut)}: no value in .*tab"):
+        load_kuairand(str(path))
+
+
 # ---------------------------------------------------------------- silent wrong numbers, bounds, exception types
 def test_minus_inf_and_nan_dot_products_raise():
     from mbrec_fast.evaluator import evaluate_full_ranking, topk

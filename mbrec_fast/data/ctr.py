@@ -430,6 +430,19 @@ _KUAI_USER_DENSE = ["follow_user_num", "fans_user_num", "friend_user_num", "regi
 _KUAI_ITEM_SPARSE = ["video_type", "server_width", "server_height", "visible_status"]
 
 
+def _check_complete_rows(df, columns: Sequence[str], path, *, single_file: bool) -> None:
+    """A row with an empty label, id or tab (a truncated or garbled line: pandas reads it as NaN) is an error
+    naming the file and, for a single CSV, the line; it would otherwise become a wrong domain or label."""
+    present = [c for c in columns if c in df.columns]
+    bad = df[present].isna().to_numpy().any(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        empty = [c for c in present if bool(df[c].isna().iloc[row])]
+        where = f"line {row + 2}" if single_file else f"row {row + 1} of the joined logs"
+        raise ValueError(f"{path}, {where}: no value in {', '.join(empty)} (a truncated or garbled line?); "
+                         f"{int(bad.sum())} such row(s)")
+
+
 @reads_data_file("kuairand_sample.csv")
 def load_kuairand(path: Optional[Union[str, os.PathLike]] = None, *,
                   tab_groups: Optional[Sequence[Sequence[int]]] = None,
@@ -463,6 +476,8 @@ def load_kuairand(path: Optional[Union[str, os.PathLike]] = None, *,
     missing = {"user_id", "video_id", "is_click", "tab"} - set(df.columns)
     if missing:
         raise ValueError(f"KuaiRand data at {p} lacks columns {sorted(missing)}")
+    _check_complete_rows(df, ["user_id", "video_id", "is_click", "tab", "long_view", "play_time_ms", "duration_ms"],
+                         p, single_file=not p.is_dir())
     tabs = df["tab"].to_numpy().astype(np.int64)
     if tab_groups is None:
         tab_groups = [(int(t),) for t in sorted(set(tabs.tolist()))]
