@@ -714,3 +714,10 @@ def test_model_option_help_reads_the_signatures():
                  "cross-domain experts (default 4)", "(default 0.8)", "(default lower)", "(default sum)",
                  "(default detach)"):
         assert text in help_text, text
+
+
+def test_build_model_from_freshly_parsed_arguments_takes_the_model_defaults():
+    data = _tiny_data(users=60)
+    args = S.build_parser().parse_args(["--model", "syncrec"])
+    model = S.build_model(args, data)
+    assert isinstance(model, SyNCRec) and args.dim == 64 and args.n_cross == 4

@@ -171,6 +171,8 @@ def load_data(args: argparse.Namespace) -> SequenceData:
 
 
 def build_model(args: argparse.Namespace, data: SequenceData) -> torch.nn.Module:
+    """The model the arguments name; model options left at None take its defaults (filled into `args`)."""
+    resolve_model_defaults(args)
     common = dict(dim=args.dim, n_layers=args.layers, n_heads=args.heads, max_len=args.max_len, dropout=args.dropout)
     if args.model == "syncrec":
         return SyNCRec(data.n_items, data.n_domains, data.item_domain, n_single=args.n_single, n_cross=args.n_cross,
