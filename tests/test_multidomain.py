@@ -464,3 +464,44 @@ def test_corrupted_ml100k_names_the_file(data_dir, tmp_path, name, corrupt, mess
     (copy / name).write_bytes(corrupt((copy / name).read_bytes()))
     with pytest.raises(ValueError, match=message):
         load_ml100k(copy)
+
+
+# ------------------------------------------------------------------------------------------------ model defaults
+def test_model_options_default_to_the_constructors_and_record_the_old_values():
+    """--emb-dim, --expert-dim, ... parse to None ("the model's default"); resolved, they are the constructor
+    defaults, and the recorded config carries the values earlier runs recorded (old checkpoints still resume)."""
+    from mbrec_fast.models.base import constructor_defaults
+    from mbrec_fast.models.multidomain import MMoE, _BASE
+    from mbrec_fast.training.multidomain import MODEL_OPTIONS, resolve_model_defaults
+    recorded = dict(emb_dim=16, expert_dim=64, n_experts=4, n_shared=None, cold_prob=0.1, m3oe_variant="official",
+                    m3oe_fusion="add")
+    for name in MODEL_NAMES:
+        args = build_parser().parse_args(["--model", name])
+        assert all(getattr(args, dest) is None for dest in MODEL_OPTIONS), name
+        resolve_model_defaults(args)
+        assert {k: getattr(args, k) for k in recorded} == recorded, name
+        defaults = constructor_defaults(_BASE[name])
+        assert all(getattr(args, dest) == defaults[key] for dest, key in MODEL_OPTIONS.items() if key in defaults), name
+    args = resolve_model_defaults(build_parser().parse_args(["--model", "mmoe", "--emb-dim", "8", "--n-experts", "3"]))
+    assert (args.emb_dim, args.n_experts, args.expert_dim) == (8, 3, constructor_defaults(MMoE)["expert_dim"])
+
+
+def test_model_option_help_reads_the_signatures():
+    from mbrec_fast.models.multidomain import EMB_DIM, EXPERT_DIM, N_EXPERTS, N_SHARED
+    help_text = " ".join(build_parser().format_help().split())
+    for text in (f"embedding size per field (default {EMB_DIM};", f"hidden size of an expert (default {EXPERT_DIM})",
+                 f"MMoE / M2M experts (default {N_EXPERTS})", f"shared experts (default {N_SHARED}; M3oE",
+                 "(default official)", "(default add)", "(default 0.1)"):
+        assert text in help_text, text
+
+
+def test_model_kwargs_of_an_old_config_without_the_newer_m3oe_options(small):
+    """A run config from before --m3oe-variant / --m3oe-fusion existed builds M3oE with its defaults."""
+    import argparse
+    from mbrec_fast.training.multidomain import _model_kwargs
+    args = argparse.Namespace(model="m3oe", emb_dim=8, expert_dim=16, n_experts=4, n_shared=None, fixed_fusion=False,
+                              no_domain_module=False, no_task_module=False, cold_prob=0.1)
+    kw = _model_kwargs(args)
+    assert "variant" not in kw and "fusion" not in kw and "n_shared" not in kw
+    model = build_model("m3oe", small, **kw)
+    assert (model.variant, model.fusion) == ("official", "add")

@@ -684,3 +684,40 @@ def test_per_domain_item_scoring_matches_bruteforce(protocol):
                 assert math.isclose(got[key], v, abs_tol=1e-5), key
     with pytest.raises(ValueError, match="per_domain_scoring"):
         S.evaluate_model(model, ctx, per_domain_scoring="oracle")
+
+
+# ------------------------------------------------------------------------------------------------ model defaults
+def test_model_options_default_to_the_constructors_and_record_the_old_values():
+    """The model options parse to None ("the model's default"); resolved, they are SyNCRec's / SASRec's constructor
+    defaults, and the recorded config carries the values earlier runs recorded (old checkpoints still resume)."""
+    from mbrec_fast.models.base import constructor_defaults
+    recorded = dict(max_len=50, dim=64, layers=2, heads=2, dropout=0.2, n_single=1, n_cross=4, r=0.8, temperature=1.0,
+                    momentum=0.9, smoothing=0.1, reweight="lower", domain_loss="sum", mi_weight=1.0, gap_grad="detach")
+    assert set(recorded) == set(S.MODEL_OPTIONS)
+    for model, cls in (("syncrec", SyNCRec), ("sasrec", SASRec)):
+        args = S.build_parser().parse_args(["--model", model])
+        assert all(getattr(args, dest) is None for dest in S.MODEL_OPTIONS), model
+        S.resolve_model_defaults(args)
+        assert {k: getattr(args, k) for k in recorded} == recorded, model
+        defaults = constructor_defaults(cls)
+        assert all(getattr(args, dest) == defaults[key] for dest, key in S.MODEL_OPTIONS.items() if key in defaults)
+    args = S.resolve_model_defaults(S.build_parser().parse_args(["--model", "syncrec", "--dim", "32", "--r", "0.5"]))
+    assert (args.dim, args.r, args.n_cross) == (32, 0.5, 4)
+
+
+def test_model_option_help_reads_the_signatures():
+    from mbrec_fast.models.sasrec import DIM, DROPOUT, MAX_LEN, N_HEADS, N_LAYERS
+    help_text = " ".join(S.build_parser().format_help().split())
+    for text in (f"longest history window fed to the model (default {MAX_LEN})",
+                 f"embedding and transformer width (default {DIM};", f"per SASRec (default {N_LAYERS})",
+                 f"attention heads (default {N_HEADS})", f"dropout rate (default {DROPOUT:g})",
+                 "cross-domain experts (default 4)", "(default 0.8)", "(default lower)", "(default sum)",
+                 "(default detach)"):
+        assert text in help_text, text
+
+
+def test_build_model_from_freshly_parsed_arguments_takes_the_model_defaults():
+    data = _tiny_data(users=60)
+    args = S.build_parser().parse_args(["--model", "syncrec"])
+    model = S.build_model(args, data)
+    assert isinstance(model, SyNCRec) and args.dim == 64 and args.n_cross == 4

@@ -31,6 +31,12 @@ __all__ = ["ExpertBank", "RoutedMLP", "FeatureEmbedding", "MLPPerHead", "SharedB
 # the family's model names and those built per (domain, task) already or MDMT by design: mbrec_fast/registry.py
 MODEL_NAMES = _registry.model_names("multidomain")
 MDMT_ONLY = tuple(n for n in MODEL_NAMES if _registry.MODELS[n].mdmt_only)
+# the hyper-parameters the models share, stated once: every signature below uses these (the CLI reads them
+# from the signatures)
+EMB_DIM = 16       # embedding size per field
+EXPERT_DIM = 64    # hidden size of an expert
+N_EXPERTS = 4      # shared experts of MMoE / M2M
+N_SHARED = 2       # shared experts of PLE / AdaTT / M3REC (M3oE: by its variant)
 
 
 # ================================================================================================ features
@@ -129,7 +135,7 @@ class MLPPerHead(_CTRModel):
 
     name = "mlp"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, hidden=(64,), tower=(32,), expert_impl="fused", **_):
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=EMB_DIM, hidden=(64,), tower=(32,), expert_impl="fused", **_):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         n_heads = n_domains * n_tasks
         dims = [self.embedding.out_dim, *hidden]
@@ -151,7 +157,7 @@ class SharedBottom(_CTRModel):
 
     name = "sharedbottom"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, expert_dim=64, tower=(32,), expert_impl="fused", **_):
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=EMB_DIM, expert_dim=EXPERT_DIM, tower=(32,), expert_impl="fused", **_):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         self.bottom = ExpertBank(1, self.embedding.out_dim, expert_dim, expert_impl=self.expert_impl)
         self.tower = RoutedMLP(n_domains * n_tasks, [expert_dim, *tower, 1], expert_impl=self.expert_impl)
@@ -168,8 +174,8 @@ class MMoE(_CTRModel):
 
     name = "mmoe"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_experts=4, expert_dim=64, tower=(32,),
-                 expert_impl="fused", **_):
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=EMB_DIM, n_experts=N_EXPERTS,
+                 expert_dim=EXPERT_DIM, tower=(32,), expert_impl="fused", **_):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         n_heads, d = n_domains * n_tasks, self.embedding.out_dim
         self.experts = ExpertBank(n_experts, d, expert_dim, expert_impl=self.expert_impl)
@@ -197,8 +203,8 @@ class PLE(_CTRModel):
 
     name = "ple"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_shared=2, n_specific=1, expert_dim=64,
-                 n_levels=2, tower=(32,), expert_impl="fused", **_):
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=EMB_DIM, n_shared=N_SHARED, n_specific=1,
+                 expert_dim=EXPERT_DIM, n_levels=2, tower=(32,), expert_impl="fused", **_):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         n_heads = n_domains * n_tasks
         self.n_heads, self.n_shared, self.n_specific, self.n_levels = n_heads, n_shared, n_specific, n_levels
@@ -246,7 +252,7 @@ class STAR(_CTRModel):
 
     name = "star"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, hidden=(64,), tower=(32,), expert_impl="fused", **_):
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=EMB_DIM, hidden=(64,), tower=(32,), expert_impl="fused", **_):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         dims = [self.embedding.out_dim, *hidden]
         self.star_layers = nn.ModuleList(ExpertBank(n_domains, dims[i], dims[i + 1], expert_impl=self.expert_impl) for i in range(len(dims) - 1))
@@ -320,8 +326,8 @@ class AdaTT(_CTRModel):
 
     name = "adatt"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_specific=1, n_shared=2,
-                 expert_dim=64, tower=(32,), sparse=False, expert_impl="fused", **_):
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=EMB_DIM, n_specific=1, n_shared=N_SHARED,
+                 expert_dim=EXPERT_DIM, tower=(32,), sparse=False, expert_impl="fused", **_):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         n_heads, d = n_domains * n_tasks, self.embedding.out_dim
         self.n_heads, self.n_specific = n_heads, n_specific
@@ -360,7 +366,7 @@ class M2M(_CTRModel):
 
     name = "m2m"
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_experts=4, expert_dim=64,
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=EMB_DIM, n_experts=N_EXPERTS, expert_dim=EXPERT_DIM,
                  expert_impl="fused", **_):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         H, d, n_heads = expert_dim, self.embedding.out_dim, n_domains * n_tasks
@@ -427,7 +433,7 @@ class M3oE(_CTRModel):
     name = "m3oe"
     _FUSION = ("alpha_domain", "alpha_task", "beta_domain", "beta_task")
 
-    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=16, n_shared=None, expert_dim=64,
+    def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, emb_dim=EMB_DIM, n_shared=None, expert_dim=EXPERT_DIM,
                  variant="official", fusion="add", fixed_fusion=False, use_domain_module=True, use_task_module=True,
                  expert_impl="fused", **kwargs):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, kwargs)
@@ -578,8 +584,8 @@ class M3REC(_CTRModel):
     name = "m3rec"
 
     def __init__(self, field_dims, n_dense, n_domains, n_tasks, *, user_field=0, item_field=1, item_sparse_fields=(),
-                 item_dense_cols=(), emb_dim=16, n_shared=2, expert_dim=64, tower=(32,), cold_prob=0.1,
-                 min_item_count=1, n_heads_attn=2, use_generator=True, expert_impl="fused", **_):
+                 item_dense_cols=(), emb_dim=EMB_DIM, n_shared=N_SHARED, expert_dim=EXPERT_DIM, tower=(32,),
+                 cold_prob=0.1, min_item_count=1, n_heads_attn=2, use_generator=True, expert_impl="fused", **_):
         super().__init__(field_dims, n_dense, n_domains, n_tasks, emb_dim, expert_impl, _)
         self.user_field, self.item_field, self.cold_prob, self.min_item_count = user_field, item_field, cold_prob, min_item_count
         self.item_side_fields = [f for f in item_sparse_fields if f != item_field]

@@ -14,6 +14,13 @@ import torch.nn.functional as F
 
 __all__ = ["CausalEncoder", "SASRec", "PerDomainSASRec", "causal_mask", "sampled_softmax_loss", "histories_to_inputs"]
 
+# the transformer shape SASRec and SyNCRec share, stated once (their signatures use these; the CLI reads them there)
+DIM = 64         # embedding and transformer width
+N_LAYERS = 2     # transformer layers per encoder
+N_HEADS = 2      # attention heads
+MAX_LEN = 50     # longest history window
+DROPOUT = 0.2
+
 
 def causal_mask(length: int, device=None) -> torch.Tensor:
     """Additive [L, L] mask: 0 on and below the diagonal, -inf above (position t sees 0..t only)."""
@@ -23,8 +30,8 @@ def causal_mask(length: int, device=None) -> torch.Tensor:
 class CausalEncoder(nn.Module):
     """A stack of pre-norm transformer-encoder layers under a causal mask (one SyNCRec expert, or SASRec's body)."""
 
-    def __init__(self, dim: int, n_layers: int = 2, n_heads: int = 2, dropout: float = 0.2, ff_mult: int = 2,
-                 final_norm: bool = True):
+    def __init__(self, dim: int, n_layers: int = N_LAYERS, n_heads: int = N_HEADS, dropout: float = DROPOUT,
+                 ff_mult: int = 2, final_norm: bool = True):
         super().__init__()
         self.layers = nn.ModuleList([
             nn.TransformerEncoderLayer(dim, n_heads, dim_feedforward=ff_mult * dim, dropout=dropout,
@@ -75,8 +82,8 @@ class SASRec(nn.Module):
     dot-product scores against the shared item table. Used per domain (single-domain baseline) and on the merged
     cross-domain sequence (cross-domain baseline)."""
 
-    def __init__(self, n_items: int, n_domains: int = 1, item_domain: Optional[torch.Tensor] = None, dim: int = 64,
-                 n_layers: int = 2, n_heads: int = 2, max_len: int = 50, dropout: float = 0.2,
+    def __init__(self, n_items: int, n_domains: int = 1, item_domain: Optional[torch.Tensor] = None, dim: int = DIM,
+                 n_layers: int = N_LAYERS, n_heads: int = N_HEADS, max_len: int = MAX_LEN, dropout: float = DROPOUT,
                  use_domain_emb: bool = True):
         super().__init__()
         self.n_items, self.n_domains, self.max_len, self.dim = n_items, n_domains, max_len, dim

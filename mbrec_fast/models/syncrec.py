@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from ..experts import gated_experts
 from ..nn.bank import check_expert_impl, resolve_expert_impl
 from ..reference.experts import gated_heads_ref
-from .sasrec import CausalEncoder, histories_to_inputs, sampled_softmax_loss
+from .sasrec import DIM, DROPOUT, MAX_LEN, N_HEADS, N_LAYERS, CausalEncoder, histories_to_inputs, sampled_softmax_loss
 
 __all__ = ["SyNCRec", "gap_weights", "mix_expert_heads"]
 
@@ -80,10 +80,10 @@ def gap_weights(gaps: torch.Tensor, temperature: float, eps: float = 0.0,
 class SyNCRec(nn.Module):
     """Asymmetric cooperative mixture of transformer experts for single- and cross-domain next-item prediction."""
 
-    def __init__(self, n_items: int, n_domains: int, item_domain: torch.Tensor, dim: int = 64, n_single: int = 1,
-                 n_cross: int = 4, n_layers: int = 2, n_heads: int = 2, max_len: int = 50, dropout: float = 0.2,
-                 r: float = 0.8, temperature: float = 1.0, momentum: float = 0.9, smoothing: float = 0.1,
-                 mi_weight: float = 1.0, gap_grad: str = "detach", expert_impl: str = "fused",
+    def __init__(self, n_items: int, n_domains: int, item_domain: torch.Tensor, dim: int = DIM, n_single: int = 1,
+                 n_cross: int = 4, n_layers: int = N_LAYERS, n_heads: int = N_HEADS, max_len: int = MAX_LEN,
+                 dropout: float = DROPOUT, r: float = 0.8, temperature: float = 1.0, momentum: float = 0.9,
+                 smoothing: float = 0.1, mi_weight: float = 1.0, gap_grad: str = "detach", expert_impl: str = "fused",
                  reweight: str = "lower", domain_loss: str = "sum", warmup_steps: int = 0):
         super().__init__()
         if reweight not in REWEIGHT:

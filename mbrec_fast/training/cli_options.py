@@ -1,5 +1,7 @@
 """Command-line pieces the three model families share: the help formatter (defaults shown), the
-resume-path rule and the command printed to continue a stopped run.
+resume-path rule, the command printed to continue a stopped run, and the model hyper-parameter options
+(default None = "the model's default", read from the model constructors' signatures for the help and the
+run's config).
 
 One vocabulary across the families: `--run-dir` (alias `--out`), `--emb-dim` (alias `--dim`),
 `--resume [PATH]` (no value: <run-dir>/checkpoint.pt), `--no-progress`, `--threads`, `--device`.
@@ -9,10 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from typing import List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 __all__ = ["HelpFormatter", "resolve_resume", "resume_command", "add_run_dir", "add_resume", "add_progress",
-           "evaluate_parser", "parse_evaluate_args"]
+           "evaluate_parser", "parse_evaluate_args", "model_defaults_text", "fill_model_defaults"]
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -113,3 +115,45 @@ def resume_command(argv: List[str], run_dir: str, prog: str = "mbrec-fast train"
     if not has_run_dir:
         out += ["--run-dir", run_dir]
     return " ".join([prog] + [shlex.quote(a) for a in out] + ["--resume"])
+
+
+# ------------------------------------------------------------------------------------------ model defaults
+def _defaults_by_value(classes: Iterable[type], key: str) -> Dict[Any, List[str]]:
+    """{default: [class names]} of constructor argument `key` over the classes that take it (in order)."""
+    from ..models.base import constructor_defaults
+    by_value: Dict[Any, List[str]] = {}
+    for cls in classes:
+        defaults = constructor_defaults(cls)
+        if key in defaults:
+            names = by_value.setdefault(defaults[key], [])
+            if cls.__name__ not in names:
+                names.append(cls.__name__)
+    return by_value
+
+
+def model_defaults_text(classes: Iterable[type], key: str, none_text: str = "its --variant's") -> str:
+    """The defaults of constructor argument `key` over model classes, read from their signatures, for a
+    help text: the most common value first, then the others by class, e.g. "1; NeuMF/NMTR 4" (a None
+    default reads `none_text`: the model decides from another argument)."""
+    by_value = _defaults_by_value(classes, key)
+    if not by_value:
+        return "the model's"
+    common = max(by_value, key=lambda v: (v is not None, len(by_value[v])))
+    text = lambda v: none_text if v is None else f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "; ".join([text(common)] + [f"{'/'.join(names)} {text(v)}" for v, names in by_value.items() if v != common])
+
+
+def fill_model_defaults(args: argparse.Namespace, classes: Iterable[type], options: Dict[str, str]) -> None:
+    """Sets each model option `dest` left at None (`options`: dest -> constructor argument) to the default of
+    the first class in `classes` whose constructor takes that argument (list the chosen model's class first),
+    so the run's config records the value the model takes."""
+    from ..models.base import constructor_defaults
+    classes = list(classes)
+    for dest, key in options.items():
+        if getattr(args, dest, None) is not None:
+            continue
+        for cls in classes:
+            defaults = constructor_defaults(cls)
+            if key in defaults:
+                setattr(args, dest, defaults[key])
+                break

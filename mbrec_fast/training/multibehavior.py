@@ -29,8 +29,8 @@ from .. import registry
 from .._progress import progress_enabled
 from ..evaluator import METRICS
 from .checkpoint import load_checkpoint
-from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
-                          resolve_resume, resume_command)
+from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, model_defaults_text,
+                          parse_evaluate_args, resolve_resume, resume_command)
 from .common import (Trainer, check_cli_args, format_table, init_distributed, is_main_process, log, seed_everything,
                      world)
 
@@ -67,19 +67,13 @@ def _training_defaults_text(key: str) -> str:
 def _model_defaults_text(key: str) -> str:
     """The models' defaults of constructor argument `key`, read from their signatures, e.g. "1; NeuMF/NMTR 4"
     (the most common value first; None: the model's variant decides)."""
-    from ..models.base import constructor_defaults
-    by_value: Dict[Any, List[str]] = {}
+    classes = []
     for name in registry.model_names("multibehavior"):
         try:
-            cls = registry.load_builder(name)
+            classes.append(registry.load_builder(name))
         except (ImportError, AttributeError):
             continue
-        by_value.setdefault(constructor_defaults(cls).get(key), []).append(cls.__name__)
-    if not by_value:
-        return "the model's"
-    common = max(by_value, key=lambda v: (v is not None, len(by_value[v])))
-    text = lambda v: "its --variant's" if v is None else f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "; ".join([text(common)] + [f"{'/'.join(names)} {text(v)}" for v, names in by_value.items() if v != common])
+    return model_defaults_text(classes, key)
 
 
 def add_protocol_options(p: argparse.ArgumentParser) -> None:

@@ -24,14 +24,33 @@ import torch
 
 from ..data.ctr import CTRData, load_kuairand, load_ml100k, load_movielens, load_ratings_table, make_synthetic_ctr
 from ..metrics import ctr_metrics
-from ..models.multidomain import MODEL_NAMES, M3oE, M3REC, build_model, ctr_loss
+from ..models.multidomain import _BASE, MODEL_NAMES, M3oE, M3REC, build_model, ctr_loss
 from .checkpoint import load_checkpoint
 from .._progress import progress_enabled
-from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
-                          resolve_resume, resume_command)
+from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, fill_model_defaults,
+                          model_defaults_text, parse_evaluate_args, resolve_resume, resume_command)
 from .common import Trainer, check_cli_args, format_table, log, seed_everything
 
-__all__ = ["build_parser", "build_evaluate_parser", "load_data", "make_step", "predict", "train_main", "evaluate_main", "table_main", "run_training"]
+__all__ = ["build_parser", "build_evaluate_parser", "load_data", "make_step", "predict", "train_main", "evaluate_main", "table_main", "run_training",
+           "resolve_model_defaults"]
+
+# the model options whose default None means the model's own (its constructor's signature): dest -> argument.
+# --n-shared stays None in the run's config (M3oE picks its count by variant)
+MODEL_OPTIONS = {"emb_dim": "emb_dim", "expert_dim": "expert_dim", "n_experts": "n_experts", "cold_prob": "cold_prob",
+                 "m3oe_variant": "variant", "m3oe_fusion": "fusion"}
+
+
+def _defaults(key: str, none_text: str = "its --m3oe-variant's") -> str:
+    """Help text of a model option's default, read from the model classes' signatures."""
+    return model_defaults_text(_BASE.values(), key, none_text)
+
+
+def resolve_model_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills the model options left at None with the chosen model's defaults (another model's where the chosen one
+    does not take the option), so the run's config records the values as before."""
+    chosen = _BASE.get(str(getattr(args, "model", "")).lower())
+    fill_model_defaults(args, ([chosen] if chosen else []) + list(_BASE.values()), MODEL_OPTIONS)
+    return args
 
 
 def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
@@ -70,15 +89,19 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
                    help="evaluations without improvement before stopping (default: the data's protocol)")
     p.add_argument("--loss", default=None, choices=["pooled", "balanced"],
                    help="pooled: BCE mean over samples; balanced: mean BCE per (domain, task) cell, summed (official)")
-    p.add_argument("--emb-dim", "--dim", dest="emb_dim", type=int, default=16, metavar="N",
-                   help="embedding size per field (--dim is an alias)")
-    p.add_argument("--expert-dim", type=int, default=64, help="hidden size of an expert")
-    p.add_argument("--n-experts", type=int, default=4, help="MMoE / M2M experts")
-    p.add_argument("--n-shared", type=int, default=None, help="shared experts (M3oE default 4, M3REC/PLE/AdaTT 2)")
-    p.add_argument("--m3oe-variant", default="official", choices=["official", "v1"],
-                   help="M3oE architecture: the official code's, or this package's first version")
-    p.add_argument("--m3oe-fusion", default="add", choices=["add", "concat", "gated"],
-                   help="M3oE: add (paper), concat modules / fully gated modules (the paper's ablations)")
+    # model options: None = the model's default, stated once in its constructor's signature
+    p.add_argument("--emb-dim", "--dim", dest="emb_dim", type=int, default=None, metavar="N",
+                   help=f"embedding size per field (default {_defaults('emb_dim')}; --dim is an alias)")
+    p.add_argument("--expert-dim", type=int, default=None,
+                   help=f"hidden size of an expert (default {_defaults('expert_dim')})")
+    p.add_argument("--n-experts", type=int, default=None, help=f"MMoE / M2M experts (default {_defaults('n_experts')})")
+    p.add_argument("--n-shared", type=int, default=None, help=f"shared experts (default {_defaults('n_shared')})")
+    p.add_argument("--m3oe-variant", default=None, choices=["official", "v1"],
+                   help=f"M3oE architecture: the official code's, or this package's first version "
+                        f"(default {_defaults('variant')})")
+    p.add_argument("--m3oe-fusion", default=None, choices=["add", "concat", "gated"],
+                   help=f"M3oE: add (paper), concat modules / fully gated modules (the paper's ablations) "
+                        f"(default {_defaults('fusion')})")
     p.add_argument("--fusion-train", default="official", choices=["official", "joint", "bilevel", "bilevel-valid"],
                    help="M3oE α/β: official = main optimizer every step + one fusion step per epoch on a training "
                         "batch; joint = main optimizer only; bilevel = separate optimizer, fusion step on a training "
@@ -89,7 +112,8 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--fixed-fusion", action="store_true", help="M3oE ablation: α = β = 0.5, no AutoML")
     p.add_argument("--no-domain-module", action="store_true", help="M3oE ablation")
     p.add_argument("--no-task-module", action="store_true", help="M3oE ablation")
-    p.add_argument("--cold-prob", type=float, default=0.1, help="M3REC: id-dropout rate of the meta item generator")
+    p.add_argument("--cold-prob", type=float, default=None,
+                   help=f"M3REC: id-dropout rate of the meta item generator (default {_defaults('cold_prob')})")
     p.add_argument("--no-generator", action="store_true", help="M3REC ablation: no meta item-embedding generator")
     # dest stays "impl": the key under which run configs and checkpoints store it
     p.add_argument("--expert-impl", "--impl", dest="impl", default="fused", choices=["fused", "loop"],
@@ -174,16 +198,16 @@ def cold_item_split(data: CTRData, max_count: int, fractions: Sequence[float] = 
 
 
 def _model_kwargs(args) -> Dict[str, Any]:
-    kw: Dict[str, Any] = dict(emb_dim=args.emb_dim, expert_dim=args.expert_dim, n_experts=args.n_experts)
-    if args.n_shared is not None:
-        kw["n_shared"] = args.n_shared
+    """The constructor arguments the options give; an option left at None is left out (the model's default)."""
+    kw: Dict[str, Any] = dict(emb_dim=args.emb_dim, expert_dim=args.expert_dim, n_experts=args.n_experts,
+                              n_shared=args.n_shared)
     if args.model == "m3oe":
         kw.update(fixed_fusion=args.fixed_fusion, use_domain_module=not args.no_domain_module,
-                  use_task_module=not args.no_task_module, variant=getattr(args, "m3oe_variant", "official"),
-                  fusion=getattr(args, "m3oe_fusion", "add"))
+                  use_task_module=not args.no_task_module, variant=getattr(args, "m3oe_variant", None),
+                  fusion=getattr(args, "m3oe_fusion", None))
     if args.model == "m3rec":
         kw.update(cold_prob=args.cold_prob, use_generator=not getattr(args, "no_generator", False))
-    return kw
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 # ------------------------------------------------------------------------------------------------ train / eval
@@ -268,6 +292,7 @@ def _optimizers(model, args) -> Tuple[torch.optim.Optimizer, Optional[torch.opti
 def run_training(args: argparse.Namespace, data: Optional[CTRData] = None, progress: Optional[bool] = None) -> Dict[str, Any]:
     """Trains one model as the CLI does; returns {"test": metrics, "valid": metrics, "run_dir": ..., ...}."""
     resolve_protocol(args)
+    resolve_model_defaults(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if progress is None:
@@ -408,7 +433,7 @@ def table_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--runs-root", default="runs/table")
     a, rest = p.parse_known_args(argv)
     base = ["--model", "mlp"] + rest
-    base_args = resolve_protocol(build_parser().parse_args(base))
+    base_args = resolve_model_defaults(resolve_protocol(build_parser().parse_args(base)))
     torch.set_num_threads(base_args.threads or 1)
     data = load_data(base_args)
     log(f"table data: {json.dumps(data.describe())}")

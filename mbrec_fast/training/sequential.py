@@ -40,16 +40,35 @@ from ..models.syncrec import SyNCRec
 from .. import registry
 from .checkpoint import load_checkpoint
 from .._progress import progress_enabled, ranking_progress
-from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, parse_evaluate_args,
-                          resolve_resume, resume_command)
+from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, fill_model_defaults,
+                          model_defaults_text, parse_evaluate_args, resolve_resume, resume_command)
 from .common import Trainer, check_cli_args, format_table, log, seed_everything
 
 __all__ = ["build_parser", "build_evaluate_parser", "load_data", "build_model", "EvalContext", "make_eval_context", "evaluate_model",
-           "sampled_metrics", "sample_eval_negatives", "train_main", "evaluate_main", "table_main", "run_training"]
+           "sampled_metrics", "sample_eval_negatives", "train_main", "evaluate_main", "table_main", "run_training",
+           "resolve_model_defaults"]
 
 KS = (1, 5, 10)
 MODELS = registry.model_names("sequential")
 PROTOCOLS = ("official", "domain")
+# the model options whose default None means the model's own (SyNCRec's / SASRec's signature): dest -> argument
+MODEL_OPTIONS = {"max_len": "max_len", "dim": "dim", "layers": "n_layers", "heads": "n_heads", "dropout": "dropout",
+                 "n_single": "n_single", "n_cross": "n_cross", "r": "r", "temperature": "temperature",
+                 "momentum": "momentum", "smoothing": "smoothing", "reweight": "reweight", "domain_loss": "domain_loss",
+                 "mi_weight": "mi_weight", "gap_grad": "gap_grad"}
+
+
+def _defaults(key: str) -> str:
+    """Help text of a model option's default, read from SyNCRec's and SASRec's signatures."""
+    return model_defaults_text((SyNCRec, SASRec), key)
+
+
+def resolve_model_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills the model options left at None with the chosen model's defaults (SyNCRec's for its own options), so
+    the run's config records the values the model takes."""
+    chosen = SyNCRec if getattr(args, "model", None) == "syncrec" else SASRec
+    fill_model_defaults(args, (chosen, SyNCRec, SASRec), MODEL_OPTIONS)
+    return args
 
 
 def check_protocol(protocol: str) -> str:
@@ -79,27 +98,38 @@ def build_parser(prog: str = "mbrec-fast train") -> argparse.ArgumentParser:
     p.add_argument("--syn-relatedness", default="1,1,0", help="per-domain relatedness (0 = planted negative transfer)")
     p.add_argument("--syn-chain", type=float, default=0.5, help="within-domain sequential signal")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
-    p.add_argument("--max-len", type=int, default=50, help="longest history window fed to the model")
-    p.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=64, metavar="N",
-                   help="embedding and transformer width (--dim is an alias)")
-    p.add_argument("--layers", type=int, default=2, help="transformer layers per expert / per SASRec")
-    p.add_argument("--heads", type=int, default=2, help="attention heads")
-    p.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
-    p.add_argument("--n-single", type=int, default=1,
-                   help="SyNCRec single-domain experts (0: ablation w/o single-domain experts, one shared group)")
-    p.add_argument("--n-cross", type=int, default=4, help="SyNCRec cross-domain experts")
-    p.add_argument("--r", type=float, default=0.8, help="SyNCRec: weight of a task's own expert group")
-    p.add_argument("--temperature", type=float, default=1.0, help="SyNCRec: softmax temperature of the gap weights")
-    p.add_argument("--momentum", type=float, default=0.9, help="SyNCRec: EMA momentum of the gaps")
-    p.add_argument("--smoothing", type=float, default=0.1, help="SyNCRec: mix of the gap weights toward uniform")
-    p.add_argument("--reweight", default="lower", choices=["lower", "raise", "none"],
-                   help="SyNCRec cross-loss weights: lower for more negative transfer (paper), raise (earlier "
-                        "reading), none (ablation w/o reweighting)")
-    p.add_argument("--domain-loss", default="sum", choices=["sum", "mean"],
-                   help="SyNCRec: per-domain summed losses (official) or the mean of per-domain means")
-    p.add_argument("--mi-weight", type=float, default=1.0, help="SyNCRec MI loss weight (0: ablation w/o MI)")
-    p.add_argument("--gap-grad", default="detach", choices=["detach", "cross"],
-                   help="SyNCRec: gradient through the negative-transfer gaps")
+    # model options: None = the model's default, stated once in its constructor's signature
+    p.add_argument("--max-len", type=int, default=None,
+                   help=f"longest history window fed to the model (default {_defaults('max_len')})")
+    p.add_argument("--emb-dim", "--dim", dest="dim", type=int, default=None, metavar="N",
+                   help=f"embedding and transformer width (default {_defaults('dim')}; --dim is an alias)")
+    p.add_argument("--layers", type=int, default=None,
+                   help=f"transformer layers per expert / per SASRec (default {_defaults('n_layers')})")
+    p.add_argument("--heads", type=int, default=None, help=f"attention heads (default {_defaults('n_heads')})")
+    p.add_argument("--dropout", type=float, default=None, help=f"dropout rate (default {_defaults('dropout')})")
+    p.add_argument("--n-single", type=int, default=None,
+                   help=f"SyNCRec single-domain experts (0: ablation w/o single-domain experts, one shared group; "
+                        f"default {_defaults('n_single')})")
+    p.add_argument("--n-cross", type=int, default=None,
+                   help=f"SyNCRec cross-domain experts (default {_defaults('n_cross')})")
+    p.add_argument("--r", type=float, default=None,
+                   help=f"SyNCRec: weight of a task's own expert group (default {_defaults('r')})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"SyNCRec: softmax temperature of the gap weights (default {_defaults('temperature')})")
+    p.add_argument("--momentum", type=float, default=None,
+                   help=f"SyNCRec: EMA momentum of the gaps (default {_defaults('momentum')})")
+    p.add_argument("--smoothing", type=float, default=None,
+                   help=f"SyNCRec: mix of the gap weights toward uniform (default {_defaults('smoothing')})")
+    p.add_argument("--reweight", default=None, choices=["lower", "raise", "none"],
+                   help=f"SyNCRec cross-loss weights: lower for more negative transfer (paper), raise (earlier "
+                        f"reading), none (ablation w/o reweighting) (default {_defaults('reweight')})")
+    p.add_argument("--domain-loss", default=None, choices=["sum", "mean"],
+                   help=f"SyNCRec: per-domain summed losses (official) or the mean of per-domain means "
+                        f"(default {_defaults('domain_loss')})")
+    p.add_argument("--mi-weight", type=float, default=None,
+                   help=f"SyNCRec MI loss weight (0: ablation w/o MI; default {_defaults('mi_weight')})")
+    p.add_argument("--gap-grad", default=None, choices=["detach", "cross"],
+                   help=f"SyNCRec: gradient through the negative-transfer gaps (default {_defaults('gap_grad')})")
     p.add_argument("--num-neg", type=int, default=8, help="training negatives per position")
     p.add_argument("--eval-neg", type=int, default=100, help="negatives of the sampled protocol")
     p.add_argument("--protocol", default="official", choices=list(PROTOCOLS),
@@ -141,6 +171,8 @@ def load_data(args: argparse.Namespace) -> SequenceData:
 
 
 def build_model(args: argparse.Namespace, data: SequenceData) -> torch.nn.Module:
+    """The model the arguments name; model options left at None take its defaults (filled into `args`)."""
+    resolve_model_defaults(args)
     common = dict(dim=args.dim, n_layers=args.layers, n_heads=args.heads, max_len=args.max_len, dropout=args.dropout)
     if args.model == "syncrec":
         return SyNCRec(data.n_items, data.n_domains, data.item_domain, n_single=args.n_single, n_cross=args.n_cross,
@@ -439,6 +471,7 @@ def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
         torch.set_num_threads(args.threads)
     if progress is None:
         progress = progress_enabled(False if getattr(args, "no_progress", False) else None)
+    resolve_model_defaults(args)
     seed_everything(args.seed)
     data = load_data(args) if data is None else data
     split = leave_one_out(data)
@@ -540,7 +573,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     """`mbrec-fast evaluate --checkpoint P [--split test|valid]`: rebuilds data and model from the checkpoint."""
     a = parse_evaluate_args(build_evaluate_parser(), argv)
     ckpt = load_checkpoint(a.checkpoint)
-    args = argparse.Namespace(**ckpt["config"])
+    args = resolve_model_defaults(argparse.Namespace(**ckpt["config"]))
     if a.data_path:
         args.data_path = a.data_path
     data = load_data(args)
