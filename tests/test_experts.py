@@ -475,3 +475,26 @@ def test_no_import_circle_between_ops_and_kernels():
     assert package_imports("_experts_torch.py") <= {"._checks"}
     assert package_imports("_checks.py") <= {".csr"}
     assert not package_imports("csr.py")
+
+
+def test_expert_stack_is_built_of_expert_banks_and_loads_old_state_dicts():
+    """One stack: `nn.GatedExperts` / `PLE` / `RoutedExperts` layers are the `ExpertBank`s the models use; a state
+    dict saved when the stack held its own `weight.{i}` / `bias.{i}` / `ln_*.{i}` lists still loads."""
+    from mbrec_fast.nn import ExpertBank, GatedExperts
+    torch.manual_seed(0)
+    m = GatedExperts(16, [24, 8], 4, 2, layer_norm=True)
+    assert all(isinstance(layer, ExpertBank) for layer in m.experts.layers)
+    old = {}
+    for key, value in m.state_dict().items():
+        parts = key.split(".")
+        if parts[:2] == ["experts", "layers"]:  # experts.layers.{i}.{name} -> experts.{name}.{i}
+            key = f"experts.{parts[3]}.{parts[2]}"
+        old[key] = value.clone() + 1.0
+    fresh = GatedExperts(16, [24, 8], 4, 2, layer_norm=True)
+    fresh.load_state_dict(old)
+    for i in range(2):
+        assert torch.equal(fresh.experts.weight[i], old[f"experts.weight.{i}"])
+        assert torch.equal(fresh.experts.ln_bias[i], old[f"experts.ln_bias.{i}"])
+    x = torch.randn(5, 16)
+    m.load_state_dict(fresh.state_dict())
+    assert torch.equal(m(x), fresh(x))

@@ -55,7 +55,8 @@ def set_expert_impl(module: nn.Module, expert_impl: str) -> None:
 
 
 class ExpertBank(nn.Module):
-    """E experts `act(LayerNorm(x W_e + b_e))`, D -> H, stored as weight [E, D, H] (a one-expert bank is a plain layer).
+    """E experts `act(LayerNorm(x W_e + b_e))`, D -> H, stored as weight [E, D, H] (a one-expert bank is a plain layer):
+    the one layer of experts every expert module builds on (`nn.experts.ExpertStack` stacks them).
 
     `gated` mixes them with softmax gates (learned, `gate_weight [G, D, E]`) or given weights (`gates [G, B, E]`)
     into G outputs [G, B, H]; `routed` sends each sample to one expert (`route [B]`). `expert_impl="fused"` calls
@@ -63,17 +64,20 @@ class ExpertBank(nn.Module):
     """
 
     def __init__(self, n_experts: int, d_in: int, d_out: int, *, layer_norm: bool = True, activation: str = "relu",
-                 expert_impl: str = "fused", **deprecated):
+                 expert_impl: str = "fused", bias: bool = True, ln_eps: float = 1e-5, **deprecated):
         super().__init__()
         expert_impl = resolve_expert_impl(expert_impl, deprecated)
         if deprecated:
             raise TypeError(f"unexpected keyword arguments {sorted(deprecated)}")
         check_expert_impl(expert_impl)
         self.n_experts, self.d_in, self.d_out, self.activation = n_experts, d_in, d_out, activation
-        self.expert_impl = expert_impl
+        self.expert_impl, self.ln_eps = expert_impl, float(ln_eps)
         bound = 1 / math.sqrt(d_in)
         self.weight = nn.Parameter(torch.empty(n_experts, d_in, d_out).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n_experts, d_out).uniform_(-bound, bound))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(n_experts, d_out).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
         if layer_norm:
             self.ln_weight = nn.Parameter(torch.ones(n_experts, d_out))
             self.ln_bias = nn.Parameter(torch.zeros(n_experts, d_out))
@@ -90,9 +94,15 @@ class ExpertBank(nn.Module):
     def impl(self, value: str) -> None:
         self.expert_impl = check_expert_impl(value)
 
-    def _expert(self, x: Tensor, e: int, weight: Tensor, bias: Tensor) -> Tensor:
-        return expert_ref(x, weight[e], bias[e], None if self.ln_weight is None else self.ln_weight[e],
-                          None if self.ln_bias is None else self.ln_bias[e], 1e-5, self.activation)
+    def _expert(self, x: Tensor, e: int, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return expert_ref(x, weight[e], None if bias is None else bias[e],
+                          None if self.ln_weight is None else self.ln_weight[e],
+                          None if self.ln_bias is None else self.ln_bias[e], self.ln_eps, self.activation)
+
+    def op_kwargs(self) -> dict:
+        """The bank's bias, LayerNorm and activation as keyword arguments of the fused ops."""
+        return dict(bias=self.bias, ln_weight=self.ln_weight, ln_bias=self.ln_bias, ln_eps=self.ln_eps,
+                    activation=self.activation)
 
     def experts_out(self, x: Tensor) -> Tensor:
         """Every expert's output [B, E, H] (x [B, D] shared or [E, B, D] per expert)."""
@@ -108,7 +118,7 @@ class ExpertBank(nn.Module):
         """Gated mixes [G, B, H]: learned gates (logits x @ gate_weight[g] + gate_bias[g], x 2-D) or given `gates`."""
         op = gated_experts_ref if self.expert_impl == "loop" else gated_experts
         return op(x, self.weight, self.bias, gates=gates, gate_weight=gate_weight, gate_bias=gate_bias,
-                  gate_mask=gate_mask, ln_weight=self.ln_weight, ln_bias=self.ln_bias, ln_eps=1e-5,
+                  gate_mask=gate_mask, ln_weight=self.ln_weight, ln_bias=self.ln_bias, ln_eps=self.ln_eps,
                   activation=self.activation)
 
     def routed(self, x: Tensor, route: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
@@ -119,10 +129,10 @@ class ExpertBank(nn.Module):
         if self.n_experts == 1:  # every row has the one expert: a plain layer (the op's routing is pure overhead here)
             return self._expert(x, 0, w, b)
         if self.expert_impl == "loop":
-            return routed_experts_ref(x, w, b, route, ln_weight=self.ln_weight, ln_bias=self.ln_bias, ln_eps=1e-5,
-                                      activation=self.activation)
+            return routed_experts_ref(x, w, b, route, ln_weight=self.ln_weight, ln_bias=self.ln_bias,
+                                      ln_eps=self.ln_eps, activation=self.activation)
         return routed_experts(x, w, b, route.view(-1, 1), None, ln_weight=self.ln_weight, ln_bias=self.ln_bias,
-                              ln_eps=1e-5, activation=self.activation)
+                              ln_eps=self.ln_eps, activation=self.activation)
 
 
 class RoutedMLP(nn.Module):

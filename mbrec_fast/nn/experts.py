@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._experts_torch import activate
 from ..experts import gated_experts, routed_experts, ACTIVATIONS
+from .bank import ExpertBank
 
 __all__ = ["ExpertStack", "GatedExperts", "CGC", "PLE", "RoutedExperts", "DomainTaskExperts", "from_loop",
            "cgc_gate_mask", "cgc_expert_inputs", "per_input_gates"]
@@ -40,10 +41,11 @@ def _count(value: int, name: str, minimum: int = 1) -> int:
 
 
 class ExpertStack(nn.Module):
-    """Parameters of E parallel MLP experts ``input_dim -> expert_hidden`` stored as [E, d_in, d_out] per layer.
+    """E parallel MLP experts ``input_dim -> expert_hidden``: one `ExpertBank` ([E, d_in, d_out]) per layer.
 
     `hidden(x)` runs all layers but the last (returns x itself for one-layer experts); the last layer's
-    parameters (`weight[-1]`, ...) are handed to a fused op by the owning module.
+    parameters (`weight[-1]`, ...) are handed to a fused op by the owning module. `weight`, `bias`, `ln_weight`
+    and `ln_bias` list the layers' tensors (empty lists for no bias / no LayerNorm).
     """
 
     def __init__(self, input_dim: int, expert_hidden: Hidden, num_experts: int, activation: str = "relu",
@@ -54,20 +56,39 @@ class ExpertStack(nn.Module):
         self.num_experts = _count(num_experts, "num_experts")
         self.input_dim = _count(input_dim, "input_dim")
         self.dims = _as_list(expert_hidden)
-        self.activation, self.layer_norm, self.dropout, self.ln_eps = activation, layer_norm, float(dropout), 1e-5
-        self.weight, self.bias = nn.ParameterList(), nn.ParameterList()
-        self.ln_weight, self.ln_bias = nn.ParameterList(), nn.ParameterList()
+        self.activation, self.layer_norm, self.dropout = activation, layer_norm, float(dropout)
         self.has_bias = bias
+        # each bank draws its weight, then its bias, from U(-1/sqrt(d_in), 1/sqrt(d_in)): nn.Linear's init, per expert
+        self.layers = nn.ModuleList()
         d = input_dim
         for h in self.dims:
-            self.weight.append(nn.Parameter(torch.empty(num_experts, d, h)))
-            if bias:
-                self.bias.append(nn.Parameter(torch.empty(num_experts, h)))
-            if layer_norm:
-                self.ln_weight.append(nn.Parameter(torch.ones(num_experts, h)))
-                self.ln_bias.append(nn.Parameter(torch.zeros(num_experts, h)))
+            self.layers.append(ExpertBank(num_experts, d, h, layer_norm=layer_norm, activation=activation, bias=bias))
             d = h
-        self.reset_parameters()
+
+    @property
+    def weight(self) -> List[Tensor]:
+        return [bank.weight for bank in self.layers]
+
+    @property
+    def bias(self) -> List[Tensor]:
+        return [bank.bias for bank in self.layers] if self.has_bias else []
+
+    @property
+    def ln_weight(self) -> List[Tensor]:
+        return [bank.ln_weight for bank in self.layers] if self.layer_norm else []
+
+    @property
+    def ln_bias(self) -> List[Tensor]:
+        return [bank.ln_bias for bank in self.layers] if self.layer_norm else []
+
+    @property
+    def ln_eps(self) -> float:
+        return self.layers[0].ln_eps
+
+    @ln_eps.setter
+    def ln_eps(self, eps: float) -> None:
+        for bank in self.layers:
+            bank.ln_eps = float(eps)
 
     @property
     def output_dim(self) -> int:
@@ -75,18 +96,26 @@ class ExpertStack(nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init, per expert."""
-        for i, w in enumerate(self.weight):
-            bound = 1.0 / math.sqrt(w.shape[1])
-            nn.init.uniform_(w, -bound, bound)
-            if self.has_bias:
-                nn.init.uniform_(self.bias[i], -bound, bound)
+        for bank in self.layers:
+            bound = 1.0 / math.sqrt(bank.weight.shape[1])
+            nn.init.uniform_(bank.weight, -bound, bound)
+            if bank.bias is not None:
+                nn.init.uniform_(bank.bias, -bound, bound)
 
     def layer(self, i: int) -> dict:
         """Keyword arguments of layer i for the fused ops."""
-        return dict(bias=self.bias[i] if self.has_bias else None,
-                    ln_weight=self.ln_weight[i] if self.layer_norm else None,
-                    ln_bias=self.ln_bias[i] if self.layer_norm else None,
-                    ln_eps=self.ln_eps, activation=self.activation)
+        return self.layers[i].op_kwargs()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # state dicts saved before the layers became banks name them `weight.{i}`, `bias.{i}`, `ln_weight.{i}`, ...
+        for name in ("weight", "bias", "ln_weight", "ln_bias"):
+            for i in range(len(self.dims)):
+                old = f"{prefix}{name}.{i}"
+                if old in state_dict:
+                    state_dict[f"{prefix}layers.{i}.{name}"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _layer_dense(self, h: Tensor, i: int) -> Tensor:
         """One hidden layer for all experts: [B, d] or [E, B, d] -> [E, B, h]."""
