@@ -466,6 +466,26 @@ def test_member_faithful_schedule_loss_terms_on_a_tiny_case(tiny):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_member_pool_weight_acts_under_the_official_schedule(tiny):
+    """`pool_weight` on top of the faithful configuration (an ablation) adds the in-pool terms to the BPR pass
+    instead of being silently ignored; at 0 (faithful) the BPR pass carries no pool negatives."""
+    plain = _faithful(tiny)
+    plain.on_epoch_start(tiny, 0, 0)
+    bpr = [b for b in plain.training_batches(tiny, 0, 64, 0) if b["phase"] == "bpr"]
+    assert bpr and all("pool_neg" not in b for b in bpr)
+    model = _faithful(tiny, pool_weight=1.0)
+    model.on_epoch_start(tiny, 0, 0)
+    bpr = [b for b in model.training_batches(tiny, 0, 64, 0) if b["phase"] == "bpr"]
+    assert all("pool_neg" in b for b in bpr)
+    model.load_state_dict(plain.state_dict())
+    loss, parts = model.loss(bpr[0])
+    ref, ref_parts = plain.loss({k: v for k, v in bpr[0].items() if k != "pool_neg"})
+    assert "bpr_pool_visited" in parts and "bpr_pool_unvisited" in parts
+    assert parts["bpr"] == pytest.approx(ref_parts["bpr"])
+    extra = parts["bpr_pool_visited"] + parts["bpr_pool_unvisited"]
+    assert extra > 0 and float(loss) == pytest.approx(float(ref) + extra, rel=1e-5)
+
+
 def test_member_faithful_trains_on_a_tiny_case(tiny):
     model = _faithful(tiny)
     before = _train_auc(model, tiny)

@@ -517,6 +517,8 @@ class MEMBER(MultiBehaviorModel):
         parts = {"bpr": float(bpr.detach())}
         if phase == "joint":
             total = total + self._joint_extras(embs, batch, u, p, parts)
+        elif self.pool_weight:  # the official schedule's BPR pass with the in-pool terms (an ablation)
+            total = total + self._pool_terms(embs, batch, u, p, parts)
         if self.reg:
             l2 = 0.0
             for ex in self.experts:
@@ -526,8 +528,8 @@ class MEMBER(MultiBehaviorModel):
         parts["loss"] = float(total.detach())
         return total, parts
 
-    def _joint_extras(self, embs, batch, u, p, parts: Dict[str, float]) -> torch.Tensor:
-        """In-pool BPR, InfoNCE and generative terms of the joint schedule (every term at every step)."""
+    def _pool_terms(self, embs, batch, u, p, parts: Dict[str, float]) -> torch.Tensor:
+        """The in-pool BPR terms (`pool_weight`), in the joint step and in the official schedule's BPR pass."""
         dev = u.device
         total = torch.zeros((), device=dev)
         if self.pool_weight and "pool_neg" in batch:
@@ -546,6 +548,11 @@ class MEMBER(MultiBehaviorModel):
                 term = F.softplus(s_n - s_p).mean()
                 total = total + self.pool_weight * term
                 parts[key] = float(term.detach())
+        return total
+
+    def _joint_extras(self, embs, batch, u, p, parts: Dict[str, float]) -> torch.Tensor:
+        """In-pool BPR, InfoNCE and generative terms of the joint schedule (every term at every step)."""
+        total = self._pool_terms(embs, batch, u, p, parts)
         for role in (0, 1):
             if self.con[role]:
                 cl = self._contrastive(role, embs[0 if self.single_expert else role], batch)
@@ -670,8 +677,11 @@ class _MemberBatches:
                     if phase == "ssl_unvisited" and m.gen_weight:
                         self._gen_edges(batch, perms, b, gen)
                     yield batch
-            for batch in self.pairs:
+            for b, batch in enumerate(self.pairs):
                 batch["phase"] = "bpr"
+                if m.pool_weight:  # an ablation on top of the official schedule: the in-pool terms in its BPR pass
+                    batch["pool_neg"] = m.pool_negatives(batch["users"], batch["pos"], self.pairs.graph,
+                                                         seed=base, offset=b * self.pairs.batch_size)
                 yield batch
             return
         for b, batch in enumerate(self.pairs):
