@@ -252,9 +252,9 @@ def _gated_bwd_fused(grad_out, x32, x, weight, bias, gates, gate_weight, gate_bi
     and the bias sum over [B, E, H]); the two GEMMs and the small gate products stay in torch."""
     E, D, H = weight.shape
     cdt = compute_dtype(x)
-    g = probs if gates is None else gates.to(cdt).contiguous()  # [T, B, E]
-    dpre, d_g, db = torch.ops.mbrec_fast.gated_mix_bwd(grad_out.to(cdt).contiguous(), pre, g, activation == "relu",
-                                                       bias is not None)
+    g = (probs if gates is None else gates.to(cdt)).contiguous()  # [T, B, E]
+    dpre, d_g, db = torch.ops.mbrec_fast.gated_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), g,
+                                                       activation == "relu", bias is not None)
     dpre2 = dpre.view(-1, E * H)
     w_cat = weight.to(cdt).permute(1, 0, 2).reshape(D, E * H)
     dx = dpre2 @ w_cat.t()
