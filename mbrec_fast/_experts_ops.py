@@ -7,6 +7,9 @@ Triton/torch-backed, so there is no C++ schema):
 * ``mbrec_fast::gated_experts_fwd`` / ``mbrec_fast::gated_experts_bwd``
 * ``mbrec_fast::routed_experts_fwd`` / ``mbrec_fast::routed_experts_bwd``
 
+plus the fakes of the two C++ passes their CPU kernels call (``mbrec_fast::gated_mix_fwd`` / ``gated_mix_bwd``,
+schemas and kernels in csrc/experts/).
+
 The default implementation of every op (the CPU kernel) is the torch code in `mbrec_fast._experts_torch`. On CUDA
 all four ops are overridden by Triton launchers from `mbrec_fast.kernels` (when Triton is installed); fp64 inputs
 run the torch code there too.
@@ -18,6 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _C  # noqa: F401  (registers the gated_mix_* schemas the fakes below attach to)
 from ._experts_torch import (ACTIVATIONS, EMPTY_SHAPE, compute_dtype, gated_experts_bwd_torch,  # noqa: F401
                              gated_experts_fwd_torch, routed_experts_bwd_torch, routed_experts_fwd_torch)
 
@@ -62,6 +66,19 @@ def _(grad_out, x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_we
         return x.new_empty(EMPTY_SHAPE) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
     return [like(x), like(weight), like(bias), like(gates), like(gate_weight), like(gate_bias), like(ln_weight),
             like(ln_bias)]
+
+
+@torch.library.register_fake("mbrec_fast::gated_mix_fwd")
+def _(act, gates, relu):
+    """Fake of the C++ gate-mixture forward (csrc/experts): out [T, B, H]; act is updated in place."""
+    return act.new_empty((gates.shape[0], act.shape[0], act.shape[2]))
+
+
+@torch.library.register_fake("mbrec_fast::gated_mix_bwd")
+def _(grad_out, act, gates, relu, with_bias):
+    """Fake of the C++ gate-mixture backward: (grad of the pre-activation, grad of gates, bias grad or empty)."""
+    dbias = act.new_empty((act.shape[1], act.shape[2]) if with_bias else EMPTY_SHAPE)
+    return torch.empty_like(act), torch.empty_like(gates), dbias
 
 
 def _gated_setup(ctx, inputs, output):

@@ -135,12 +135,29 @@ def _saves_activation(activation: str, ln_weight: Optional[Tensor], ln_bias: Opt
     return activation in ("relu", "none") and not _has_ln(ln_weight, ln_bias)
 
 
+def _uses_fused_mix(pre: Tensor, x: Tensor, activation: str, ln_weight: Optional[Tensor],
+                    ln_bias: Optional[Tensor]) -> bool:
+    """The C++ gate-mixture passes (`mbrec_fast::gated_mix_fwd` / `gated_mix_bwd`, CPU only) serve shared X with
+    relu/none and no LayerNorm: the saved tensor is then the activation [B, E, H] they read."""
+    return pre.device.type == "cpu" and x.dim() == 2 and _saves_activation(activation, ln_weight, ln_bias)
+
+
 def gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps,
                             activation):
     """Torch implementation of the gated forward (CPU kernel; the CUDA kernel for fp64 inputs)."""
     check_finite_value(gates, "gates")
     x32 = x.to(compute_dtype(x))
     pre = _expert_pre(x32, weight, bias)
+    if _uses_fused_mix(pre, x, activation, ln_weight, ln_bias):
+        if gates is None:
+            probs_out = _gate_probs(x32, gate_weight, gate_bias, gate_mask).permute(1, 0, 2).contiguous()
+            g = probs_out
+        else:
+            g = gates.to(compute_dtype(x)).contiguous()
+            probs_out = x.new_empty(EMPTY_SHAPE, dtype=compute_dtype(x))
+        # one C++ pass over [B, E, H]: relu in place (pre becomes the activation) and the mixture into [T, B, H]
+        out = torch.ops.mbrec_fast.gated_mix_fwd(pre, g, activation == "relu")
+        return out.to(x.dtype), pre, probs_out
     if _saves_activation(activation, ln_weight, ln_bias):
         if activation == "relu":
             pre = pre.relu_()  # the fresh GEMM output becomes the activation: no second [B, E, H] tensor
@@ -166,6 +183,8 @@ def gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate_
     E, D, H = weight.shape
     shared = x.dim() == 2
     x32 = x.to(compute_dtype(x))
+    if _uses_fused_mix(pre, x, activation, ln_weight, ln_bias):
+        return _gated_bwd_fused(grad_out, x32, x, weight, bias, gates, gate_weight, gate_bias, activation, pre, probs)
     g = probs.permute(1, 0, 2) if gates is None else gates.to(compute_dtype(x)).permute(1, 0, 2)  # [B, T, E]
     go = grad_out.to(compute_dtype(x)).permute(1, 0, 2).contiguous()  # [B, T, H]
     pre_beh = pre if shared else pre.permute(1, 0, 2)  # [B, E, H]
@@ -226,6 +245,34 @@ def gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate_
         d_gates = d_g.permute(1, 0, 2).contiguous().to(gates.dtype)
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if db is None else db.to(bias.dtype), d_gates, d_gw, d_gb,
             d_lnw, d_lnb]
+
+
+def _gated_bwd_fused(grad_out, x32, x, weight, bias, gates, gate_weight, gate_bias, activation, pre, probs):
+    """The gated backward around one C++ pass (`mbrec_fast::gated_mix_bwd`: the mixture's backward, relu's backward
+    and the bias sum over [B, E, H]); the two GEMMs and the small gate products stay in torch."""
+    E, D, H = weight.shape
+    cdt = compute_dtype(x)
+    g = (probs if gates is None else gates.to(cdt)).contiguous()  # [T, B, E]
+    dpre, d_g, db = torch.ops.mbrec_fast.gated_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), g,
+                                                       activation == "relu", bias is not None)
+    dpre2 = dpre.view(-1, E * H)
+    w_cat = weight.to(cdt).permute(1, 0, 2).reshape(D, E * H)
+    dx = dpre2 @ w_cat.t()
+    dw = (x32.t() @ dpre2).view(D, E, H).permute(1, 0, 2).contiguous()
+    d_gates, d_gw, d_gb = _empty_like_dtype(x), _empty_like_dtype(x), _empty_like_dtype(x)
+    if gates is None:
+        T = gate_weight.shape[0]
+        gb, d_gb_te = g.permute(1, 0, 2), d_g.permute(1, 0, 2)  # [B, T, E] views
+        d_logits = (gb * (d_gb_te - (gb * d_gb_te).sum(-1, keepdim=True))).reshape(-1, T * E)  # softmax backward
+        wg = gate_weight.to(cdt).permute(1, 0, 2).reshape(D, T * E)
+        dx = dx.addmm_(d_logits, wg.t())
+        d_gw = (x32.t() @ d_logits).view(D, T, E).permute(1, 0, 2).contiguous().to(gate_weight.dtype)
+        if gate_bias is not None:
+            d_gb = d_logits.sum(0).view(T, E).to(gate_bias.dtype)
+    else:
+        d_gates = d_g.to(gates.dtype)
+    return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_gates,
+            d_gw, d_gb, _empty_like_dtype(x), _empty_like_dtype(x)]
 
 
 def sort_routes(route: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:

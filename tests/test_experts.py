@@ -157,6 +157,99 @@ def test_gradcheck_routed(k):
     assert torch.autograd.gradcheck(fn, args)
 
 
+# ---- the C++ gate-mixture passes (csrc/experts: gated_mix_fwd / gated_mix_bwd; shared X, relu/none, no LayerNorm)
+def _mix_torch(act, gates, relu):
+    """Torch form of gated_mix_fwd: relu on act [B, E, H], mixture into [T, B, H] with gates [T, B, E]."""
+    a = act.relu() if relu else act
+    return torch.einsum("tbe,beh->tbh", gates, a), a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("B,E,H,T,gate_kind", [
+    (70, 3, 37, 2, "rand"),     # B not a multiple of the 32-row block, H not a multiple of the 8 lanes
+    (33, 1, 8, 1, "rand"),      # E = 1, T = 1
+    (64, 8, 128, 2, "zeros"),   # all-zero gates: zero output and zero grad of the activation
+    (1, 4, 5, 3, "onehot"),     # one row, one-hot gates
+    (0, 4, 5, 2, "rand"),       # no rows
+])
+def test_gated_mix_ops_match_torch(dtype, relu, B, E, H, T, gate_kind):
+    g = torch.Generator().manual_seed(B + E + H + T)
+    pre = torch.randn(B, E, H, generator=g, dtype=dtype)
+    gates = {"rand": torch.rand(T, B, E, generator=g, dtype=dtype), "zeros": torch.zeros(T, B, E, dtype=dtype),
+             "onehot": torch.nn.functional.one_hot(torch.arange(T * B) % E, E).to(dtype).view(T, B, E)}[gate_kind]
+    want, a_want = _mix_torch(pre, gates, relu)
+    act = pre.clone()
+    out = torch.ops.mbrec_fast.gated_mix_fwd(act, gates, relu)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, want, **tol)
+    torch.testing.assert_close(act, a_want, rtol=0, atol=0)  # relu applied in place, exactly
+    go = torch.randn(T, B, H, generator=g, dtype=dtype)
+    a_req, g_req = pre.clone().requires_grad_(), gates.clone().requires_grad_()
+    o, _ = _mix_torch(a_req, g_req, relu)
+    d_pre_want, d_g_want = torch.autograd.grad(o, (a_req, g_req), go)
+    d_pre, d_g, d_b = torch.ops.mbrec_fast.gated_mix_bwd(go, act, gates, relu, True)
+    torch.testing.assert_close(d_pre, d_pre_want, **tol)
+    torch.testing.assert_close(d_g, d_g_want, **tol)
+    torch.testing.assert_close(d_b, d_pre_want.sum(0), **tol)
+    assert torch.ops.mbrec_fast.gated_mix_bwd(go, act, gates, relu, False)[2].numel() == 0
+    if gate_kind == "zeros":
+        assert not out.any() and not d_pre.any()
+
+
+def test_gated_mix_bwd_same_on_any_thread_count():
+    """The bias gradient's per-block partial sums are added in block order: bit-identical for 1 and 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    act, gates, go = torch.randn(1000, 4, 16, generator=g).relu(), torch.rand(2, 1000, 4, generator=g), \
+        torch.randn(2, 1000, 16, generator=g)
+    before = torch.get_num_threads()
+    try:
+        res = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            res.append(torch.ops.mbrec_fast.gated_mix_bwd(go, act, gates, True, True))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_gated_mix_ops():
+    B, E, H, T = 37, 3, 10, 2
+    act, gates = torch.randn(B, E, H), torch.rand(T, B, E)
+    torch.library.opcheck(torch.ops.mbrec_fast.gated_mix_fwd, (act.clone(), gates, True))
+    torch.library.opcheck(torch.ops.mbrec_fast.gated_mix_fwd, (act.clone(), gates, False))
+    for with_bias in (True, False):
+        torch.library.opcheck(torch.ops.mbrec_fast.gated_mix_bwd, (torch.randn(T, B, H), act.relu(), gates, True,
+                                                                     with_bias))
+
+
+def test_gated_mix_bad_input():
+    act, gates = torch.randn(4, 3, 5), torch.rand(2, 4, 3)
+    with pytest.raises(RuntimeError, match="gates must be"):
+        torch.ops.mbrec_fast.gated_mix_fwd(act, torch.rand(2, 5, 3), True)
+    with pytest.raises(RuntimeError, match="gates must have dtype"):
+        torch.ops.mbrec_fast.gated_mix_fwd(act, gates.double(), True)
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.mbrec_fast.gated_mix_bwd(torch.randn(2, 4, 6), act, gates, True, True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("gate_mode", ["gates", "gate_weight"])
+def test_gradcheck_gated_fused_mix_path(activation, gate_mode):
+    """fp64 gradcheck of the public op on the path that runs the C++ mixture passes (shared X, no LayerNorm),
+    with B = 37 (not a multiple of the 32-row block)."""
+    B, D, H, E, T = 37, 3, 4, 3, 2
+    if gate_mode == "gates":
+        args = (_f64(B, D), _f64(E, D, H), _f64(E, H), _f64(T, B, E))
+        fn = lambda x, w, b, g: mf.gated_experts(x, w, b, gates=g, activation=activation)  # noqa: E731
+    else:
+        args = (_f64(B, D), _f64(E, D, H), _f64(E, H), _f64(T, D, E), _f64(T, E))
+        fn = lambda x, w, b, gw, gb: mf.gated_experts(  # noqa: E731
+            x, w, b, gate_weight=gw, gate_bias=gb, activation=activation)
+    assert torch.autograd.gradcheck(fn, args)
+
+
 @settings(max_examples=15, deadline=None)
 @given(B=st.integers(1, 9), E=st.integers(1, 5), k=st.integers(1, 5), seed=st.integers(0, 1000))
 def test_routed_equals_gated_with_sparse_gates(B, E, k, seed):

@@ -1,0 +1,161 @@
+// CPU kernels of the experts op family's fused passes (schemas: experts_ops.cpp). Each pass walks [B, E, H] once,
+// in blocks of kRowsPerBlock rows (at::parallel_for over blocks); every float sum has a fixed order whatever the
+// thread count: per row over e (forward), t (grad of act) or h (grad of gates), and the bias gradient as one partial
+// sum per block, the blocks then added in block order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "experts/experts_args.h"
+
+namespace mbrec_fast {
+namespace {
+
+constexpr int64_t kRowsPerBlock = 32;
+
+template <typename scalar_t>
+void mix_fwd_kernel(scalar_t* act, const scalar_t* gates, scalar_t* out, int64_t B, int64_t E, int64_t H, int64_t T,
+                    bool relu) {
+  const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r1 = std::min(B, (blk + 1) * kRowsPerBlock);
+      for (int64_t b = blk * kRowsPerBlock; b < r1; ++b) {
+        scalar_t* a = act + b * E * H;
+        if (relu) {
+          for (int64_t i = 0; i < E * H; ++i) a[i] = a[i] > scalar_t(0) ? a[i] : scalar_t(0);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const scalar_t* g = gates + (t * B + b) * E;
+          scalar_t* o = out + (t * B + b) * H;
+          const scalar_t g0 = g[0];
+          for (int64_t h = 0; h < H; ++h) o[h] = g0 * a[h];
+          for (int64_t e = 1; e < E; ++e) {
+            const scalar_t ge = g[e];
+            const scalar_t* ae = a + e * H;
+            for (int64_t h = 0; h < H; ++h) o[h] += ge * ae[h];
+          }
+        }
+      }
+    }
+  });
+}
+
+// <a, b> over n elements, in kLanes interleaved partial sums (a fixed order the compiler can vectorize; a single
+// running sum would be neither vectorized nor as accurate), combined pairwise.
+constexpr int64_t kLanes = 8;
+
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  scalar_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  for (int64_t j = 0; i < n; ++i, ++j) acc[j] += a[i] * b[i];
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  return acc[0];
+}
+
+template <typename scalar_t>
+void mix_bwd_kernel(const scalar_t* go, const scalar_t* act, const scalar_t* gates, scalar_t* dpre, scalar_t* dgates,
+                    scalar_t* dbias, int64_t B, int64_t E, int64_t H, int64_t T, bool relu) {
+  const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t EH = E * H;
+  std::vector<scalar_t> partial(dbias != nullptr ? nblocks * EH : 0);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r1 = std::min(B, (blk + 1) * kRowsPerBlock);
+      scalar_t* part = dbias != nullptr ? partial.data() + blk * EH : nullptr;
+      if (part != nullptr) std::fill(part, part + EH, scalar_t(0));
+      for (int64_t b = blk * kRowsPerBlock; b < r1; ++b) {
+        const scalar_t* a = act + b * EH;
+        scalar_t* d = dpre + b * EH;
+        // grad of gates: dgates[t, b, e] = <go[t, b], act[b, e]>
+        for (int64_t t = 0; t < T; ++t) {
+          const scalar_t* gt = go + (t * B + b) * H;
+          scalar_t* dg = dgates + (t * B + b) * E;
+          for (int64_t e = 0; e < E; ++e) {
+            const scalar_t* ae = a + e * H;
+            dg[e] = dot(gt, ae, H);
+          }
+        }
+        // grad of act: sum_t gates[t, b, e] * go[t, b]; then relu's backward and the bias partial sum
+        for (int64_t e = 0; e < E; ++e) {
+          scalar_t* de = d + e * H;
+          const scalar_t g0 = gates[b * E + e];
+          const scalar_t* go0 = go + b * H;
+          for (int64_t h = 0; h < H; ++h) de[h] = g0 * go0[h];
+          for (int64_t t = 1; t < T; ++t) {
+            const scalar_t gte = gates[(t * B + b) * E + e];
+            const scalar_t* gt = go + (t * B + b) * H;
+            for (int64_t h = 0; h < H; ++h) de[h] += gte * gt[h];
+          }
+          if (relu) {
+            const scalar_t* ae = a + e * H;
+            for (int64_t h = 0; h < H; ++h) de[h] = ae[h] > scalar_t(0) ? de[h] : scalar_t(0);
+          }
+          if (part != nullptr) {
+            scalar_t* pe = part + e * H;
+            for (int64_t h = 0; h < H; ++h) pe[h] += de[h];
+          }
+        }
+      }
+    }
+  });
+  if (dbias != nullptr) {
+    at::parallel_for(0, EH, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dbias[i] = 0;
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const scalar_t* p = partial.data() + blk * EH;
+        for (int64_t i = i0; i < i1; ++i) dbias[i] += p[i];
+      }
+    });
+  }
+}
+
+at::Tensor gated_mix_fwd_cpu(at::Tensor& act, const at::Tensor& gates, bool relu) {
+  experts::check_mix_args(act, gates, nullptr);
+  const int64_t B = act.size(0), E = act.size(1), H = act.size(2), T = gates.size(0);
+  at::Tensor out = at::empty({T, B, H}, act.options());
+  if (out.numel() == 0 && !(relu && act.numel() > 0)) return out;
+  if (E == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "gated_mix_fwd", [&] {
+    mix_fwd_kernel<scalar_t>(act.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, E,
+                             H, T, relu);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_mix_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& act,
+                                                                 const at::Tensor& gates, bool relu, bool with_bias) {
+  experts::check_mix_args(act, gates, &grad_out);
+  const int64_t B = act.size(0), E = act.size(1), H = act.size(2), T = gates.size(0);
+  at::Tensor dpre = at::empty_like(act);
+  at::Tensor dgates = at::empty_like(gates);
+  at::Tensor dbias = with_bias ? at::zeros({E, H}, act.options()) : at::empty({0}, act.options());
+  if (act.numel() == 0 || T == 0) {  // no rows, no experts, no hidden units or no tasks: all sums are empty
+    dpre.zero_();
+    dgates.zero_();
+    return {dpre, dgates, dbias};
+  }
+  AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "gated_mix_bwd", [&] {
+    mix_bwd_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                             dpre.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(),
+                             with_bias ? dbias.data_ptr<scalar_t>() : nullptr, B, E, H, T, relu);
+  });
+  return {dpre, dgates, dbias};
+}
+
+}  // namespace
+}  // namespace mbrec_fast
+
+TORCH_LIBRARY_IMPL(mbrec_fast, CPU, m) {
+  m.impl("gated_mix_fwd", &mbrec_fast::gated_mix_fwd_cpu);
+  m.impl("gated_mix_bwd", &mbrec_fast::gated_mix_bwd_cpu);
+}
