@@ -7,8 +7,8 @@ Triton/torch-backed, so there is no C++ schema):
 * ``mbrec_fast::gated_experts_fwd`` / ``mbrec_fast::gated_experts_bwd``
 * ``mbrec_fast::routed_experts_fwd`` / ``mbrec_fast::routed_experts_bwd``
 
-plus the fakes of the two C++ passes their CPU kernels call (``mbrec_fast::gated_mix_fwd`` / ``gated_mix_bwd``,
-schemas and kernels in csrc/experts/).
+plus the fakes of the C++ passes their CPU kernels call (``mbrec_fast::gated_mix_fwd`` / ``gated_mix_bwd``,
+``routed_combine`` / ``routed_mix_bwd``; schemas and kernels in csrc/experts/).
 
 The default implementation of every op (the CPU kernel) is the torch code in `mbrec_fast._experts_torch`. On CUDA
 all four ops are overridden by Triton launchers from `mbrec_fast.kernels` (when Triton is installed); fp64 inputs
@@ -79,6 +79,19 @@ def _(grad_out, act, gates, relu, with_bias):
     """Fake of the C++ gate-mixture backward: (grad of the pre-activation, grad of gates, bias grad or empty)."""
     dbias = act.new_empty((act.shape[1], act.shape[2]) if with_bias else EMPTY_SHAPE)
     return torch.empty_like(act), torch.empty_like(gates), dbias
+
+
+@torch.library.register_fake("mbrec_fast::routed_combine")
+def _(src, order, route_weight, batch):
+    """Fake of the C++ routed combine (csrc/experts): out [batch, C]."""
+    return src.new_empty((batch, src.shape[1]))
+
+
+@torch.library.register_fake("mbrec_fast::routed_mix_bwd")
+def _(grad_out, act, order, route_weight, relu):
+    """Fake of the C++ routed backward pass: (grad of the pre-activation [N, H], grad of route_weight or empty)."""
+    drw = act.new_empty(EMPTY_SHAPE) if route_weight is None else torch.empty_like(route_weight)
+    return torch.empty_like(act), drw
 
 
 def _gated_setup(ctx, inputs, output):

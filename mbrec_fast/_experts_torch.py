@@ -297,6 +297,15 @@ def check_route(route: Tensor, num_experts: int) -> None:
                              f"found [{lo}, {hi}]")
 
 
+FUSED_ROUTED = True  # the routed C++ passes below serve the CPU path (False: the plain torch form, for comparison)
+
+
+def _uses_fused_route(pre: Tensor, activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
+    """The C++ routed passes (`mbrec_fast::routed_combine` / `routed_mix_bwd`, CPU only) serve relu/none without
+    LayerNorm, where the saved sorted tensor is the activation they read."""
+    return FUSED_ROUTED and pre.device.type == "cpu" and _saves_activation(activation, ln_weight, ln_bias)
+
+
 def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation):
     """Torch implementation of the routed forward (CPU kernel; the CUDA kernel for fp64 inputs)."""
     E, D, H = weight.shape
@@ -317,6 +326,13 @@ def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln
                 torch.addmm(b32[e], xs[s:t], w32[e], out=pre[s:t])
             else:
                 torch.mm(xs[s:t], w32[e], out=pre[s:t])
+    if _uses_fused_route(pre, activation, ln_weight, ln_bias):
+        if activation == "relu":
+            pre = pre.relu_()  # the saved tensor is the activation (as gated)
+        rw = None if route_weight is None else route_weight.to(compute_dtype(x)).contiguous()
+        # one C++ pass: the route-weight scale and the sum over slots, straight into out [B, H] (no zeros, no scatter)
+        out = torch.ops.mbrec_fast.routed_combine(pre, order, rw, B)
+        return out.to(x.dtype), pre, order, offsets
     sorted_expert = route.reshape(-1).index_select(0, order)
     if _saves_activation(activation, ln_weight, ln_bias):  # the saved tensor is the activation (as gated)
         a = pre.relu_() if activation == "relu" else pre
@@ -350,6 +366,8 @@ def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_
     B, k = route.shape
     N = B * k
     rows = torch.div(order, k, rounding_mode="floor")
+    if _uses_fused_route(pre, activation, ln_weight, ln_bias):
+        return _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows)
     sorted_expert = route.reshape(-1).index_select(0, order)
     go = grad_out.to(compute_dtype(x)).index_select(0, rows)  # [N, H]
     with_ln = _has_ln(ln_weight, ln_bias)
@@ -407,3 +425,35 @@ def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_
     else:
         dx.index_add_(0, rows, dxs)
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw, d_lnw, d_lnb]
+
+
+def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows):
+    """The routed backward around two C++ passes: `routed_mix_bwd` (gather of grad_out, route-weight scale and its
+    gradient, relu's backward) before the per-expert GEMMs, `routed_combine` (the sum of the slots' dx) after."""
+    E, D, H = weight.shape
+    B = grad_out.shape[0]
+    cdt = compute_dtype(x)
+    rw = None if route_weight is None else route_weight.to(cdt).contiguous()
+    dpre, d_rw = torch.ops.mbrec_fast.routed_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), order, rw,
+                                                     activation == "relu")
+    xs = x.to(cdt).index_select(0, rows)
+    w32 = weight.to(cdt)
+    dxs = torch.empty(dpre.shape[0], D, dtype=cdt, device=x.device)
+    dw = torch.empty(E, D, H, dtype=cdt, device=x.device)
+    db = torch.empty(E, H, dtype=cdt, device=x.device) if bias is not None else None
+    bounds = offsets.tolist()
+    for e in range(E):
+        s, t = bounds[e], bounds[e + 1]
+        if t > s:
+            torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
+            torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
+            if db is not None:
+                torch.sum(dpre[s:t], 0, out=db[e])
+        else:  # an expert with no rows
+            dw[e].zero_()
+            if db is not None:
+                db[e].zero_()
+    dx = torch.ops.mbrec_fast.routed_combine(dxs, order, None, B)
+    d_rw = _empty_like_dtype(x) if route_weight is None else d_rw.to(route_weight.dtype)
+    return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw,
+            _empty_like_dtype(x), _empty_like_dtype(x)]
