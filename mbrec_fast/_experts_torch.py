@@ -26,7 +26,7 @@ from torch import Tensor
 from ._checks import check_finite
 
 __all__ = ["ACTIVATIONS", "EMPTY_SHAPE", "activate", "compute_dtype", "check_finite_value", "sort_routes",
-           "check_route", "gated_experts_fwd_torch", "gated_experts_bwd_torch", "routed_experts_fwd_torch",
+           "check_route", "saves_gathered_x", "gated_experts_fwd_torch", "gated_experts_bwd_torch", "routed_experts_fwd_torch",
            "routed_experts_bwd_torch"]
 
 
@@ -306,6 +306,12 @@ def _uses_fused_route(pre: Tensor, activation: str, ln_weight: Optional[Tensor],
     return FUSED_ROUTED and pre.device.type == "cpu" and _saves_activation(activation, ln_weight, ln_bias)
 
 
+def saves_gathered_x(x: Tensor, activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
+    """Whether routed_experts_fwd returns the gathered X [B*k, D] (compute dtype) for its backward: on the CPU
+    path of the C++ routed passes; elsewhere that output is empty (the fake and the Triton launcher use this too)."""
+    return FUSED_ROUTED and x.device.type == "cpu" and _saves_activation(activation, ln_weight, ln_bias)
+
+
 def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation):
     """Torch implementation of the routed forward (CPU kernel; the CUDA kernel for fp64 inputs)."""
     E, D, H = weight.shape
@@ -332,7 +338,7 @@ def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln
         rw = None if route_weight is None else route_weight.to(compute_dtype(x)).contiguous()
         # one C++ pass: the route-weight scale and the sum over slots, straight into out [B, H] (no zeros, no scatter)
         out = torch.ops.mbrec_fast.routed_combine(pre, order, rw, B)
-        return out.to(x.dtype), pre, order, offsets
+        return out.to(x.dtype), pre, order, offsets, xs  # xs saved: the backward's dW GEMMs read it, no second gather
     sorted_expert = route.reshape(-1).index_select(0, order)
     if _saves_activation(activation, ln_weight, ln_bias):  # the saved tensor is the activation (as gated)
         a = pre.relu_() if activation == "relu" else pre
@@ -345,7 +351,7 @@ def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln
         out.index_copy_(0, rows, a)
     else:
         out.index_add_(0, rows, a)
-    return out.to(x.dtype), pre, order, offsets
+    return out.to(x.dtype), pre, order, offsets, xs.new_empty(EMPTY_SHAPE)
 
 
 def _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation):
@@ -360,14 +366,15 @@ def _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
 
 
 def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation,
-                             pre, order, offsets):
-    """Torch implementation of the routed backward (CPU kernel; the CUDA kernel's fp64 fallback)."""
+                             pre, order, offsets, xs):
+    """Torch implementation of the routed backward (CPU kernel; the CUDA kernel's fp64 fallback). `xs` is the
+    forward's gathered X, or empty (then gathered here)."""
     E, D, H = weight.shape
     B, k = route.shape
     N = B * k
     rows = torch.div(order, k, rounding_mode="floor")
     if _uses_fused_route(pre, activation, ln_weight, ln_bias):
-        return _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows)
+        return _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs)
     sorted_expert = route.reshape(-1).index_select(0, order)
     go = grad_out.to(compute_dtype(x)).index_select(0, rows)  # [N, H]
     with_ln = _has_ln(ln_weight, ln_bias)
@@ -427,7 +434,7 @@ def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw, d_lnw, d_lnb]
 
 
-def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows):
+def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs):
     """The routed backward around two C++ passes: `routed_mix_bwd` (gather of grad_out, route-weight scale and its
     gradient, relu's backward) before the per-expert GEMMs, `routed_combine` (the sum of the slots' dx) after."""
     E, D, H = weight.shape
@@ -436,7 +443,8 @@ def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, 
     rw = None if route_weight is None else route_weight.to(cdt).contiguous()
     dpre, d_rw = torch.ops.mbrec_fast.routed_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), order, rw,
                                                      activation == "relu")
-    xs = x.to(cdt).index_select(0, rows)
+    if xs.numel() != dpre.shape[0] * D or xs.dtype != cdt:  # not saved by the forward (e.g. a direct op call)
+        xs = x.to(cdt).index_select(0, rows)
     w32 = weight.to(cdt)
     dxs = torch.empty(dpre.shape[0], D, dtype=cdt, device=x.device)
     dw = torch.empty(E, D, H, dtype=cdt, device=x.device)

@@ -344,9 +344,9 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(torch.ops.mbrec_fast.gated_experts_bwd,
                           (torch.randn(T, B, H), x, w, b, None, gw, None, None, None, None, 1e-5, "relu", pre, probs))
     route = torch.tensor([[0], [2], [2], [0], [0]])
-    _, pre, order, offsets = torch.ops.mbrec_fast.routed_experts_fwd(x, w, b, route, None, None, None, 1e-5, "relu")
+    _, pre, order, offsets, xs = torch.ops.mbrec_fast.routed_experts_fwd(x, w, b, route, None, None, None, 1e-5, "relu")
     torch.library.opcheck(torch.ops.mbrec_fast.routed_experts_bwd,
-                          (torch.randn(B, H), x, w, b, route, None, None, None, 1e-5, "relu", pre, order, offsets))
+                          (torch.randn(B, H), x, w, b, route, None, None, None, 1e-5, "relu", pre, order, offsets, xs))
 
 
 def test_torch_compile_fullgraph_functional_and_modules():
