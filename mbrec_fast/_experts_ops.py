@@ -160,12 +160,17 @@ def _routed_setup(ctx, inputs, output):
     (x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation) = inputs
     _, pre, order, offsets, xs = output
     ctx.save_for_backward(x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets, xs)
+    # the saved-state outputs get no gradient: without this, autograd would fill zero tensors of their size
+    # ([B*k, H] and [B*k, D]) for the backward to ignore
+    ctx.set_materialize_grads(False)
     ctx.ln_eps = ln_eps
     ctx.activation = activation
 
 
 def _routed_backward(ctx, grad_out, _gp, _go, _goff, _gxs):
     (x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets, xs) = ctx.saved_tensors
+    if grad_out is None:  # only the saved-state outputs had a gradient path: nothing flows back
+        return (None,) * 9
     grads = torch.ops.mbrec_fast.routed_experts_bwd(
         grad_out.contiguous(), x, weight, bias, route, route_weight, ln_weight, ln_bias, ctx.ln_eps, ctx.activation,
         pre, order, offsets, xs)
