@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mbrec_fast._experts_torch import (check_finite_value, check_route, compute_dtype, routed_experts_bwd_torch, saves_gathered_x,
-                                       sort_routes)
+from mbrec_fast._experts_torch import (check_finite_value, check_route, compute_dtype, routed_experts_bwd_torch,
+                                       saves_gathered_x, sort_routes)
 
 from .common import (ACT_CODES, _activate_grad, _dot, _group_tile, _layer_norm_backward, _normalize_activate,
                      _saved_state)

@@ -26,8 +26,8 @@ from torch import Tensor
 from ._checks import check_finite
 
 __all__ = ["ACTIVATIONS", "EMPTY_SHAPE", "activate", "compute_dtype", "check_finite_value", "sort_routes",
-           "check_route", "saves_gathered_x", "gated_experts_fwd_torch", "gated_experts_bwd_torch", "routed_experts_fwd_torch",
-           "routed_experts_bwd_torch"]
+           "check_route", "saves_gathered_x", "gated_experts_fwd_torch", "gated_experts_bwd_torch",
+           "routed_experts_fwd_torch", "routed_experts_bwd_torch"]
 
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
@@ -365,6 +365,31 @@ def _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
     return activate(y, activation)
 
 
+def _routed_group_grads(dpre: Tensor, xs: Tensor, weight: Tensor, offsets: Tensor,
+                        with_bias: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The routed backward's per-expert GEMMs on the sorted rows: (dX rows [N, D] (sorted), dW [E, D, H], db [E, H]
+    or None); an expert with no rows gets zero dW and db."""
+    E, D, H = weight.shape
+    cdt = dpre.dtype
+    w32 = weight.to(cdt)
+    dxs = torch.empty(dpre.shape[0], D, dtype=cdt, device=dpre.device)
+    dw = torch.empty(E, D, H, dtype=cdt, device=dpre.device)
+    db = torch.empty(E, H, dtype=cdt, device=dpre.device) if with_bias else None
+    bounds = offsets.tolist()
+    for e in range(E):
+        s, t = bounds[e], bounds[e + 1]
+        if t > s:
+            torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
+            torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
+            if db is not None:
+                torch.sum(dpre[s:t], 0, out=db[e])
+        else:  # an expert with no rows
+            dw[e].zero_()
+            if db is not None:
+                db[e].zero_()
+    return dxs, dw, db
+
+
 def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation,
                              pre, order, offsets, xs):
     """Torch implementation of the routed backward (CPU kernel; the CUDA kernel's fp64 fallback). `xs` is the
@@ -415,17 +440,7 @@ def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_
     else:
         dpre = dy
     xs = x.to(compute_dtype(x)).index_select(0, rows)
-    w32 = weight.to(compute_dtype(x))
-    dxs = torch.empty(N, D, dtype=compute_dtype(x), device=x.device)
-    dw = torch.zeros(E, D, H, dtype=compute_dtype(x), device=x.device)
-    db = torch.zeros(E, H, dtype=compute_dtype(x), device=x.device)
-    bounds = offsets.tolist()
-    for e in range(E):
-        s, t = bounds[e], bounds[e + 1]
-        if t > s:
-            torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
-            torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
-            torch.sum(dpre[s:t], 0, out=db[e])
+    dxs, dw, db = _routed_group_grads(dpre, xs, weight, offsets, bias is not None)
     dx = torch.zeros(B, D, dtype=compute_dtype(x), device=x.device)
     if k == 1:
         dx.index_copy_(0, rows, dxs)
@@ -437,7 +452,7 @@ def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_
 def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs):
     """The routed backward around two C++ passes: `routed_mix_bwd` (gather of grad_out, route-weight scale and its
     gradient, relu's backward) before the per-expert GEMMs, `routed_combine` (the sum of the slots' dx) after."""
-    E, D, H = weight.shape
+    D = weight.shape[1]
     B = grad_out.shape[0]
     cdt = compute_dtype(x)
     rw = None if route_weight is None else route_weight.to(cdt).contiguous()
@@ -445,22 +460,7 @@ def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, 
                                                      activation == "relu")
     if xs.numel() != dpre.shape[0] * D or xs.dtype != cdt:  # not saved by the forward (e.g. a direct op call)
         xs = x.to(cdt).index_select(0, rows)
-    w32 = weight.to(cdt)
-    dxs = torch.empty(dpre.shape[0], D, dtype=cdt, device=x.device)
-    dw = torch.empty(E, D, H, dtype=cdt, device=x.device)
-    db = torch.empty(E, H, dtype=cdt, device=x.device) if bias is not None else None
-    bounds = offsets.tolist()
-    for e in range(E):
-        s, t = bounds[e], bounds[e + 1]
-        if t > s:
-            torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
-            torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
-            if db is not None:
-                torch.sum(dpre[s:t], 0, out=db[e])
-        else:  # an expert with no rows
-            dw[e].zero_()
-            if db is not None:
-                db[e].zero_()
+    dxs, dw, db = _routed_group_grads(dpre, xs, weight, offsets, bias is not None)
     dx = torch.ops.mbrec_fast.routed_combine(dxs, order, None, B)
     d_rw = _empty_like_dtype(x) if route_weight is None else d_rw.to(route_weight.dtype)
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw,

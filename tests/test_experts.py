@@ -198,19 +198,25 @@ def test_gated_mix_ops_match_torch(dtype, relu, B, E, H, T, gate_kind):
         assert not out.any() and not d_pre.any()
 
 
-def test_gated_mix_bwd_same_on_any_thread_count():
-    """The bias gradient's per-block partial sums are added in block order: bit-identical for 1 and 2 threads."""
-    g = torch.Generator().manual_seed(0)
-    act, gates, go = torch.randn(1000, 4, 16, generator=g).relu(), torch.rand(2, 1000, 4, generator=g), \
-        torch.randn(2, 1000, 16, generator=g)
+def _on_1_and_2_threads(fn):
+    """fn() run with 1 then 2 intra-op threads (the setting restored after)."""
     before = torch.get_num_threads()
     try:
         res = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            res.append(torch.ops.mbrec_fast.gated_mix_bwd(go, act, gates, True, True))
+            res.append(fn())
     finally:
         torch.set_num_threads(before)
+    return res
+
+
+def test_gated_mix_bwd_same_on_any_thread_count():
+    """The bias gradient's per-block partial sums are added in block order: bit-identical for 1 and 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    act, gates, go = torch.randn(1000, 4, 16, generator=g).relu(), torch.rand(2, 1000, 4, generator=g), \
+        torch.randn(2, 1000, 16, generator=g)
+    res = _on_1_and_2_threads(lambda: torch.ops.mbrec_fast.gated_mix_bwd(go, act, gates, True, True))
     for a, b in zip(*res):
         assert torch.equal(a, b)
 
@@ -646,16 +652,10 @@ def test_routed_passes_same_on_any_thread_count():
     B, E, k, H = 1000, 8, 2, 16
     route = _route_case("random", B, E, k, g)
     order, _ = sort_routes(route, E)
-    act, rw, go = torch.randn(B * k, H, generator=g).relu(), torch.rand(B, k, generator=g), torch.randn(B, H, generator=g)
-    before = torch.get_num_threads()
-    try:
-        res = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            res.append((torch.ops.mbrec_fast.routed_combine(act, order, rw, B),
-                        *torch.ops.mbrec_fast.routed_mix_bwd(go, act, order, rw, True)))
-    finally:
-        torch.set_num_threads(before)
+    act, rw = torch.randn(B * k, H, generator=g).relu(), torch.rand(B, k, generator=g)
+    go = torch.randn(B, H, generator=g)
+    res = _on_1_and_2_threads(lambda: (torch.ops.mbrec_fast.routed_combine(act, order, rw, B),
+                                       *torch.ops.mbrec_fast.routed_mix_bwd(go, act, order, rw, True)))
     for a, b in zip(*res):
         assert torch.equal(a, b)
 
