@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mbrec_fast._experts_torch import check_finite_value, check_route, routed_experts_bwd_torch, sort_routes
+from mbrec_fast._experts_torch import (check_finite_value, check_route, compute_dtype, routed_experts_bwd_torch,
+                                       saves_gathered_x, sort_routes)
 
 from .common import (ACT_CODES, _activate_grad, _dot, _group_tile, _layer_norm_backward, _normalize_activate,
                      _saved_state)
@@ -73,7 +74,7 @@ def _routed_experts_fwd_kernel(
 
 def routed_experts_fwd_triton(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation,
                               block_m=None, block_h=None, block_d=None):
-    """Same contract as `torch.ops.mbrec_fast.routed_experts_fwd`: (out [B, H], pre [B*k, H], order, offsets)."""
+    """Same contract as `torch.ops.mbrec_fast.routed_experts_fwd`: (out [B, H], pre [B*k, H], order, offsets, xs)."""
     E, D, H = weight.shape
     B, k = route.shape
     # bias / LayerNorm params are indexed as dense [E, H] rows
@@ -106,7 +107,12 @@ def routed_experts_fwd_triton(x, weight, bias, route, route_weight, ln_weight, l
             HAS_BIAS=bias is not None, HAS_RW=route_weight is not None, HAS_LNW=ln_weight is not None,
             HAS_LNB=ln_bias is not None, LN=ln, ACT=ACT_CODES[activation],
             IEEE=x.dtype in (torch.float32, torch.float64), BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd)
-    return out32.to(x.dtype), pre, order, offsets
+    # the gathered X output: empty on CUDA; where the op's CPU path saves it (CPU tensors under TRITON_INTERPRET),
+    # the same gather, so that both return the same outputs
+    cdt = compute_dtype(x)
+    xs = (x.to(cdt).index_select(0, torch.div(order, k, rounding_mode="floor"))
+          if saves_gathered_x(x, activation, ln_weight, ln_bias) else x.new_empty((0,), dtype=cdt))
+    return out32.to(x.dtype), pre, order, offsets, xs
 
 
 # ------------------------------------------------------------------------------------------------------ backward
@@ -215,13 +221,13 @@ def _routed_experts_dw_kernel(
 
 
 def routed_experts_bwd_triton(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation,
-                              pre, order, offsets, block_m=None, tile=None, tile_k=None):
+                              pre, order, offsets, xs, block_m=None, tile=None, tile_k=None):
     """Same contract as `torch.ops.mbrec_fast.routed_experts_bwd`: [dx, dw, db, droute_weight, dln_weight, dln_bias]
     (empty where absent). Three launches over the sorted rows saved by the forward: fused elementwise (route-weight
     gradient, d(pre) through activation and LayerNorm), grouped dX (atomic scatter to samples), grouped dW/db."""
     if x.dtype == torch.float64:  # fp64 (gradcheck): the kernels accumulate in fp32, use the torch path
         return routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps,
-                                        activation, pre, order, offsets)
+                                        activation, pre, order, offsets, xs)
     E, D, H = weight.shape
     B, k = route.shape
     N = B * k

@@ -7,8 +7,8 @@ Triton/torch-backed, so there is no C++ schema):
 * ``mbrec_fast::gated_experts_fwd`` / ``mbrec_fast::gated_experts_bwd``
 * ``mbrec_fast::routed_experts_fwd`` / ``mbrec_fast::routed_experts_bwd``
 
-plus the fakes of the two C++ passes their CPU kernels call (``mbrec_fast::gated_mix_fwd`` / ``gated_mix_bwd``,
-schemas and kernels in csrc/experts/).
+plus the fakes of the C++ passes their CPU kernels call (``mbrec_fast::gated_mix_fwd`` / ``gated_mix_bwd``,
+``routed_combine`` / ``routed_mix_bwd``; schemas and kernels in csrc/experts/).
 
 The default implementation of every op (the CPU kernel) is the torch code in `mbrec_fast._experts_torch`. On CUDA
 all four ops are overridden by Triton launchers from `mbrec_fast.kernels` (when Triton is installed); fp64 inputs
@@ -23,7 +23,8 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the gated_mix_* schemas the fakes below attach to)
 from ._experts_torch import (ACTIVATIONS, EMPTY_SHAPE, compute_dtype, gated_experts_bwd_torch,  # noqa: F401
-                             gated_experts_fwd_torch, routed_experts_bwd_torch, routed_experts_fwd_torch)
+                             gated_experts_fwd_torch, routed_experts_bwd_torch, routed_experts_fwd_torch,
+                             saves_gathered_x)
 
 
 # ------------------------------------------------------------------------------------------------ gated: fwd
@@ -81,6 +82,19 @@ def _(grad_out, act, gates, relu, with_bias):
     return torch.empty_like(act), torch.empty_like(gates), dbias
 
 
+@torch.library.register_fake("mbrec_fast::routed_combine")
+def _(src, order, route_weight, batch):
+    """Fake of the C++ routed combine (csrc/experts): out [batch, C]."""
+    return src.new_empty((batch, src.shape[1]))
+
+
+@torch.library.register_fake("mbrec_fast::routed_mix_bwd")
+def _(grad_out, act, order, route_weight, relu):
+    """Fake of the C++ routed backward pass: (grad of the pre-activation [N, H], grad of route_weight or empty)."""
+    drw = act.new_empty(EMPTY_SHAPE) if route_weight is None else torch.empty_like(route_weight)
+    return torch.empty_like(act), drw
+
+
 def _gated_setup(ctx, inputs, output):
     (x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps, activation) = inputs
     _, pre, probs = output
@@ -106,9 +120,10 @@ gated_experts_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
 @torch.library.custom_op("mbrec_fast::routed_experts_fwd", mutates_args=())
 def routed_experts_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], route: Tensor,
                        route_weight: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
-                       ln_eps: float, activation: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       ln_eps: float, activation: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out [B, H] in x.dtype, sorted saved state [B*k, H] fp32 (the activation for relu/none without
-    LayerNorm, else the pre-activation), order [B*k], offsets [E+1])."""
+    LayerNorm, else the pre-activation), order [B*k], offsets [E+1], gathered X [B*k, D] fp32 saved for the
+    backward where `saves_gathered_x` (CPU, relu/none, no LayerNorm), else empty)."""
     return routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation)
 
 
@@ -116,22 +131,26 @@ def routed_experts_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], route:
 def _(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation):
     E, _, H = weight.shape
     B, k = route.shape
+    xs_shape = (B * k, x.shape[1]) if saves_gathered_x(x, activation, ln_weight, ln_bias) else EMPTY_SHAPE
     return (x.new_empty((B, H)), x.new_empty((B * k, H), dtype=compute_dtype(x)),
-            route.new_empty((B * k,), dtype=torch.int64), route.new_empty((E + 1,), dtype=torch.int64))
+            route.new_empty((B * k,), dtype=torch.int64), route.new_empty((E + 1,), dtype=torch.int64),
+            x.new_empty(xs_shape, dtype=compute_dtype(x)))
 
 
 @torch.library.custom_op("mbrec_fast::routed_experts_bwd", mutates_args=())
 def routed_experts_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], route: Tensor,
                        route_weight: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                        ln_eps: float, activation: str, pre: Tensor, order: Tensor,
-                       offsets: Tensor) -> List[Tensor]:
-    """Gradients [dx, dweight, dbias, droute_weight, dln_weight, dln_bias]; empty where absent."""
+                       offsets: Tensor, xs: Tensor) -> List[Tensor]:
+    """Gradients [dx, dweight, dbias, droute_weight, dln_weight, dln_bias]; empty where absent. `xs`: the
+    forward's gathered X (or empty)."""
     return routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps,
-                                    activation, pre, order, offsets)
+                                    activation, pre, order, offsets, xs)
 
 
 @routed_experts_bwd.register_fake
-def _(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation, pre, order, offsets):
+def _(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation, pre, order, offsets,
+      xs):
     def like(t):
         return x.new_empty(EMPTY_SHAPE) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
     return [like(x), like(weight), like(bias), like(route_weight), like(ln_weight), like(ln_bias)]
@@ -139,17 +158,22 @@ def _(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps
 
 def _routed_setup(ctx, inputs, output):
     (x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation) = inputs
-    _, pre, order, offsets = output
-    ctx.save_for_backward(x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets)
+    _, pre, order, offsets, xs = output
+    ctx.save_for_backward(x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets, xs)
+    # the saved-state outputs get no gradient: without this, autograd would fill zero tensors of their size
+    # ([B*k, H] and [B*k, D]) for the backward to ignore
+    ctx.set_materialize_grads(False)
     ctx.ln_eps = ln_eps
     ctx.activation = activation
 
 
-def _routed_backward(ctx, grad_out, _gp, _go, _goff):
-    (x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets) = ctx.saved_tensors
+def _routed_backward(ctx, grad_out, _gp, _go, _goff, _gxs):
+    (x, weight, bias, route, route_weight, ln_weight, ln_bias, pre, order, offsets, xs) = ctx.saved_tensors
+    if grad_out is None:  # only the saved-state outputs had a gradient path: nothing flows back
+        return (None,) * 9
     grads = torch.ops.mbrec_fast.routed_experts_bwd(
         grad_out.contiguous(), x, weight, bias, route, route_weight, ln_weight, ln_bias, ctx.ln_eps, ctx.activation,
-        pre, order, offsets)
+        pre, order, offsets, xs)
     dx, dw, db, drw, dlnw, dlnb = grads
     present = (bias, route_weight, ln_weight, ln_bias)
     db, drw, dlnw, dlnb = (None if t is None else d for t, d in zip(present, (db, drw, dlnw, dlnb)))

@@ -26,8 +26,8 @@ from torch import Tensor
 from ._checks import check_finite
 
 __all__ = ["ACTIVATIONS", "EMPTY_SHAPE", "activate", "compute_dtype", "check_finite_value", "sort_routes",
-           "check_route", "gated_experts_fwd_torch", "gated_experts_bwd_torch", "routed_experts_fwd_torch",
-           "routed_experts_bwd_torch"]
+           "check_route", "saves_gathered_x", "gated_experts_fwd_torch", "gated_experts_bwd_torch",
+           "routed_experts_fwd_torch", "routed_experts_bwd_torch"]
 
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
@@ -297,6 +297,21 @@ def check_route(route: Tensor, num_experts: int) -> None:
                              f"found [{lo}, {hi}]")
 
 
+FUSED_ROUTED = True  # the routed C++ passes below serve the CPU path (False: the plain torch form, for comparison)
+
+
+def _uses_fused_route(pre: Tensor, activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
+    """The C++ routed passes (`mbrec_fast::routed_combine` / `routed_mix_bwd`, CPU only) serve relu/none without
+    LayerNorm, where the saved sorted tensor is the activation they read."""
+    return FUSED_ROUTED and pre.device.type == "cpu" and _saves_activation(activation, ln_weight, ln_bias)
+
+
+def saves_gathered_x(x: Tensor, activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
+    """Whether routed_experts_fwd returns the gathered X [B*k, D] (compute dtype) for its backward: on the CPU
+    path of the C++ routed passes; elsewhere that output is empty (the fake and the Triton launcher use this too)."""
+    return FUSED_ROUTED and x.device.type == "cpu" and _saves_activation(activation, ln_weight, ln_bias)
+
+
 def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation):
     """Torch implementation of the routed forward (CPU kernel; the CUDA kernel for fp64 inputs)."""
     E, D, H = weight.shape
@@ -317,6 +332,13 @@ def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln
                 torch.addmm(b32[e], xs[s:t], w32[e], out=pre[s:t])
             else:
                 torch.mm(xs[s:t], w32[e], out=pre[s:t])
+    if _uses_fused_route(pre, activation, ln_weight, ln_bias):
+        if activation == "relu":
+            pre = pre.relu_()  # the saved tensor is the activation (as gated)
+        rw = None if route_weight is None else route_weight.to(compute_dtype(x)).contiguous()
+        # one C++ pass: the route-weight scale and the sum over slots, straight into out [B, H] (no zeros, no scatter)
+        out = torch.ops.mbrec_fast.routed_combine(pre, order, rw, B)
+        return out.to(x.dtype), pre, order, offsets, xs  # xs saved: the backward's dW GEMMs read it, no second gather
     sorted_expert = route.reshape(-1).index_select(0, order)
     if _saves_activation(activation, ln_weight, ln_bias):  # the saved tensor is the activation (as gated)
         a = pre.relu_() if activation == "relu" else pre
@@ -329,7 +351,7 @@ def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln
         out.index_copy_(0, rows, a)
     else:
         out.index_add_(0, rows, a)
-    return out.to(x.dtype), pre, order, offsets
+    return out.to(x.dtype), pre, order, offsets, xs.new_empty(EMPTY_SHAPE)
 
 
 def _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation):
@@ -343,13 +365,41 @@ def _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
     return activate(y, activation)
 
 
+def _routed_group_grads(dpre: Tensor, xs: Tensor, weight: Tensor, offsets: Tensor,
+                        with_bias: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The routed backward's per-expert GEMMs on the sorted rows: (dX rows [N, D] (sorted), dW [E, D, H], db [E, H]
+    or None); an expert with no rows gets zero dW and db."""
+    E, D, H = weight.shape
+    cdt = dpre.dtype
+    w32 = weight.to(cdt)
+    dxs = torch.empty(dpre.shape[0], D, dtype=cdt, device=dpre.device)
+    dw = torch.empty(E, D, H, dtype=cdt, device=dpre.device)
+    db = torch.empty(E, H, dtype=cdt, device=dpre.device) if with_bias else None
+    bounds = offsets.tolist()
+    for e in range(E):
+        s, t = bounds[e], bounds[e + 1]
+        if t > s:
+            torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
+            torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
+            if db is not None:
+                torch.sum(dpre[s:t], 0, out=db[e])
+        else:  # an expert with no rows
+            dw[e].zero_()
+            if db is not None:
+                db[e].zero_()
+    return dxs, dw, db
+
+
 def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation,
-                             pre, order, offsets):
-    """Torch implementation of the routed backward (CPU kernel; the CUDA kernel's fp64 fallback)."""
+                             pre, order, offsets, xs):
+    """Torch implementation of the routed backward (CPU kernel; the CUDA kernel's fp64 fallback). `xs` is the
+    forward's gathered X, or empty (then gathered here)."""
     E, D, H = weight.shape
     B, k = route.shape
     N = B * k
     rows = torch.div(order, k, rounding_mode="floor")
+    if _uses_fused_route(pre, activation, ln_weight, ln_bias):
+        return _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs)
     sorted_expert = route.reshape(-1).index_select(0, order)
     go = grad_out.to(compute_dtype(x)).index_select(0, rows)  # [N, H]
     with_ln = _has_ln(ln_weight, ln_bias)
@@ -390,20 +440,28 @@ def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_
     else:
         dpre = dy
     xs = x.to(compute_dtype(x)).index_select(0, rows)
-    w32 = weight.to(compute_dtype(x))
-    dxs = torch.empty(N, D, dtype=compute_dtype(x), device=x.device)
-    dw = torch.zeros(E, D, H, dtype=compute_dtype(x), device=x.device)
-    db = torch.zeros(E, H, dtype=compute_dtype(x), device=x.device)
-    bounds = offsets.tolist()
-    for e in range(E):
-        s, t = bounds[e], bounds[e + 1]
-        if t > s:
-            torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
-            torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
-            torch.sum(dpre[s:t], 0, out=db[e])
+    dxs, dw, db = _routed_group_grads(dpre, xs, weight, offsets, bias is not None)
     dx = torch.zeros(B, D, dtype=compute_dtype(x), device=x.device)
     if k == 1:
         dx.index_copy_(0, rows, dxs)
     else:
         dx.index_add_(0, rows, dxs)
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw, d_lnw, d_lnb]
+
+
+def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs):
+    """The routed backward around two C++ passes: `routed_mix_bwd` (gather of grad_out, route-weight scale and its
+    gradient, relu's backward) before the per-expert GEMMs, `routed_combine` (the sum of the slots' dx) after."""
+    D = weight.shape[1]
+    B = grad_out.shape[0]
+    cdt = compute_dtype(x)
+    rw = None if route_weight is None else route_weight.to(cdt).contiguous()
+    dpre, d_rw = torch.ops.mbrec_fast.routed_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), order, rw,
+                                                     activation == "relu")
+    if xs.numel() != dpre.shape[0] * D or xs.dtype != cdt:  # not saved by the forward (e.g. a direct op call)
+        xs = x.to(cdt).index_select(0, rows)
+    dxs, dw, db = _routed_group_grads(dpre, xs, weight, offsets, bias is not None)
+    dx = torch.ops.mbrec_fast.routed_combine(dxs, order, None, B)
+    d_rw = _empty_like_dtype(x) if route_weight is None else d_rw.to(route_weight.dtype)
+    return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw,
+            _empty_like_dtype(x), _empty_like_dtype(x)]

@@ -149,6 +149,6 @@ def routed_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], route: Ten
         if tuple(route_weight.shape) != tuple(route.shape):
             raise ValueError(f"route_weight must have the shape of route {tuple(route.shape)}, "
                              f"got {tuple(route_weight.shape)}")
-    out, _, _, _ = torch.ops.mbrec_fast.routed_experts_fwd(
-        x, weight, bias, route, route_weight, ln_weight, ln_bias, float(ln_eps), activation)
+    out = torch.ops.mbrec_fast.routed_experts_fwd(
+        x, weight, bias, route, route_weight, ln_weight, ln_bias, float(ln_eps), activation)[0]
     return out

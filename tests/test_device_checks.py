@@ -181,7 +181,8 @@ def _op_cases():
     x, w, b, gw = torch.randn(B, D), torch.randn(E, D, H), torch.randn(E, H), torch.randn(T, D, E)
     route = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]])
     _, pre, probs = torch.ops.mbrec_fast.gated_experts_fwd(x, w, b, None, gw, None, None, None, None, 1e-5, "relu")
-    _, rpre, order, offsets = torch.ops.mbrec_fast.routed_experts_fwd(x, w, b, route, None, None, None, 1e-5, "relu")
+    _, rpre, order, offsets, rxs = torch.ops.mbrec_fast.routed_experts_fwd(x, w, b, route, None, None, None, 1e-5,
+                                                                           "relu")
     rg = lambda t: dev(t).clone().requires_grad_()  # noqa: E731
     ops = torch.ops.mbrec_fast
     return {
@@ -199,7 +200,7 @@ def _op_cases():
         "routed_experts_fwd": (ops.routed_experts_fwd, (rg(x), rg(w), rg(b), dev(route), None, None, None, 1e-5,
                                                         "silu")),
         "routed_experts_bwd": (ops.routed_experts_bwd, dev(torch.randn(B, H), x, w, b, route, None, None, None,
-                                                           1e-5, "relu", rpre, order, offsets)),
+                                                           1e-5, "relu", rpre, order, offsets, rxs)),
     }
 
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 import mbrec_fast as mf
 from mbrec_fast.nn import CGC, PLE, DomainTaskExperts, GatedExperts, RoutedExperts, from_loop
 from mbrec_fast.reference.experts import LoopGatedExperts, gated_experts_ref, routed_experts_ref
+from mbrec_fast._experts_torch import sort_routes
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -197,19 +198,25 @@ def test_gated_mix_ops_match_torch(dtype, relu, B, E, H, T, gate_kind):
         assert not out.any() and not d_pre.any()
 
 
-def test_gated_mix_bwd_same_on_any_thread_count():
-    """The bias gradient's per-block partial sums are added in block order: bit-identical for 1 and 2 threads."""
-    g = torch.Generator().manual_seed(0)
-    act, gates, go = torch.randn(1000, 4, 16, generator=g).relu(), torch.rand(2, 1000, 4, generator=g), \
-        torch.randn(2, 1000, 16, generator=g)
+def _on_1_and_2_threads(fn):
+    """fn() run with 1 then 2 intra-op threads (the setting restored after)."""
     before = torch.get_num_threads()
     try:
         res = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            res.append(torch.ops.mbrec_fast.gated_mix_bwd(go, act, gates, True, True))
+            res.append(fn())
     finally:
         torch.set_num_threads(before)
+    return res
+
+
+def test_gated_mix_bwd_same_on_any_thread_count():
+    """The bias gradient's per-block partial sums are added in block order: bit-identical for 1 and 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    act, gates, go = torch.randn(1000, 4, 16, generator=g).relu(), torch.rand(2, 1000, 4, generator=g), \
+        torch.randn(2, 1000, 16, generator=g)
+    res = _on_1_and_2_threads(lambda: torch.ops.mbrec_fast.gated_mix_bwd(go, act, gates, True, True))
     for a, b in zip(*res):
         assert torch.equal(a, b)
 
@@ -343,9 +350,9 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(torch.ops.mbrec_fast.gated_experts_bwd,
                           (torch.randn(T, B, H), x, w, b, None, gw, None, None, None, None, 1e-5, "relu", pre, probs))
     route = torch.tensor([[0], [2], [2], [0], [0]])
-    _, pre, order, offsets = torch.ops.mbrec_fast.routed_experts_fwd(x, w, b, route, None, None, None, 1e-5, "relu")
+    _, pre, order, offsets, xs = torch.ops.mbrec_fast.routed_experts_fwd(x, w, b, route, None, None, None, 1e-5, "relu")
     torch.library.opcheck(torch.ops.mbrec_fast.routed_experts_bwd,
-                          (torch.randn(B, H), x, w, b, route, None, None, None, 1e-5, "relu", pre, order, offsets))
+                          (torch.randn(B, H), x, w, b, route, None, None, None, 1e-5, "relu", pre, order, offsets, xs))
 
 
 def test_torch_compile_fullgraph_functional_and_modules():
@@ -591,3 +598,121 @@ def test_expert_stack_is_built_of_expert_banks_and_loads_old_state_dicts():
     x = torch.randn(5, 16)
     m.load_state_dict(fresh.state_dict())
     assert torch.equal(m(x), fresh(x))
+
+
+# ---- the C++ routed passes (csrc/experts: routed_combine / routed_mix_bwd; relu/none, no LayerNorm)
+def _route_case(kind, B, E, k, g):
+    """A route [B, k] of distinct experts per sample: random, one expert never chosen, or all rows to one expert."""
+    if kind == "all_to_one":
+        return torch.full((B, 1), E - 1)
+    pool = E - 1 if kind == "one_empty" else E
+    return torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(B)])
+
+
+def _torch_routed_combine(src, order, rw, B):
+    k = src.shape[0] // B if B else 0
+    a = src if rw is None else src * rw.reshape(-1).index_select(0, order).unsqueeze(1)
+    return src.new_zeros(B, src.shape[1]).index_add_(0, torch.div(order, max(k, 1), rounding_mode="floor"), a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("B,E,k,kind", [(37, 4, 2, "random"), (37, 4, 1, "random"), (37, 4, 4, "random"),
+                                        (37, 4, 2, "one_empty"), (37, 4, 1, "all_to_one"), (1, 3, 2, "random"),
+                                        (1, 3, 3, "random")])
+def test_routed_passes_match_torch(dtype, relu, weighted, B, E, k, kind):
+    g = torch.Generator().manual_seed(B * 7 + k)
+    route = _route_case(kind, B, E, k, g)
+    k = route.shape[1]
+    H = 10
+    order, _ = sort_routes(route, E)
+    act = torch.randn(B * k, H, generator=g, dtype=dtype)
+    act = act.relu() if relu else act
+    rw = torch.rand(B, k, generator=g, dtype=dtype) if weighted else None
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    out = torch.ops.mbrec_fast.routed_combine(act, order, rw, B)
+    torch.testing.assert_close(out, _torch_routed_combine(act, order, rw, B), **tol)
+    go = torch.randn(B, H, generator=g, dtype=dtype)
+    d_pre, d_rw = torch.ops.mbrec_fast.routed_mix_bwd(go, act, order, rw, relu)
+    rows = torch.div(order, k, rounding_mode="floor")
+    go_rows = go.index_select(0, rows)
+    want = go_rows if rw is None else go_rows * rw.reshape(-1).index_select(0, order).unsqueeze(1)
+    want = torch.where(act > 0, want, torch.zeros_like(want)) if relu else want
+    torch.testing.assert_close(d_pre, want, **tol)
+    if weighted:
+        want_rw = torch.zeros(B * k, dtype=dtype).index_copy_(0, order, (go_rows * act).sum(-1)).view(B, k)
+        torch.testing.assert_close(d_rw, want_rw, **tol)
+    else:
+        assert d_rw.numel() == 0
+
+
+def test_routed_passes_same_on_any_thread_count():
+    g = torch.Generator().manual_seed(1)
+    B, E, k, H = 1000, 8, 2, 16
+    route = _route_case("random", B, E, k, g)
+    order, _ = sort_routes(route, E)
+    act, rw = torch.randn(B * k, H, generator=g).relu(), torch.rand(B, k, generator=g)
+    go = torch.randn(B, H, generator=g)
+    res = _on_1_and_2_threads(lambda: (torch.ops.mbrec_fast.routed_combine(act, order, rw, B),
+                                       *torch.ops.mbrec_fast.routed_mix_bwd(go, act, order, rw, True)))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_routed_passes():
+    B, E, k, H = 23, 4, 2, 6
+    route = torch.stack([torch.randperm(E)[:k] for _ in range(B)])
+    order, _ = sort_routes(route, E)
+    act, rw = torch.randn(B * k, H).relu(), torch.rand(B, k)
+    for w in (rw, None):
+        torch.library.opcheck(torch.ops.mbrec_fast.routed_combine, (act, order, w, B))
+        for relu in (True, False):
+            torch.library.opcheck(torch.ops.mbrec_fast.routed_mix_bwd, (torch.randn(B, H), act, order, w, relu))
+
+
+def test_routed_passes_bad_input():
+    act, order = torch.randn(6, 4), torch.arange(6)
+    with pytest.raises(RuntimeError, match="permutation"):
+        torch.ops.mbrec_fast.routed_combine(act, torch.tensor([0, 1, 2, 3, 4, 4]), None, 3)
+    with pytest.raises(RuntimeError, match="batch"):
+        torch.ops.mbrec_fast.routed_combine(act, order, None, 4)
+    with pytest.raises(RuntimeError, match="route_weight must be"):
+        torch.ops.mbrec_fast.routed_combine(act, order, torch.rand(3, 3), 3)
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.mbrec_fast.routed_mix_bwd(torch.randn(3, 5), act, order, None, True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_gradcheck_routed_fused_path(activation, k, weighted):
+    """fp64 gradcheck of the public op on the path that runs the C++ routed passes (relu/none, no LayerNorm)."""
+    B, D, H, E = 5, 3, 4, 3
+    route = torch.stack([torch.randperm(E)[:k] for _ in range(B)])
+    args = [_f64(B, D), _f64(E, D, H), _f64(E, H)] + ([_f64(B, k).abs()] if weighted else [])
+    fn = lambda x, w, b, *rw: mf.routed_experts(x, w, b, route, *rw, activation=activation)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_routed_fused_path_matches_plain_torch_path():
+    """The C++ passes against the plain torch form of the same op (the FUSED_ROUTED switch), forward and grads."""
+    import mbrec_fast._experts_torch as et
+    g = torch.Generator().manual_seed(3)
+    B, D, H, E, k = 64, 8, 12, 5, 2
+    route = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(B)])  # expert E-1 gets no rows
+    base = [torch.randn(B, D, generator=g), torch.randn(E, D, H, generator=g), torch.randn(E, H, generator=g),
+            torch.rand(B, k, generator=g)]
+    res = []
+    for fused in (True, False):
+        et.FUSED_ROUTED = fused
+        try:
+            p = [t.clone().requires_grad_() for t in base]
+            out = mf.routed_experts(p[0], p[1], p[2], route, p[3])
+            out.backward(torch.ones_like(out))
+            res.append([out] + [t.grad for t in p])
+        finally:
+            et.FUSED_ROUTED = True
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(res[0][2][E - 1]) == 0

@@ -180,10 +180,10 @@ def test_routed_triton_backward_matches_op(dtype, route_kind, k, ln, act):
     rw = torch.rand(B, k).to(dtype) if k > 1 else None
     lw, lb = _ln_params(ln, E, H, dtype)
     args = (x, w, b, route, rw, lw, lb, 1e-5, act)
-    _, pre, order, offsets = OPS.routed_experts_fwd(*args)
+    _, pre, order, offsets, xs = OPS.routed_experts_fwd(*args)
     grad_out = _rand(B, H, dtype=dtype)
-    got = routed_experts_bwd_triton(grad_out, *args, pre, order, offsets)
-    want = OPS.routed_experts_bwd(grad_out, *args, pre, order, offsets)
+    got = routed_experts_bwd_triton(grad_out, *args, pre, order, offsets, xs)
+    want = OPS.routed_experts_bwd(grad_out, *args, pre, order, offsets, xs)
     assert [(g.shape, g.dtype) for g in got] == [(g.shape, g.dtype) for g in want]
     _close(got, want, dtype)
     if route_kind == "empty_expert":

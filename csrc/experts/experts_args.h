@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "common/checks.h"
 
 namespace mbrec_fast {
@@ -24,6 +26,35 @@ inline void check_mix_args(const at::Tensor& act, const at::Tensor& gates, const
                 "grad_out must be [T, B, H] = [", gates.size(0), ", ", act.size(0), ", ", act.size(2), "], got ",
                 grad_out->sizes());
   }
+}
+
+// order: int64 [N] on src's device, a permutation of [0, N) with N = batch * k; returns its inverse (pos[order[i]]
+// = i), built on the host side of a CPU tensor. route_weight (if defined): [batch, k] of src's dtype, contiguous.
+inline std::vector<int64_t> check_route_args(const at::Tensor& src, const at::Tensor& order,
+                                             const c10::optional<at::Tensor>& route_weight, int64_t batch) {
+  TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble,
+              "src must be float32 or float64, got ", src.scalar_type());
+  const auto dev = src.device();
+  check_tensor(src, "src", src.scalar_type(), 2, dev);
+  check_tensor(order, "order", at::kLong, 1, dev);
+  const int64_t N = src.size(0);
+  TORCH_CHECK(order.size(0) == N, "order must have ", N, " entries (one per row of src), got ", order.size(0));
+  TORCH_CHECK(batch >= 0, "batch must be >= 0, got ", batch);
+  TORCH_CHECK((batch == 0 && N == 0) || (batch > 0 && N % batch == 0),
+              "the rows of src (", N, ") must be batch (", batch, ") times k");
+  const int64_t k = batch > 0 ? N / batch : 0;
+  if (route_weight.has_value()) {
+    check_tensor(*route_weight, "route_weight", src.scalar_type(), 2, dev);
+    TORCH_CHECK(route_weight->size(0) == batch && route_weight->size(1) == k, "route_weight must be [", batch, ", ",
+                k, "], got ", route_weight->sizes());
+  }
+  std::vector<int64_t> pos(N, -1);
+  const int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(o[i] >= 0 && o[i] < N && pos[o[i]] < 0, "order must be a permutation of [0, ", N, ")");
+    pos[o[i]] = i;
+  }
+  return pos;
 }
 
 }  // namespace experts

@@ -13,4 +13,14 @@ TORCH_LIBRARY_FRAGMENT(mbrec_fast, m) {
   // bias gradient [E, H] = the pre-activation gradient summed over B, or an empty tensor unless `with_bias`).
   m.def("gated_mix_bwd(Tensor grad_out, Tensor act, Tensor gates, bool relu, bool with_bias) "
         "-> (Tensor, Tensor, Tensor)");
+  // Combine of the routed layer's expert-sorted rows src [N, C] (N = B*k; row i belongs to the flat (sample, slot)
+  // pair order[i], a permutation of [0, N)) back into out [B, C]: out[b] = sum_j w[b, j] * src[i(b, j)], the sum
+  // over slots j in order (no zeros fill, no index_add). w [B, k] of src's dtype, or None (all ones).
+  m.def("routed_combine(Tensor src, Tensor order, Tensor? route_weight, int batch) -> Tensor");
+  // Backward of the routed layer's route-weight scale and relu on the sorted activation act [N, H] from
+  // grad_out [B, H], with the gather of grad_out fused in: returns (grad of the pre-activation [N, H] =
+  // w[pair] * grad_out[sample] (masked where act <= 0 when `relu`), grad of route_weight [B, k] = <grad_out[sample],
+  // act[i]> or an empty tensor when route_weight is None).
+  m.def("routed_mix_bwd(Tensor grad_out, Tensor act, Tensor order, Tensor? route_weight, bool relu) "
+        "-> (Tensor, Tensor)");
 }
