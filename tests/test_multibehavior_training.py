@@ -3,6 +3,7 @@ resume, CLI smoke runs on the bundled data, and DistributedDataParallel with 2 g
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -211,6 +212,11 @@ def _ddp_worker(rank, world_size, port, argv):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # A finished rank skips interpreter finalization, where gloo's worker threads can abort the process
+    # ("terminate called without an active exception", seen once on a loaded machine; pytorch/pytorch#179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
