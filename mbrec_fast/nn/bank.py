@@ -72,10 +72,9 @@ class ExpertBank(nn.Module):
         check_expert_impl(expert_impl)
         self.n_experts, self.d_in, self.d_out, self.activation = n_experts, d_in, d_out, activation
         self.expert_impl, self.ln_eps = expert_impl, float(ln_eps)
-        bound = 1 / math.sqrt(d_in)
-        self.weight = nn.Parameter(torch.empty(n_experts, d_in, d_out).uniform_(-bound, bound))
+        self.weight = nn.Parameter(torch.empty(n_experts, d_in, d_out))
         if bias:
-            self.bias = nn.Parameter(torch.empty(n_experts, d_out).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(n_experts, d_out))
         else:
             self.register_parameter("bias", None)
         if layer_norm:
@@ -84,6 +83,14 @@ class ExpertBank(nn.Module):
         else:
             self.register_parameter("ln_weight", None)
             self.register_parameter("ln_bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per expert: weight, then bias, from U(-1/sqrt(d_in), 1/sqrt(d_in))."""
+        bound = 1 / math.sqrt(self.d_in)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @property
     def impl(self) -> str:

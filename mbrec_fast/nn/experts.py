@@ -58,7 +58,6 @@ class ExpertStack(nn.Module):
         self.dims = _as_list(expert_hidden)
         self.activation, self.layer_norm, self.dropout = activation, layer_norm, float(dropout)
         self.has_bias = bias
-        # each bank draws its weight, then its bias, from U(-1/sqrt(d_in), 1/sqrt(d_in)): nn.Linear's init, per expert
         self.layers = nn.ModuleList()
         d = input_dim
         for h in self.dims:
@@ -95,12 +94,9 @@ class ExpertStack(nn.Module):
         return self.dims[-1]
 
     def reset_parameters(self) -> None:
-        """nn.Linear's default init, per expert."""
+        """nn.Linear's default init, per expert (each bank's own)."""
         for bank in self.layers:
-            bound = 1.0 / math.sqrt(bank.weight.shape[1])
-            nn.init.uniform_(bank.weight, -bound, bound)
-            if bank.bias is not None:
-                nn.init.uniform_(bank.bias, -bound, bound)
+            bank.reset_parameters()
 
     def layer(self, i: int) -> dict:
         """Keyword arguments of layer i for the fused ops."""
