@@ -300,15 +300,11 @@ def check_route(route: Tensor, num_experts: int) -> None:
 FUSED_ROUTED = True  # the routed C++ passes below serve the CPU path (False: the plain torch form, for comparison)
 
 
-def _uses_fused_route(pre: Tensor, activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
-    """The C++ routed passes (`mbrec_fast::routed_combine` / `routed_mix_bwd`, CPU only) serve relu/none without
-    LayerNorm, where the saved sorted tensor is the activation they read."""
-    return FUSED_ROUTED and pre.device.type == "cpu" and _saves_activation(activation, ln_weight, ln_bias)
-
-
 def saves_gathered_x(x: Tensor, activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
-    """Whether routed_experts_fwd returns the gathered X [B*k, D] (compute dtype) for its backward: on the CPU
-    path of the C++ routed passes; elsewhere that output is empty (the fake and the Triton launcher use this too)."""
+    """Whether the C++ routed passes (`mbrec_fast::routed_combine` / `routed_mix_bwd`, CPU only) serve this call:
+    relu/none without LayerNorm, where the saved sorted tensor is the activation they read. Then routed_experts_fwd
+    also returns the gathered X [B*k, D] (compute dtype) for its backward; elsewhere that output is empty (the fake
+    and the Triton launcher use this too). `x`: any tensor on the call's device."""
     return FUSED_ROUTED and x.device.type == "cpu" and _saves_activation(activation, ln_weight, ln_bias)
 
 
@@ -332,7 +328,7 @@ def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln
                 torch.addmm(b32[e], xs[s:t], w32[e], out=pre[s:t])
             else:
                 torch.mm(xs[s:t], w32[e], out=pre[s:t])
-    if _uses_fused_route(pre, activation, ln_weight, ln_bias):
+    if saves_gathered_x(pre, activation, ln_weight, ln_bias):
         if activation == "relu":
             pre = pre.relu_()  # the saved tensor is the activation (as gated)
         rw = None if route_weight is None else route_weight.to(compute_dtype(x)).contiguous()
@@ -398,7 +394,7 @@ def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_
     B, k = route.shape
     N = B * k
     rows = torch.div(order, k, rounding_mode="floor")
-    if _uses_fused_route(pre, activation, ln_weight, ln_bias):
+    if saves_gathered_x(pre, activation, ln_weight, ln_bias):
         return _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs)
     sorted_expert = route.reshape(-1).index_select(0, order)
     go = grad_out.to(compute_dtype(x)).index_select(0, rows)  # [N, H]
