@@ -82,6 +82,25 @@ def _(grad_out, act, gates, relu, with_bias):
     return torch.empty_like(act), torch.empty_like(gates), dbias
 
 
+@torch.library.register_fake("mbrec_fast::gated_ln_mix_fwd")
+def _(pre, gates, ln_weight, ln_bias, eps, activation, expert_major):
+    """Fake of the C++ LayerNorm-experts mixture forward (csrc/experts): out [T, B, H]."""
+    batch = pre.shape[1] if expert_major else pre.shape[0]
+    return pre.new_empty((gates.shape[0], batch, pre.shape[2]))
+
+
+@torch.library.register_fake("mbrec_fast::gated_ln_mix_bwd")
+def _(grad_out, pre, gates, ln_weight, ln_bias, eps, activation, expert_major, with_bias):
+    """Fake of the C++ LayerNorm-experts backward: (grad of pre, grad of gates, bias grad, ln_weight grad, ln_bias
+    grad; each of the last three [E, H] or empty)."""
+    E, H = (pre.shape[0] if expert_major else pre.shape[1]), pre.shape[2]
+
+    def sum_or_empty(present):
+        return pre.new_empty((E, H) if present else EMPTY_SHAPE)
+    return (torch.empty_like(pre), torch.empty_like(gates), sum_or_empty(with_bias), sum_or_empty(ln_weight is not None),
+            sum_or_empty(ln_bias is not None))
+
+
 @torch.library.register_fake("mbrec_fast::routed_combine")
 def _(src, order, route_weight, batch):
     """Fake of the C++ routed combine (csrc/experts): out [batch, C]."""

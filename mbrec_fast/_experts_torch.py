@@ -142,12 +142,41 @@ def _uses_fused_mix(pre: Tensor, x: Tensor, activation: str, ln_weight: Optional
     return pre.device.type == "cpu" and x.dim() == 2 and _saves_activation(activation, ln_weight, ln_bias)
 
 
+def _uses_ln_mix(pre: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
+    """The C++ LayerNorm passes (`mbrec_fast::gated_ln_mix_fwd` / `gated_ln_mix_bwd`, CPU only) serve every
+    LayerNorm call (shared or per-expert X, any activation): the saved tensor is the pre-activation, and the
+    backward recomputes the row statistics and the activation from it in the same pass."""
+    return FUSED_LN and pre.device.type == "cpu" and _has_ln(ln_weight, ln_bias)
+
+
+FUSED_LN = True  # the LayerNorm C++ passes serve the CPU path (False: the plain torch form, for comparison)
+
+
+def _ln_param(t: Optional[Tensor], cdt: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(cdt).contiguous()
+
+
+def _gate_tensor(x32: Tensor, x: Tensor, gates, gate_weight, gate_bias, gate_mask) -> Tuple[Tensor, Tensor]:
+    """(gates [T, B, E] of the compute dtype, contiguous; the saved probabilities or an empty tensor)."""
+    if gates is None:
+        probs_out = _gate_probs(x32, gate_weight, gate_bias, gate_mask).permute(1, 0, 2).contiguous()
+        return probs_out, probs_out
+    return gates.to(compute_dtype(x)).contiguous(), x.new_empty(EMPTY_SHAPE, dtype=compute_dtype(x))
+
+
 def gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps,
                             activation):
     """Torch implementation of the gated forward (CPU kernel; the CUDA kernel for fp64 inputs)."""
     check_finite_value(gates, "gates")
     x32 = x.to(compute_dtype(x))
     pre = _expert_pre(x32, weight, bias)
+    if _uses_ln_mix(pre, ln_weight, ln_bias):
+        cdt = compute_dtype(x)
+        g, probs_out = _gate_tensor(x32, x, gates, gate_weight, gate_bias, gate_mask)
+        # one C++ pass over the rows of pre: LayerNorm, affine, activation and the mixture into [T, B, H]
+        out = torch.ops.mbrec_fast.gated_ln_mix_fwd(pre, g, _ln_param(ln_weight, cdt), _ln_param(ln_bias, cdt),
+                                                    ln_eps, activation, x.dim() == 3)
+        return out.to(x.dtype), pre, probs_out
     if _uses_fused_mix(pre, x, activation, ln_weight, ln_bias):
         if gates is None:
             probs_out = _gate_probs(x32, gate_weight, gate_bias, gate_mask).permute(1, 0, 2).contiguous()
@@ -183,8 +212,9 @@ def gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate_
     E, D, H = weight.shape
     shared = x.dim() == 2
     x32 = x.to(compute_dtype(x))
-    if _uses_fused_mix(pre, x, activation, ln_weight, ln_bias):
-        return _gated_bwd_fused(grad_out, x32, x, weight, bias, gates, gate_weight, gate_bias, activation, pre, probs)
+    if _uses_fused_mix(pre, x, activation, ln_weight, ln_bias) or _uses_ln_mix(pre, ln_weight, ln_bias):
+        return _gated_bwd_fused(grad_out, x32, x, weight, bias, gates, gate_weight, gate_bias, activation, pre, probs,
+                                ln_weight, ln_bias, ln_eps)
     g = probs.permute(1, 0, 2) if gates is None else gates.to(compute_dtype(x)).permute(1, 0, 2)  # [B, T, E]
     go = grad_out.to(compute_dtype(x)).permute(1, 0, 2).contiguous()  # [B, T, H]
     pre_beh = pre if shared else pre.permute(1, 0, 2)  # [B, E, H]
@@ -247,18 +277,32 @@ def gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate_
             d_lnw, d_lnb]
 
 
-def _gated_bwd_fused(grad_out, x32, x, weight, bias, gates, gate_weight, gate_bias, activation, pre, probs):
-    """The gated backward around one C++ pass (`mbrec_fast::gated_mix_bwd`: the mixture's backward, relu's backward
-    and the bias sum over [B, E, H]); the two GEMMs and the small gate products stay in torch."""
+def _gated_bwd_fused(grad_out, x32, x, weight, bias, gates, gate_weight, gate_bias, activation, pre, probs,
+                     ln_weight=None, ln_bias=None, ln_eps=1e-5):
+    """The gated backward around one C++ pass over the rows of pre (`mbrec_fast::gated_mix_bwd` for relu/none
+    without LayerNorm, `gated_ln_mix_bwd` with LayerNorm: the mixture's backward, the activation's and the
+    LayerNorm's backward and the bias / affine sums); the two GEMMs and the small gate products stay in torch."""
     E, D, H = weight.shape
     cdt = compute_dtype(x)
     g = (probs if gates is None else gates.to(cdt)).contiguous()  # [T, B, E]
-    dpre, d_g, db = torch.ops.mbrec_fast.gated_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), g,
-                                                       activation == "relu", bias is not None)
-    dpre2 = dpre.view(-1, E * H)
-    w_cat = weight.to(cdt).permute(1, 0, 2).reshape(D, E * H)
-    dx = dpre2 @ w_cat.t()
-    dw = (x32.t() @ dpre2).view(D, E, H).permute(1, 0, 2).contiguous()
+    d_lnw, d_lnb = _empty_like_dtype(x), _empty_like_dtype(x)
+    if _has_ln(ln_weight, ln_bias):
+        dpre, d_g, db, d_lnw, d_lnb = torch.ops.mbrec_fast.gated_ln_mix_bwd(
+            grad_out.to(cdt).contiguous(), pre.contiguous(), g, _ln_param(ln_weight, cdt), _ln_param(ln_bias, cdt),
+            ln_eps, activation, x.dim() == 3, bias is not None)
+        d_lnw = d_lnw.to(ln_weight.dtype) if ln_weight is not None else _empty_like_dtype(x)
+        d_lnb = d_lnb.to(ln_bias.dtype) if ln_bias is not None else _empty_like_dtype(x)
+    else:
+        dpre, d_g, db = torch.ops.mbrec_fast.gated_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), g,
+                                                           activation == "relu", bias is not None)
+    if x.dim() == 2:
+        dpre2 = dpre.view(-1, E * H)
+        w_cat = weight.to(cdt).permute(1, 0, 2).reshape(D, E * H)
+        dx = dpre2 @ w_cat.t()
+        dw = (x32.t() @ dpre2).view(D, E, H).permute(1, 0, 2).contiguous()
+    else:  # per-expert inputs: pre and dpre are [E, B, H]
+        dx = torch.bmm(dpre, weight.to(cdt).transpose(1, 2))
+        dw = torch.bmm(x32.transpose(1, 2), dpre)
     d_gates, d_gw, d_gb = _empty_like_dtype(x), _empty_like_dtype(x), _empty_like_dtype(x)
     if gates is None:
         T = gate_weight.shape[0]
@@ -272,7 +316,7 @@ def _gated_bwd_fused(grad_out, x32, x, weight, bias, gates, gate_weight, gate_bi
     else:
         d_gates = d_g.to(gates.dtype)
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_gates,
-            d_gw, d_gb, _empty_like_dtype(x), _empty_like_dtype(x)]
+            d_gw, d_gb, d_lnw, d_lnb]
 
 
 def sort_routes(route: Tensor, num_experts: int) -> Tuple[Tensor, Tensor]:

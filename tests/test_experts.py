@@ -257,6 +257,133 @@ def test_gradcheck_gated_fused_mix_path(activation, gate_mode):
     assert torch.autograd.gradcheck(fn, args)
 
 
+# ---- the C++ LayerNorm-experts passes (csrc/experts: gated_ln_mix_fwd / gated_ln_mix_bwd)
+def _ln_mix_torch(pre, gates, lnw, lnb, eps, activation, expert_major):
+    """Torch form of gated_ln_mix_fwd: per-expert LayerNorm + affine + activation on pre, mixture by gates."""
+    from mbrec_fast._experts_torch import activate
+    p = pre.transpose(0, 1) if expert_major else pre  # [B, E, H]
+    y = torch.nn.functional.layer_norm(p, p.shape[-1:], eps=eps)
+    if lnw is not None:
+        y = y * lnw
+    if lnb is not None:
+        y = y + lnb
+    return torch.einsum("tbe,beh->tbh", gates, activate(y, activation))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
+@pytest.mark.parametrize("expert_major", [False, True])
+@pytest.mark.parametrize("B,E,H,T,affine", [
+    (70, 3, 37, 2, "both"),     # B not a multiple of the 32-row block, H not a multiple of the 8 lanes
+    (33, 1, 8, 1, "weight"),    # E = 1, T = 1, no ln_bias
+    (40, 4, 16, 3, "bias"),     # no ln_weight
+    (0, 4, 5, 2, "both"),       # no rows
+])
+def test_gated_ln_mix_ops_match_torch(dtype, activation, expert_major, B, E, H, T, affine):
+    g = torch.Generator().manual_seed(B + E + H + T)
+    pre = torch.randn(*((E, B, H) if expert_major else (B, E, H)), generator=g, dtype=dtype) * 3 + 1
+    gates = torch.rand(T, B, E, generator=g, dtype=dtype)
+    lnw = torch.randn(E, H, generator=g, dtype=dtype) if affine in ("both", "weight") else None
+    lnb = torch.randn(E, H, generator=g, dtype=dtype) if affine in ("both", "bias") else None
+    eps = 1e-5
+    before = pre.clone()
+    out = torch.ops.mbrec_fast.gated_ln_mix_fwd(pre, gates, lnw, lnb, eps, activation, expert_major)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, _ln_mix_torch(pre, gates, lnw, lnb, eps, activation, expert_major), **tol)
+    assert torch.equal(pre, before)  # pre is the saved tensor: untouched
+    go = torch.randn(T, B, H, generator=g, dtype=dtype)
+    req = [t.clone().requires_grad_() if t is not None else None for t in (pre, gates, lnw, lnb)]
+    o = _ln_mix_torch(req[0], req[1], req[2], req[3], eps, activation, expert_major)
+    live = [t for t in req if t is not None]
+    want = dict(zip([i for i, t in enumerate(req) if t is not None], torch.autograd.grad(o, live, go)))
+    d_pre, d_g, d_b, d_lnw, d_lnb = torch.ops.mbrec_fast.gated_ln_mix_bwd(go, pre, gates, lnw, lnb, eps, activation,
+                                                                         expert_major, True)
+    torch.testing.assert_close(d_pre, want[0], **tol)
+    torch.testing.assert_close(d_g, want[1], **tol)
+    torch.testing.assert_close(d_b, want[0].sum(1 if expert_major else 0), **tol)
+    if lnw is not None:
+        torch.testing.assert_close(d_lnw, want[2], **tol)
+    else:
+        assert d_lnw.numel() == 0
+    if lnb is not None:
+        torch.testing.assert_close(d_lnb, want[3], **tol)
+    else:
+        assert d_lnb.numel() == 0
+    assert torch.ops.mbrec_fast.gated_ln_mix_bwd(go, pre, gates, lnw, lnb, eps, activation, expert_major,
+                                                 False)[2].numel() == 0
+
+
+def test_gated_ln_mix_bwd_same_on_any_thread_count():
+    """The bias and affine gradients' per-block partial sums are added in block order: bit-identical for 1 and 2
+    threads."""
+    g = torch.Generator().manual_seed(0)
+    pre, gates, go = torch.randn(1000, 4, 16, generator=g), torch.rand(2, 1000, 4, generator=g), \
+        torch.randn(2, 1000, 16, generator=g)
+    lnw, lnb = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    res = _on_1_and_2_threads(lambda: torch.ops.mbrec_fast.gated_ln_mix_bwd(go, pre, gates, lnw, lnb, 1e-5, "gelu",
+                                                                            False, True))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_gated_ln_mix_ops():
+    B, E, H, T = 37, 3, 10, 2
+    gates, lnw, lnb = torch.rand(T, B, E), torch.randn(E, H), torch.randn(E, H)
+    for expert_major in (False, True):
+        pre = torch.randn(*((E, B, H) if expert_major else (B, E, H)))
+        torch.library.opcheck(torch.ops.mbrec_fast.gated_ln_mix_fwd, (pre, gates, lnw, None, 1e-5, "relu",
+                                                                       expert_major))
+        for with_bias in (True, False):
+            torch.library.opcheck(torch.ops.mbrec_fast.gated_ln_mix_bwd,
+                                  (torch.randn(T, B, H), pre, gates, lnw, lnb, 1e-5, "silu", expert_major, with_bias))
+
+
+def test_gated_ln_mix_bad_input():
+    pre, gates, lnw = torch.randn(4, 3, 5), torch.rand(2, 4, 3), torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match="activation must be one of"):
+        torch.ops.mbrec_fast.gated_ln_mix_fwd(pre, gates, lnw, None, 1e-5, "tanh", False)
+    with pytest.raises(RuntimeError, match="ln_weight must be"):
+        torch.ops.mbrec_fast.gated_ln_mix_fwd(pre, gates, torch.randn(3, 6), None, 1e-5, "relu", False)
+    with pytest.raises(RuntimeError, match="ln_bias must have dtype"):
+        torch.ops.mbrec_fast.gated_ln_mix_fwd(pre, gates, None, lnw.double(), 1e-5, "relu", False)
+    with pytest.raises(RuntimeError, match="gates must be"):
+        torch.ops.mbrec_fast.gated_ln_mix_fwd(pre, gates, lnw, None, 1e-5, "relu", True)  # [E, B, H] reading: B = 3
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.mbrec_fast.gated_ln_mix_bwd(torch.randn(2, 4, 6), pre, gates, lnw, None, 1e-5, "relu", False, True)
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_gated_ln_path_matches_plain_torch_path(per_expert):
+    """The C++ LayerNorm passes against the plain torch form of the same op (the FUSED_LN switch), forward and
+    every gradient, shared and per-expert X."""
+    import mbrec_fast._experts_torch as et
+    B, D, H, E, T = 45, 6, 9, 4, 3
+    base = _params(B, D, H, E, T, torch.float32, ln=True, per_expert=per_expert, seed=5)
+    res = []
+    for fused in (True, False):
+        et.FUSED_LN = fused
+        try:
+            p = {k: v.detach().clone().requires_grad_() for k, v in base.items()}
+            if per_expert:
+                gates = torch.softmax(torch.randn(T, B, E, generator=torch.Generator().manual_seed(1)), -1)
+                gates.requires_grad_()
+                out = mf.gated_experts(p["x"], p["weight"], p["bias"], gates=gates, ln_weight=p["ln_weight"],
+                                       ln_bias=p["ln_bias"], activation="gelu")
+                extra = [gates]
+            else:
+                out = mf.gated_experts(p["x"], p["weight"], p["bias"], gate_weight=p["gate_weight"],
+                                       gate_bias=p["gate_bias"], ln_weight=p["ln_weight"], ln_bias=p["ln_bias"],
+                                       activation="relu")
+                extra = []
+            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+            res.append([out] + [t.grad for t in list(p.values()) + extra if t.grad is not None])
+        finally:
+            et.FUSED_LN = True
+    assert len(res[0]) == len(res[1])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @settings(max_examples=15, deadline=None)
 @given(B=st.integers(1, 9), E=st.integers(1, 5), k=st.integers(1, 5), seed=st.integers(0, 1000))
 def test_routed_equals_gated_with_sparse_gates(B, E, k, seed):

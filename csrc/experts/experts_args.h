@@ -28,6 +28,34 @@ inline void check_mix_args(const at::Tensor& act, const at::Tensor& gates, const
   }
 }
 
+// pre [B, E, H] ([E, B, H] when expert_major) fp32/fp64, gates [T, B, E], ln_weight / ln_bias (if given) [E, H],
+// grad_out (if given) [T, B, H]; all of pre's dtype and device, contiguous.
+inline void check_ln_mix_args(const at::Tensor& pre, const at::Tensor& gates,
+                              const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+                              const at::Tensor* grad_out, bool expert_major) {
+  TORCH_CHECK(pre.scalar_type() == at::kFloat || pre.scalar_type() == at::kDouble,
+              "pre must be float32 or float64, got ", pre.scalar_type());
+  const auto dev = pre.device();
+  check_tensor(pre, "pre", pre.scalar_type(), 3, dev);
+  check_tensor(gates, "gates", pre.scalar_type(), 3, dev);
+  const int64_t B = expert_major ? pre.size(1) : pre.size(0), E = expert_major ? pre.size(0) : pre.size(1);
+  const int64_t H = pre.size(2);
+  TORCH_CHECK(gates.size(1) == B && gates.size(2) == E, "gates must be [T, B, E] = [T, ", B, ", ", E, "], got ",
+              gates.sizes());
+  for (const auto* p : {&ln_weight, &ln_bias}) {
+    if (!p->has_value()) continue;
+    const char* name = p == &ln_weight ? "ln_weight" : "ln_bias";
+    check_tensor(**p, name, pre.scalar_type(), 2, dev);
+    TORCH_CHECK((*p)->size(0) == E && (*p)->size(1) == H, name, " must be [E, H] = [", E, ", ", H, "], got ",
+                (*p)->sizes());
+  }
+  if (grad_out != nullptr) {
+    check_tensor(*grad_out, "grad_out", pre.scalar_type(), 3, dev);
+    TORCH_CHECK(grad_out->size(0) == gates.size(0) && grad_out->size(1) == B && grad_out->size(2) == H,
+                "grad_out must be [T, B, H] = [", gates.size(0), ", ", B, ", ", H, "], got ", grad_out->sizes());
+  }
+}
+
 // order: int64 [N] on src's device, a permutation of [0, N) with N = batch * k; returns its inverse (pos[order[i]]
 // = i), built on the host side of a CPU tensor. route_weight (if defined): [batch, k] of src's dtype, contiguous.
 inline std::vector<int64_t> check_route_args(const at::Tensor& src, const at::Tensor& order,

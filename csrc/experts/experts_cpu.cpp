@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <string>
 #include <vector>
 
 #include "experts/experts_args.h"
@@ -68,6 +70,21 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return acc[0];
 }
 
+// sum of a over n elements, in the same lane order as dot.
+template <typename scalar_t>
+inline scalar_t dot_ones(const scalar_t* a, int64_t n) {
+  scalar_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[i + j];
+  }
+  for (int64_t j = 0; i < n; ++i, ++j) acc[j] += a[i];
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  return acc[0];
+}
+
 template <typename scalar_t>
 void mix_bwd_kernel(const scalar_t* go, const scalar_t* act, const scalar_t* gates, scalar_t* dpre, scalar_t* dgates,
                     scalar_t* dbias, int64_t B, int64_t E, int64_t H, int64_t T, bool relu) {
@@ -120,6 +137,270 @@ void mix_bwd_kernel(const scalar_t* go, const scalar_t* act, const scalar_t* gat
       }
     });
   }
+}
+
+// ---- LayerNorm experts: LayerNorm (per expert affine) + activation + gate mixture in one pass each way.
+// The pre-activation row of (b, e) is H contiguous values at pre + b * stride_b + e * stride_e ([B, E, H] for a
+// shared input, [E, B, H] for per-expert inputs). The forward leaves pre untouched (it is the saved tensor); the
+// backward recomputes the row's statistics from it while the row sits in L1, so nothing but pre is saved.
+enum class Act { kNone, kRelu, kGelu, kSilu };
+
+inline Act parse_activation(c10::string_view name) {
+  if (name == "none") return Act::kNone;
+  if (name == "relu") return Act::kRelu;
+  if (name == "gelu") return Act::kGelu;
+  if (name == "silu") return Act::kSilu;
+  TORCH_CHECK(false, "activation must be one of 'none', 'relu', 'gelu', 'silu', got '", std::string(name), "'");
+}
+
+template <typename scalar_t>
+inline scalar_t activate_one(scalar_t y, Act act) {
+  switch (act) {
+    case Act::kRelu: return y > scalar_t(0) ? y : scalar_t(0);
+    case Act::kGelu: return y * scalar_t(0.5) * (scalar_t(1) + std::erf(y * scalar_t(0.7071067811865476)));
+    case Act::kSilu: return y / (scalar_t(1) + std::exp(-y));
+    default: return y;
+  }
+}
+
+// d act / d y at y (the same formulas as mbrec_fast._experts_torch._act_grad).
+template <typename scalar_t>
+inline scalar_t activation_grad(scalar_t y, Act act) {
+  switch (act) {
+    case Act::kRelu: return y > scalar_t(0) ? scalar_t(1) : scalar_t(0);
+    case Act::kGelu: {
+      const scalar_t cdf = scalar_t(0.5) * (scalar_t(1) + std::erf(y * scalar_t(0.7071067811865476)));
+      const scalar_t pdf = std::exp(scalar_t(-0.5) * y * y) * scalar_t(0.3989422804014327);
+      return cdf + y * pdf;
+    }
+    case Act::kSilu: {
+      const scalar_t s = scalar_t(1) / (scalar_t(1) + std::exp(-y));
+      return s * (scalar_t(1) + y * (scalar_t(1) - s));
+    }
+    default: return scalar_t(1);
+  }
+}
+
+// Mean and 1/sqrt(var + eps) of one row (biased variance, two passes over the row: the row is in L1).
+template <typename scalar_t>
+inline void row_stats(const scalar_t* x, int64_t H, double eps, scalar_t* mean, scalar_t* rstd) {
+  scalar_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= H; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+  }
+  for (int64_t j = 0; i < H; ++i, ++j) acc[j] += x[i];
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  const scalar_t m = acc[0] / scalar_t(H);
+  scalar_t sq[kLanes] = {};
+  i = 0;
+  for (; i + kLanes <= H; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const scalar_t c = x[i + j] - m;
+      sq[j] += c * c;
+    }
+  }
+  for (int64_t j = 0; i < H; ++i, ++j) {
+    const scalar_t c = x[i] - m;
+    sq[j] += c * c;
+  }
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    for (int64_t j = 0; j < w; ++j) sq[j] += sq[j + w];
+  }
+  *mean = m;
+  *rstd = scalar_t(1) / std::sqrt(sq[0] / scalar_t(H) + scalar_t(eps));
+}
+
+struct LnLayout {
+  int64_t B, E, H, T, stride_b, stride_e;
+};
+
+// y = (pre - mean) * rstd * w[e] + b[e] (w, b may be null), a = act(y); xhat and a written to the row buffers.
+template <typename scalar_t>
+inline void ln_activate_row(const scalar_t* p, int64_t H, double eps, const scalar_t* lnw, const scalar_t* lnb,
+                            Act act, scalar_t* xhat, scalar_t* y, scalar_t* a, scalar_t* rstd_out) {
+  scalar_t mean, rstd;
+  row_stats(p, H, eps, &mean, &rstd);
+  for (int64_t h = 0; h < H; ++h) xhat[h] = (p[h] - mean) * rstd;
+  for (int64_t h = 0; h < H; ++h) {
+    scalar_t v = xhat[h];
+    if (lnw != nullptr) v *= lnw[h];
+    if (lnb != nullptr) v += lnb[h];
+    y[h] = v;
+  }
+  if (act == Act::kNone) {
+    for (int64_t h = 0; h < H; ++h) a[h] = y[h];
+  } else if (act == Act::kRelu) {
+    for (int64_t h = 0; h < H; ++h) a[h] = y[h] > scalar_t(0) ? y[h] : scalar_t(0);
+  } else {
+    for (int64_t h = 0; h < H; ++h) a[h] = activate_one(y[h], act);
+  }
+  *rstd_out = rstd;
+}
+
+template <typename scalar_t>
+void ln_mix_fwd_kernel(const scalar_t* pre, const scalar_t* gates, const scalar_t* lnw, const scalar_t* lnb,
+                       double eps, Act act, scalar_t* out, const LnLayout& L) {
+  const int64_t B = L.B, E = L.E, H = L.H, T = L.T;
+  for_row_blocks(B, [&](int64_t, int64_t r0, int64_t r1) {
+    std::vector<scalar_t> buf(3 * H);
+    scalar_t *xhat = buf.data(), *y = xhat + H, *a = y + H;
+    for (int64_t b = r0; b < r1; ++b) {
+      for (int64_t e = 0; e < E; ++e) {
+        scalar_t rstd;
+        ln_activate_row(pre + b * L.stride_b + e * L.stride_e, H, eps, lnw ? lnw + e * H : nullptr,
+                        lnb ? lnb + e * H : nullptr, act, xhat, y, a, &rstd);
+        for (int64_t t = 0; t < T; ++t) {
+          const scalar_t g = gates[(t * B + b) * E + e];
+          scalar_t* o = out + (t * B + b) * H;
+          if (e == 0) {
+            for (int64_t h = 0; h < H; ++h) o[h] = g * a[h];
+          } else {
+            for (int64_t h = 0; h < H; ++h) o[h] += g * a[h];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Per row (b, e): the activation recomputed from pre, then dgates[t, b, e] = <go[t, b], a>, da = sum_t g * go[t, b],
+// dy = da * act'(y), the LayerNorm affine gradients (partial sums per block), dxhat = dy * w and the LayerNorm
+// backward dpre = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), whose bias partial sum follows.
+template <typename scalar_t>
+void ln_mix_bwd_kernel(const scalar_t* go, const scalar_t* pre, const scalar_t* gates, const scalar_t* lnw,
+                       const scalar_t* lnb, double eps, Act act, scalar_t* dpre, scalar_t* dgates, scalar_t* dbias,
+                       scalar_t* dlnw, scalar_t* dlnb, const LnLayout& L) {
+  const int64_t B = L.B, E = L.E, H = L.H, T = L.T, EH = E * H;
+  const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t nsums = (dbias != nullptr) + (dlnw != nullptr) + (dlnb != nullptr);
+  std::vector<scalar_t> partial(nblocks * nsums * EH);
+  for_row_blocks(B, [&](int64_t blk, int64_t r0, int64_t r1) {
+    scalar_t* part = partial.data() + blk * nsums * EH;
+    std::fill(part, part + nsums * EH, scalar_t(0));
+    scalar_t* part_b = dbias != nullptr ? part : nullptr;
+    scalar_t* part_w = dlnw != nullptr ? part + (dbias != nullptr) * EH : nullptr;
+    scalar_t* part_lb = dlnb != nullptr ? part + ((dbias != nullptr) + (dlnw != nullptr)) * EH : nullptr;
+    std::vector<scalar_t> buf(4 * H);
+    scalar_t *xhat = buf.data(), *y = xhat + H, *a = y + H, *d = a + H;
+    for (int64_t b = r0; b < r1; ++b) {
+      for (int64_t e = 0; e < E; ++e) {
+        const scalar_t* w = lnw ? lnw + e * H : nullptr;
+        scalar_t rstd;
+        ln_activate_row(pre + b * L.stride_b + e * L.stride_e, H, eps, w, lnb ? lnb + e * H : nullptr, act, xhat, y,
+                        a, &rstd);
+        for (int64_t t = 0; t < T; ++t) dgates[(t * B + b) * E + e] = dot(go + (t * B + b) * H, a, H);
+        {
+          const scalar_t g0 = gates[b * E + e];
+          const scalar_t* go0 = go + b * H;
+          for (int64_t h = 0; h < H; ++h) d[h] = g0 * go0[h];
+          for (int64_t t = 1; t < T; ++t) {
+            const scalar_t gt = gates[(t * B + b) * E + e];
+            const scalar_t* got = go + (t * B + b) * H;
+            for (int64_t h = 0; h < H; ++h) d[h] += gt * got[h];
+          }
+        }
+        if (act == Act::kRelu) {
+          for (int64_t h = 0; h < H; ++h) d[h] = y[h] > scalar_t(0) ? d[h] : scalar_t(0);
+        } else if (act != Act::kNone) {
+          for (int64_t h = 0; h < H; ++h) d[h] *= activation_grad(y[h], act);
+        }
+        if (part_w != nullptr) {
+          scalar_t* pw = part_w + e * H;
+          for (int64_t h = 0; h < H; ++h) pw[h] += d[h] * xhat[h];
+        }
+        if (part_lb != nullptr) {
+          scalar_t* pb = part_lb + e * H;
+          for (int64_t h = 0; h < H; ++h) pb[h] += d[h];
+        }
+        if (w != nullptr) {
+          for (int64_t h = 0; h < H; ++h) d[h] *= w[h];  // d now holds dxhat
+        }
+        const scalar_t m1 = dot_ones(d, H) / scalar_t(H);
+        const scalar_t m2 = dot(d, xhat, H) / scalar_t(H);
+        scalar_t* dp = dpre + b * L.stride_b + e * L.stride_e;
+        for (int64_t h = 0; h < H; ++h) dp[h] = rstd * (d[h] - m1 - xhat[h] * m2);
+        if (part_b != nullptr) {
+          scalar_t* pb = part_b + e * H;
+          for (int64_t h = 0; h < H; ++h) pb[h] += dp[h];
+        }
+      }
+    }
+  });
+  scalar_t* targets[3] = {dbias, dlnw, dlnb};
+  int64_t slot = 0;
+  for (scalar_t* target : targets) {
+    if (target == nullptr) continue;
+    const int64_t off = slot++ * EH;
+    at::parallel_for(0, EH, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) target[i] = 0;
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const scalar_t* p = partial.data() + blk * nsums * EH + off;
+        for (int64_t i = i0; i < i1; ++i) target[i] += p[i];
+      }
+    });
+  }
+}
+
+LnLayout ln_layout(const at::Tensor& pre, const at::Tensor& gates, bool expert_major) {
+  LnLayout L;
+  L.B = expert_major ? pre.size(1) : pre.size(0);
+  L.E = expert_major ? pre.size(0) : pre.size(1);
+  L.H = pre.size(2);
+  L.T = gates.size(0);
+  L.stride_b = expert_major ? L.H : L.E * L.H;
+  L.stride_e = expert_major ? L.B * L.H : L.H;
+  return L;
+}
+
+at::Tensor gated_ln_mix_fwd_cpu(const at::Tensor& pre, const at::Tensor& gates,
+                                const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+                                double eps, c10::string_view activation, bool expert_major) {
+  experts::check_ln_mix_args(pre, gates, ln_weight, ln_bias, nullptr, expert_major);
+  const Act act = parse_activation(activation);
+  const LnLayout L = ln_layout(pre, gates, expert_major);
+  at::Tensor out = at::empty({L.T, L.B, L.H}, pre.options());
+  if (out.numel() == 0) return out;
+  if (L.E == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "gated_ln_mix_fwd", [&] {
+    ln_mix_fwd_kernel<scalar_t>(pre.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                                ln_weight.has_value() ? ln_weight->data_ptr<scalar_t>() : nullptr,
+                                ln_bias.has_value() ? ln_bias->data_ptr<scalar_t>() : nullptr, eps, act,
+                                out.data_ptr<scalar_t>(), L);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_ln_mix_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& pre, const at::Tensor& gates,
+    const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, double eps,
+    c10::string_view activation, bool expert_major, bool with_bias) {
+  experts::check_ln_mix_args(pre, gates, ln_weight, ln_bias, &grad_out, expert_major);
+  const Act act = parse_activation(activation);
+  const LnLayout L = ln_layout(pre, gates, expert_major);
+  const auto empty = [&] { return at::empty({0}, pre.options()); };
+  at::Tensor dpre = at::empty_like(pre);
+  at::Tensor dgates = at::empty_like(gates);
+  at::Tensor dbias = with_bias ? at::zeros({L.E, L.H}, pre.options()) : empty();
+  at::Tensor dlnw = ln_weight.has_value() ? at::zeros({L.E, L.H}, pre.options()) : empty();
+  at::Tensor dlnb = ln_bias.has_value() ? at::zeros({L.E, L.H}, pre.options()) : empty();
+  if (pre.numel() == 0 || L.T == 0) {  // no rows, experts, hidden units or tasks: every sum is empty
+    dpre.zero_();
+    dgates.zero_();
+    return {dpre, dgates, dbias, dlnw, dlnb};
+  }
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "gated_ln_mix_bwd", [&] {
+    ln_mix_bwd_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                                ln_weight.has_value() ? ln_weight->data_ptr<scalar_t>() : nullptr,
+                                ln_bias.has_value() ? ln_bias->data_ptr<scalar_t>() : nullptr, eps, act,
+                                dpre.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(),
+                                with_bias ? dbias.data_ptr<scalar_t>() : nullptr,
+                                ln_weight.has_value() ? dlnw.data_ptr<scalar_t>() : nullptr,
+                                ln_bias.has_value() ? dlnb.data_ptr<scalar_t>() : nullptr, L);
+  });
+  return {dpre, dgates, dbias, dlnw, dlnb};
 }
 
 at::Tensor gated_mix_fwd_cpu(at::Tensor& act, const at::Tensor& gates, bool relu) {
@@ -253,4 +534,6 @@ TORCH_LIBRARY_IMPL(mbrec_fast, CPU, m) {
   m.impl("gated_mix_bwd", &mbrec_fast::gated_mix_bwd_cpu);
   m.impl("routed_combine", &mbrec_fast::routed_combine_cpu);
   m.impl("routed_mix_bwd", &mbrec_fast::routed_mix_bwd_cpu);
+  m.impl("gated_ln_mix_fwd", &mbrec_fast::gated_ln_mix_fwd_cpu);
+  m.impl("gated_ln_mix_bwd", &mbrec_fast::gated_ln_mix_bwd_cpu);
 }

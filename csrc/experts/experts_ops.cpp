@@ -23,4 +23,15 @@ TORCH_LIBRARY_FRAGMENT(mbrec_fast, m) {
   // act[i]> or an empty tensor when route_weight is None).
   m.def("routed_mix_bwd(Tensor grad_out, Tensor act, Tensor order, Tensor? route_weight, bool relu) "
         "-> (Tensor, Tensor)");
+  // LayerNorm experts (per-expert affine ln_weight / ln_bias [E, H], each optional) with an activation ("none",
+  // "relu", "gelu", "silu") and the gate mixture, on the GEMM output pre ([B, E, H], or [E, B, H] when
+  // `expert_major`, bias already added): out[t, b] = sum_e gates[t, b, e] * act(LayerNorm_e(pre[b, e])), [T, B, H].
+  // pre is not modified (it is what the backward reads).
+  m.def("gated_ln_mix_fwd(Tensor pre, Tensor gates, Tensor? ln_weight, Tensor? ln_bias, float eps, str activation, "
+        "bool expert_major) -> Tensor");
+  // Backward of gated_ln_mix_fwd from grad_out [T, B, H] (the LayerNorm statistics recomputed from pre): returns
+  // (grad of pre (pre's layout), grad of gates [T, B, E], grad of the GEMM bias [E, H] (the grad of pre summed
+  // over B) or empty unless `with_bias`, grad of ln_weight, grad of ln_bias (each [E, H], or empty when absent)).
+  m.def("gated_ln_mix_bwd(Tensor grad_out, Tensor pre, Tensor gates, Tensor? ln_weight, Tensor? ln_bias, float eps, "
+        "str activation, bool expert_major, bool with_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
