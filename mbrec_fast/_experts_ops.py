@@ -114,6 +114,22 @@ def _(grad_out, act, order, route_weight, relu):
     return torch.empty_like(act), drw
 
 
+@torch.library.register_fake("mbrec_fast::routed_ln_combine")
+def _(pre, order, route_weight, batch, offsets, ln_weight, ln_bias, eps, activation):
+    """Fake of the C++ routed LayerNorm combine (csrc/experts): out [batch, H]."""
+    return pre.new_empty((batch, pre.shape[1]))
+
+
+@torch.library.register_fake("mbrec_fast::routed_ln_mix_bwd")
+def _(grad_out, pre, order, route_weight, offsets, ln_weight, ln_bias, eps, activation):
+    """Fake of the C++ routed LayerNorm backward: (grad of pre [N, H], grad of route_weight or empty, grads of
+    ln_weight / ln_bias [E, H] or empty)."""
+    E, H = offsets.shape[0] - 1, pre.shape[1]
+    drw = pre.new_empty(EMPTY_SHAPE) if route_weight is None else torch.empty_like(route_weight)
+    return (torch.empty_like(pre), drw, pre.new_empty((E, H) if ln_weight is not None else EMPTY_SHAPE),
+            pre.new_empty((E, H) if ln_bias is not None else EMPTY_SHAPE))
+
+
 def _gated_setup(ctx, inputs, output):
     (x, weight, bias, gates, gate_weight, gate_bias, gate_mask, ln_weight, ln_bias, ln_eps, activation) = inputs
     _, pre, probs = output

@@ -345,11 +345,14 @@ FUSED_ROUTED = True  # the routed C++ passes below serve the CPU path (False: th
 
 
 def saves_gathered_x(x: Tensor, activation: str, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]) -> bool:
-    """Whether the C++ routed passes (`mbrec_fast::routed_combine` / `routed_mix_bwd`, CPU only) serve this call:
-    relu/none without LayerNorm, where the saved sorted tensor is the activation they read. Then routed_experts_fwd
+    """Whether the C++ routed passes serve this call (CPU only): `routed_combine` / `routed_mix_bwd` for relu/none
+    without LayerNorm (the saved sorted tensor is the activation they read), `routed_ln_combine` /
+    `routed_ln_mix_bwd` with LayerNorm (the saved tensor is the pre-activation; they recompute the rest). Then
+    routed_experts_fwd
     also returns the gathered X [B*k, D] (compute dtype) for its backward; elsewhere that output is empty (the fake
     and the Triton launcher use this too). `x`: any tensor on the call's device."""
-    return FUSED_ROUTED and x.device.type == "cpu" and _saves_activation(activation, ln_weight, ln_bias)
+    return FUSED_ROUTED and x.device.type == "cpu" and (_saves_activation(activation, ln_weight, ln_bias)
+                                                        or _has_ln(ln_weight, ln_bias))
 
 
 def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln_bias, ln_eps, activation):
@@ -372,6 +375,13 @@ def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln
                 torch.addmm(b32[e], xs[s:t], w32[e], out=pre[s:t])
             else:
                 torch.mm(xs[s:t], w32[e], out=pre[s:t])
+    if saves_gathered_x(pre, activation, ln_weight, ln_bias) and _has_ln(ln_weight, ln_bias):
+        cdt = compute_dtype(x)
+        rw = None if route_weight is None else route_weight.to(cdt).contiguous()
+        # one C++ pass: LayerNorm, affine, activation, route-weight scale and the sum over slots, into out [B, H]
+        out = torch.ops.mbrec_fast.routed_ln_combine(pre, order, rw, B, offsets, _ln_param(ln_weight, cdt),
+                                                     _ln_param(ln_bias, cdt), ln_eps, activation)
+        return out.to(x.dtype), pre, order, offsets, xs
     if saves_gathered_x(pre, activation, ln_weight, ln_bias):
         if activation == "relu":
             pre = pre.relu_()  # the saved tensor is the activation (as gated)
@@ -439,7 +449,8 @@ def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_
     N = B * k
     rows = torch.div(order, k, rounding_mode="floor")
     if saves_gathered_x(pre, activation, ln_weight, ln_bias):
-        return _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs)
+        return _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs,
+                                 ln_weight, ln_bias, ln_eps)
     sorted_expert = route.reshape(-1).index_select(0, order)
     go = grad_out.to(compute_dtype(x)).index_select(0, rows)  # [N, H]
     with_ln = _has_ln(ln_weight, ln_bias)
@@ -489,19 +500,30 @@ def routed_experts_bwd_torch(grad_out, x, weight, bias, route, route_weight, ln_
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw, d_lnw, d_lnb]
 
 
-def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs):
+def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, order, offsets, rows, xs,
+                      ln_weight=None, ln_bias=None, ln_eps=1e-5):
     """The routed backward around two C++ passes: `routed_mix_bwd` (gather of grad_out, route-weight scale and its
-    gradient, relu's backward) before the per-expert GEMMs, `routed_combine` (the sum of the slots' dx) after."""
+    gradient, relu's backward; with LayerNorm `routed_ln_mix_bwd`, which also recomputes the row's LayerNorm and
+    activation and returns the affine gradients) before the per-expert GEMMs, `routed_combine` (the sum of the
+    slots' dx) after."""
     D = weight.shape[1]
     B = grad_out.shape[0]
     cdt = compute_dtype(x)
     rw = None if route_weight is None else route_weight.to(cdt).contiguous()
-    dpre, d_rw = torch.ops.mbrec_fast.routed_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), order, rw,
-                                                     activation == "relu")
+    d_lnw, d_lnb = _empty_like_dtype(x), _empty_like_dtype(x)
+    if _has_ln(ln_weight, ln_bias):
+        dpre, d_rw, d_lnw, d_lnb = torch.ops.mbrec_fast.routed_ln_mix_bwd(
+            grad_out.to(cdt).contiguous(), pre.contiguous(), order, rw, offsets, _ln_param(ln_weight, cdt),
+            _ln_param(ln_bias, cdt), ln_eps, activation)
+        d_lnw = d_lnw.to(ln_weight.dtype) if ln_weight is not None else _empty_like_dtype(x)
+        d_lnb = d_lnb.to(ln_bias.dtype) if ln_bias is not None else _empty_like_dtype(x)
+    else:
+        dpre, d_rw = torch.ops.mbrec_fast.routed_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), order, rw,
+                                                         activation == "relu")
     if xs.numel() != dpre.shape[0] * D or xs.dtype != cdt:  # not saved by the forward (e.g. a direct op call)
         xs = x.to(cdt).index_select(0, rows)
     dxs, dw, db = _routed_group_grads(dpre, xs, weight, offsets, bias is not None)
     dx = torch.ops.mbrec_fast.routed_combine(dxs, order, None, B)
     d_rw = _empty_like_dtype(x) if route_weight is None else d_rw.to(route_weight.dtype)
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw,
-            _empty_like_dtype(x), _empty_like_dtype(x)]
+            d_lnw, d_lnb]

@@ -810,6 +810,90 @@ def test_routed_passes_bad_input():
         torch.ops.mbrec_fast.routed_mix_bwd(torch.randn(3, 5), act, order, None, True)
 
 
+def _torch_routed_ln(pre, order, rw, B, offsets, lnw, lnb, eps, activation):
+    """Torch form of routed_ln_combine: per-row LayerNorm with the row's expert affine, activation, combine."""
+    from mbrec_fast._experts_torch import activate
+    E = offsets.shape[0] - 1
+    expert = torch.repeat_interleave(torch.arange(E), offsets.diff())
+    y = torch.nn.functional.layer_norm(pre, pre.shape[-1:], eps=eps)
+    if lnw is not None:
+        y = y * lnw.index_select(0, expert)
+    if lnb is not None:
+        y = y + lnb.index_select(0, expert)
+    return _torch_routed_combine(activate(y, activation), order, rw, B)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("B,E,k,kind,affine", [(37, 4, 2, "random", "both"), (37, 4, 1, "one_empty", "weight"),
+                                               (37, 4, 1, "all_to_one", "bias"), (1, 3, 3, "random", "both"),
+                                               (0, 3, 1, "random", "both")])
+def test_routed_ln_passes_match_torch(dtype, activation, weighted, B, E, k, kind, affine):
+    g = torch.Generator().manual_seed(B * 5 + k)
+    route = _route_case(kind, B, E, k, g) if B else torch.zeros(0, k, dtype=torch.int64)
+    k = route.shape[1]
+    H = 11
+    order, offsets = sort_routes(route, E)
+    pre = torch.randn(B * k, H, generator=g, dtype=dtype) * 2 - 1
+    rw = torch.rand(B, k, generator=g, dtype=dtype) if weighted else None
+    lnw = torch.randn(E, H, generator=g, dtype=dtype) if affine in ("both", "weight") else None
+    lnb = torch.randn(E, H, generator=g, dtype=dtype) if affine in ("both", "bias") else None
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else {}
+    out = torch.ops.mbrec_fast.routed_ln_combine(pre, order, rw, B, offsets, lnw, lnb, 1e-5, activation)
+    torch.testing.assert_close(out, _torch_routed_ln(pre, order, rw, B, offsets, lnw, lnb, 1e-5, activation), **tol)
+    go = torch.randn(B, H, generator=g, dtype=dtype)
+    req = [t.clone().requires_grad_() if t is not None else None for t in (pre, rw, lnw, lnb)]
+    o = _torch_routed_ln(req[0], order, req[1], B, offsets, req[2], req[3], 1e-5, activation)
+    idx = [i for i, t in enumerate(req) if t is not None]
+    want = dict(zip(idx, torch.autograd.grad(o, [req[i] for i in idx], go, allow_unused=True)))
+    d_pre, d_rw, d_lnw, d_lnb = torch.ops.mbrec_fast.routed_ln_mix_bwd(go, pre, order, rw, offsets, lnw, lnb, 1e-5,
+                                                                     activation)
+    for i, got in enumerate((d_pre, d_rw, d_lnw, d_lnb)):
+        if i in want:
+            torch.testing.assert_close(got, want[i] if want[i] is not None else torch.zeros_like(got), **tol)
+        else:
+            assert got.numel() == 0
+
+
+def test_routed_ln_passes_same_on_any_thread_count():
+    g = torch.Generator().manual_seed(2)
+    B, E, k, H = 1000, 8, 2, 16
+    route = _route_case("random", B, E, k, g)
+    order, offsets = sort_routes(route, E)
+    pre, rw = torch.randn(B * k, H, generator=g), torch.rand(B, k, generator=g)
+    lnw, lnb, go = torch.randn(E, H, generator=g), torch.randn(E, H, generator=g), torch.randn(B, H, generator=g)
+    res = _on_1_and_2_threads(lambda: (
+        torch.ops.mbrec_fast.routed_ln_combine(pre, order, rw, B, offsets, lnw, lnb, 1e-5, "relu"),
+        *torch.ops.mbrec_fast.routed_ln_mix_bwd(go, pre, order, rw, offsets, lnw, lnb, 1e-5, "relu")))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_routed_ln_passes():
+    B, E, k, H = 23, 4, 2, 6
+    route = torch.stack([torch.randperm(E)[:k] for _ in range(B)])
+    order, offsets = sort_routes(route, E)
+    pre, rw, lnw, lnb = torch.randn(B * k, H), torch.rand(B, k), torch.randn(E, H), torch.randn(E, H)
+    for w, lb in ((rw, lnb), (None, None)):
+        torch.library.opcheck(torch.ops.mbrec_fast.routed_ln_combine, (pre, order, w, B, offsets, lnw, lb, 1e-5,
+                                                                        "gelu"))
+        torch.library.opcheck(torch.ops.mbrec_fast.routed_ln_mix_bwd, (torch.randn(B, H), pre, order, w, offsets, lnw,
+                                                                        lb, 1e-5, "silu"))
+
+
+def test_routed_ln_passes_bad_input():
+    pre, order, offsets, lnw = torch.randn(6, 4), torch.arange(6), torch.tensor([0, 2, 6]), torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="offsets must run from 0"):
+        torch.ops.mbrec_fast.routed_ln_combine(pre, order, None, 3, torch.tensor([0, 2, 5]), lnw, None, 1e-5, "relu")
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        torch.ops.mbrec_fast.routed_ln_combine(pre, order, None, 3, torch.tensor([0, 7, 6]), lnw, None, 1e-5, "relu")
+    with pytest.raises(RuntimeError, match="ln_weight must be"):
+        torch.ops.mbrec_fast.routed_ln_combine(pre, order, None, 3, offsets, torch.randn(3, 4), None, 1e-5, "relu")
+    with pytest.raises(RuntimeError, match="activation must be one of"):
+        torch.ops.mbrec_fast.routed_ln_mix_bwd(torch.randn(3, 4), pre, order, None, offsets, lnw, None, 1e-5, "tanh")
+
+
 @pytest.mark.parametrize("activation", ["relu", "none"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("weighted", [True, False])
@@ -822,20 +906,25 @@ def test_gradcheck_routed_fused_path(activation, k, weighted):
     assert torch.autograd.gradcheck(fn, args)
 
 
-def test_routed_fused_path_matches_plain_torch_path():
-    """The C++ passes against the plain torch form of the same op (the FUSED_ROUTED switch), forward and grads."""
+@pytest.mark.parametrize("ln", [False, True])
+def test_routed_fused_path_matches_plain_torch_path(ln):
+    """The C++ passes against the plain torch form of the same op (the FUSED_ROUTED switch), forward and grads,
+    without and with LayerNorm (gelu)."""
     import mbrec_fast._experts_torch as et
     g = torch.Generator().manual_seed(3)
     B, D, H, E, k = 64, 8, 12, 5, 2
     route = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(B)])  # expert E-1 gets no rows
     base = [torch.randn(B, D, generator=g), torch.randn(E, D, H, generator=g), torch.randn(E, H, generator=g),
             torch.rand(B, k, generator=g)]
+    if ln:
+        base += [torch.randn(E, H, generator=g), torch.randn(E, H, generator=g)]
     res = []
     for fused in (True, False):
         et.FUSED_ROUTED = fused
         try:
             p = [t.clone().requires_grad_() for t in base]
-            out = mf.routed_experts(p[0], p[1], p[2], route, p[3])
+            extra = dict(ln_weight=p[4], ln_bias=p[5], activation="gelu") if ln else {}
+            out = mf.routed_experts(p[0], p[1], p[2], route, p[3], **extra)
             out.backward(torch.ones_like(out))
             res.append([out] + [t.grad for t in p])
         finally:

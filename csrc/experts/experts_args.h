@@ -73,8 +73,9 @@ inline std::vector<int64_t> check_route_args(const at::Tensor& src, const at::Te
   const int64_t k = batch > 0 ? N / batch : 0;
   if (route_weight.has_value()) {
     check_tensor(*route_weight, "route_weight", src.scalar_type(), 2, dev);
-    TORCH_CHECK(route_weight->size(0) == batch && route_weight->size(1) == k, "route_weight must be [", batch, ", ",
-                k, "], got ", route_weight->sizes());
+    // with no samples, k cannot be read off src: any [0, k] route_weight fits
+    TORCH_CHECK(route_weight->size(0) == batch && (batch == 0 || route_weight->size(1) == k), "route_weight must be [",
+                batch, ", ", k, "], got ", route_weight->sizes());
   }
   std::vector<int64_t> pos(N, -1);
   const int64_t* o = order.data_ptr<int64_t>();
@@ -83,6 +84,27 @@ inline std::vector<int64_t> check_route_args(const at::Tensor& src, const at::Te
     pos[o[i]] = i;
   }
   return pos;
+}
+
+// The routed LayerNorm passes' extra arguments: offsets int64 [E + 1] on pre's device, non-decreasing from 0 to
+// pre.size(0); ln_weight / ln_bias (if given) [E, H] of pre's dtype, contiguous. Returns E.
+inline int64_t check_routed_ln_args(const at::Tensor& pre, const at::Tensor& offsets,
+                                    const c10::optional<at::Tensor>& ln_weight,
+                                    const c10::optional<at::Tensor>& ln_bias) {
+  check_tensor(offsets, "offsets", at::kLong, 1, pre.device());
+  TORCH_CHECK(offsets.size(0) >= 1, "offsets must have E + 1 >= 1 entries");
+  const int64_t E = offsets.size(0) - 1, N = pre.size(0), H = pre.size(1);
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[E] == N, "offsets must run from 0 to the rows of pre (", N, "), got ", o[0], " .. ", o[E]);
+  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(o[e] <= o[e + 1], "offsets must be non-decreasing");
+  for (const auto* p : {&ln_weight, &ln_bias}) {
+    if (!p->has_value()) continue;
+    const char* name = p == &ln_weight ? "ln_weight" : "ln_bias";
+    check_tensor(**p, name, pre.scalar_type(), 2, pre.device());
+    TORCH_CHECK((*p)->size(0) == E && (*p)->size(1) == H, name, " must be [E, H] = [", E, ", ", H, "], got ",
+                (*p)->sizes());
+  }
+  return E;
 }
 
 }  // namespace experts

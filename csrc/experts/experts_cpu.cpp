@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -488,6 +489,163 @@ void routed_mix_bwd_kernel(const scalar_t* go, const scalar_t* act, const int64_
   });
 }
 
+// ---- routed LayerNorm experts: rows sorted by expert (row i of pre belongs to expert expert_of(i), found from the
+// offsets), out[b] = sum_j w[b, j] * act(LayerNorm_e(pre[pos[b * k + j]])) over the slots j in order.
+inline int64_t expert_of_row(const int64_t* offsets, int64_t E, int64_t i) {
+  return std::upper_bound(offsets + 1, offsets + E + 1, i) - (offsets + 1);
+}
+
+template <typename scalar_t>
+void routed_ln_combine_kernel(const scalar_t* pre, const int64_t* pos, const scalar_t* w, const int64_t* offsets,
+                              const scalar_t* lnw, const scalar_t* lnb, double eps, Act act, scalar_t* out, int64_t B,
+                              int64_t k, int64_t E, int64_t H) {
+  for_row_blocks(B, [&](int64_t, int64_t r0, int64_t r1) {
+    std::vector<scalar_t> buf(3 * H);
+    scalar_t *xhat = buf.data(), *y = xhat + H, *a = y + H;
+    for (int64_t b = r0; b < r1; ++b) {
+      scalar_t* o = out + b * H;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t i = pos[b * k + j];
+        const int64_t e = expert_of_row(offsets, E, i);
+        scalar_t rstd;
+        ln_activate_row(pre + i * H, H, eps, lnw ? lnw + e * H : nullptr, lnb ? lnb + e * H : nullptr, act, xhat, y,
+                        a, &rstd);
+        const scalar_t wj = w != nullptr ? w[b * k + j] : scalar_t(1);
+        if (j == 0) {
+          for (int64_t h = 0; h < H; ++h) o[h] = wj * a[h];
+        } else {
+          for (int64_t h = 0; h < H; ++h) o[h] += wj * a[h];
+        }
+      }
+    }
+  });
+}
+
+// Per sorted row i (pair p = order[i], sample p / k, expert e): the activation recomputed from pre[i], then
+// dw[p] = <go[sample], a>, dy = w[p] * go[sample] * act'(y), the affine gradients (per-block partial sums),
+// and the LayerNorm backward into dpre[i].
+template <typename scalar_t>
+void routed_ln_mix_bwd_kernel(const scalar_t* go, const scalar_t* pre, const int64_t* order, const scalar_t* w,
+                              const int64_t* offsets, const scalar_t* lnw, const scalar_t* lnb, double eps, Act act,
+                              scalar_t* dpre, scalar_t* dw, scalar_t* dlnw, scalar_t* dlnb, int64_t N, int64_t k,
+                              int64_t E, int64_t H) {
+  const int64_t EH = E * H;
+  const int64_t nblocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t nsums = (dlnw != nullptr) + (dlnb != nullptr);
+  std::vector<scalar_t> partial(nblocks * nsums * EH);
+  for_row_blocks(N, [&](int64_t blk, int64_t r0, int64_t r1) {
+    scalar_t* part = partial.data() + blk * nsums * EH;
+    std::fill(part, part + nsums * EH, scalar_t(0));
+    scalar_t* part_w = dlnw != nullptr ? part : nullptr;
+    scalar_t* part_b = dlnb != nullptr ? part + (dlnw != nullptr) * EH : nullptr;
+    std::vector<scalar_t> buf(4 * H);
+    scalar_t *xhat = buf.data(), *y = xhat + H, *a = y + H, *d = a + H;
+    for (int64_t i = r0; i < r1; ++i) {
+      const int64_t p = order[i];
+      const int64_t e = expert_of_row(offsets, E, i);
+      const scalar_t* g = go + (p / k) * H;
+      const scalar_t* we = lnw ? lnw + e * H : nullptr;
+      scalar_t rstd;
+      ln_activate_row(pre + i * H, H, eps, we, lnb ? lnb + e * H : nullptr, act, xhat, y, a, &rstd);
+      const scalar_t wp = w != nullptr ? w[p] : scalar_t(1);
+      if (w != nullptr) dw[p] = dot(g, a, H);
+      for (int64_t h = 0; h < H; ++h) d[h] = wp * g[h];
+      if (act == Act::kRelu) {
+        for (int64_t h = 0; h < H; ++h) d[h] = y[h] > scalar_t(0) ? d[h] : scalar_t(0);
+      } else if (act != Act::kNone) {
+        for (int64_t h = 0; h < H; ++h) d[h] *= activation_grad(y[h], act);
+      }
+      if (part_w != nullptr) {
+        scalar_t* pw = part_w + e * H;
+        for (int64_t h = 0; h < H; ++h) pw[h] += d[h] * xhat[h];
+      }
+      if (part_b != nullptr) {
+        scalar_t* pb = part_b + e * H;
+        for (int64_t h = 0; h < H; ++h) pb[h] += d[h];
+      }
+      if (we != nullptr) {
+        for (int64_t h = 0; h < H; ++h) d[h] *= we[h];
+      }
+      const scalar_t m1 = dot_ones(d, H) / scalar_t(H);
+      const scalar_t m2 = dot(d, xhat, H) / scalar_t(H);
+      scalar_t* dp = dpre + i * H;
+      for (int64_t h = 0; h < H; ++h) dp[h] = rstd * (d[h] - m1 - xhat[h] * m2);
+    }
+  });
+  scalar_t* targets[2] = {dlnw, dlnb};
+  int64_t slot = 0;
+  for (scalar_t* target : targets) {
+    if (target == nullptr) continue;
+    const int64_t off = slot++ * EH;
+    at::parallel_for(0, EH, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) target[i] = 0;
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const scalar_t* q = partial.data() + blk * nsums * EH + off;
+        for (int64_t i = i0; i < i1; ++i) target[i] += q[i];
+      }
+    });
+  }
+}
+
+at::Tensor routed_ln_combine_cpu(const at::Tensor& pre, const at::Tensor& order,
+                                 const c10::optional<at::Tensor>& route_weight, int64_t batch, const at::Tensor& offsets,
+                                 const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+                                 double eps, c10::string_view activation) {
+  const std::vector<int64_t> pos = experts::check_route_args(pre, order, route_weight, batch);
+  const int64_t E = experts::check_routed_ln_args(pre, offsets, ln_weight, ln_bias);
+  const Act act = parse_activation(activation);
+  const int64_t H = pre.size(1);
+  at::Tensor out = at::empty({batch, H}, pre.options());
+  if (batch == 0 || H == 0) return out;
+  const int64_t k = pre.size(0) / batch;
+  if (k == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "routed_ln_combine", [&] {
+    routed_ln_combine_kernel<scalar_t>(pre.data_ptr<scalar_t>(), pos.data(),
+                                       route_weight.has_value() ? route_weight->data_ptr<scalar_t>() : nullptr,
+                                       offsets.data_ptr<int64_t>(),
+                                       ln_weight.has_value() ? ln_weight->data_ptr<scalar_t>() : nullptr,
+                                       ln_bias.has_value() ? ln_bias->data_ptr<scalar_t>() : nullptr, eps, act,
+                                       out.data_ptr<scalar_t>(), batch, k, E, H);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_ln_mix_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& pre, const at::Tensor& order,
+    const c10::optional<at::Tensor>& route_weight, const at::Tensor& offsets,
+    const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, double eps,
+    c10::string_view activation) {
+  TORCH_CHECK(grad_out.dim() == 2, "grad_out must be 2-D [B, H], got ", grad_out.dim(), "-D");
+  const int64_t B = grad_out.size(0);
+  experts::check_route_args(pre, order, route_weight, B);
+  const int64_t E = experts::check_routed_ln_args(pre, offsets, ln_weight, ln_bias);
+  const Act act = parse_activation(activation);
+  const int64_t N = pre.size(0), H = pre.size(1);
+  check_tensor(grad_out, "grad_out", pre.scalar_type(), 2, pre.device());
+  TORCH_CHECK(grad_out.size(1) == H, "grad_out must be [", B, ", ", H, "], got ", grad_out.sizes());
+  const auto empty = [&] { return at::empty({0}, pre.options()); };
+  at::Tensor d = at::empty_like(pre);
+  at::Tensor dw = route_weight.has_value() ? at::empty_like(*route_weight) : empty();
+  at::Tensor dlnw = ln_weight.has_value() ? at::zeros({E, H}, pre.options()) : empty();
+  at::Tensor dlnb = ln_bias.has_value() ? at::zeros({E, H}, pre.options()) : empty();
+  if (N == 0 || H == 0) {
+    if (route_weight.has_value()) dw.zero_();
+    return {d, dw, dlnw, dlnb};
+  }
+  const int64_t k = N / B;
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "routed_ln_mix_bwd", [&] {
+    routed_ln_mix_bwd_kernel<scalar_t>(
+        grad_out.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), order.data_ptr<int64_t>(),
+        route_weight.has_value() ? route_weight->data_ptr<scalar_t>() : nullptr, offsets.data_ptr<int64_t>(),
+        ln_weight.has_value() ? ln_weight->data_ptr<scalar_t>() : nullptr,
+        ln_bias.has_value() ? ln_bias->data_ptr<scalar_t>() : nullptr, eps, act, d.data_ptr<scalar_t>(),
+        route_weight.has_value() ? dw.data_ptr<scalar_t>() : nullptr,
+        ln_weight.has_value() ? dlnw.data_ptr<scalar_t>() : nullptr,
+        ln_bias.has_value() ? dlnb.data_ptr<scalar_t>() : nullptr, N, k, E, H);
+  });
+  return {d, dw, dlnw, dlnb};
+}
+
 at::Tensor routed_combine_cpu(const at::Tensor& src, const at::Tensor& order,
                               const c10::optional<at::Tensor>& route_weight, int64_t batch) {
   const std::vector<int64_t> pos = experts::check_route_args(src, order, route_weight, batch);
@@ -536,4 +694,6 @@ TORCH_LIBRARY_IMPL(mbrec_fast, CPU, m) {
   m.impl("routed_mix_bwd", &mbrec_fast::routed_mix_bwd_cpu);
   m.impl("gated_ln_mix_fwd", &mbrec_fast::gated_ln_mix_fwd_cpu);
   m.impl("gated_ln_mix_bwd", &mbrec_fast::gated_ln_mix_bwd_cpu);
+  m.impl("routed_ln_combine", &mbrec_fast::routed_ln_combine_cpu);
+  m.impl("routed_ln_mix_bwd", &mbrec_fast::routed_ln_mix_bwd_cpu);
 }

@@ -34,4 +34,13 @@ TORCH_LIBRARY_FRAGMENT(mbrec_fast, m) {
   // over B) or empty unless `with_bias`, grad of ln_weight, grad of ln_bias (each [E, H], or empty when absent)).
   m.def("gated_ln_mix_bwd(Tensor grad_out, Tensor pre, Tensor gates, Tensor? ln_weight, Tensor? ln_bias, float eps, "
         "str activation, bool expert_major, bool with_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Routed LayerNorm experts: the combine of the expert-sorted GEMM output pre [N, H] (rows of expert e at
+  // offsets[e] .. offsets[e + 1]) with the per-expert LayerNorm (ln_weight / ln_bias [E, H], each optional) and
+  // the activation applied to each row on the way: out[b] = sum_j w[b, j] * act(LayerNorm_e(pre[i(b, j)])), [B, H].
+  m.def("routed_ln_combine(Tensor pre, Tensor order, Tensor? route_weight, int batch, Tensor offsets, "
+        "Tensor? ln_weight, Tensor? ln_bias, float eps, str activation) -> Tensor");
+  // Its backward from grad_out [B, H], the statistics recomputed from pre: returns (grad of pre [N, H], grad of
+  // route_weight [B, k] or empty, grad of ln_weight, grad of ln_bias ([E, H] each, or empty when absent)).
+  m.def("routed_ln_mix_bwd(Tensor grad_out, Tensor pre, Tensor order, Tensor? route_weight, Tensor offsets, "
+        "Tensor? ln_weight, Tensor? ln_bias, float eps, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
 }
