@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from mbrec_fast.batching import behavior_positives, default_level_probs
-from mbrec_fast.reference.multibehavior import PythonSetSampler, dense_topk_evaluate, plain_epoch, plain_member_epoch
+from mbrec_fast.reference.multibehavior import (PythonSetSampler, dense_topk_evaluate, nmtr_scores_plain, plain_epoch,
+                                                plain_member_epoch)
 from mbrec_fast.training.multibehavior import MODELS, build_model, evaluate_model, load_data
 
 FULL = os.environ.get("MBREC_FAST_BENCH_FULL") == "1"
@@ -122,3 +123,29 @@ def test_full_ranking_eval(benchmark, record, data, name, impl):
     overall = result if impl == "mbrec_fast" else result["all"]
     assert 0.0 <= overall["ndcg@10"] <= 1.0
     benchmark.extra_info["ndcg@10"] = overall["ndcg@10"]
+
+
+@pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
+def test_nmtr_scoring_tmall_size(benchmark, record, impl):
+    """NMTR (NeuMF units, d = 64, 3-layer towers, 2 behaviors) scoring users against every item of a Tmall-size
+    catalog (15,449 users x 11,953 items): `NMTR.score_block` (first layer split into user / item halves, the rest
+    tiled) against the plain pairwise MLP (`reference.multibehavior.nmtr_scores_plain`). extra_info: users/s
+    and the implied seconds of one full-ranking pass over all 15,449 users (what validating every epoch costs)."""
+    from mbrec_fast.models.nmtr import NMTR
+    n_users, n_items = 15_449, 11_953
+    torch.manual_seed(0)
+    model = NMTR(n_users, n_items, 2, dim=64, interaction="neumf").eval()
+    users = torch.arange(256 if FULL else 64)
+    fn = model.score_block if impl == "mbrec_fast" else (lambda u, a, b: nmtr_scores_plain(model, u, a, b))
+
+    def run():
+        with torch.no_grad():
+            return fn(users, 0, n_items)
+    record(op="multibehavior", case=f"nmtr score_fn tmall-size {n_users}x{n_items}", impl=impl, users=len(users),
+           items=n_items)
+    benchmark.group = "multibehavior: nmtr scoring, Tmall-size catalog"
+    benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+    mean = benchmark.stats.stats.mean if getattr(benchmark, "stats", None) is not None else None
+    if mean:
+        benchmark.extra_info["users_per_s"] = len(users) / mean
+        benchmark.extra_info["full_pass_s"] = n_users * mean / len(users)

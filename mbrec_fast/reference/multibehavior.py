@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["PythonSetSampler", "plain_epoch", "plain_member_epoch", "dense_topk_evaluate"]
+__all__ = ["PythonSetSampler", "plain_epoch", "plain_member_epoch", "dense_topk_evaluate", "nmtr_scores_plain"]
 
 
 class PythonSetSampler:
@@ -187,3 +187,29 @@ def dense_topk_evaluate(score_rows, n_users: int, n_items: int, exclude, targets
                 sums[g][f"ndcg@{k}"] += float(((h * discount[:k]).sum(1) / idcg)[valid].sum())
             counts[g] += int(valid.sum())
     return {g: {m: v / max(counts[g], 1) for m, v in sums[g].items()} for g in groups}
+
+
+def nmtr_scores_plain(model, users: torch.Tensor, item_start: int, item_end: int, user_block: int = 8) -> torch.Tensor:
+    """NMTR's target-behavior logits [len(users), item_end - item_start] computed the plain way: every (user, item)
+    pair's [p, q] through each head's whole MLP tower (the first layer a [pairs, 2d] GEMM), `user_block` users at
+    a time. The baseline of `NMTR.score_block` (which splits the first layer and tiles the rest)."""
+    dev = model.user_emb.weight.device
+    users = users.to(dev).long()
+    items = torch.arange(item_start, item_end, device=dev)
+    q = model.item_emb(items)
+    out = []
+    for ub in users.split(user_block):
+        p = model.user_emb(ub)
+        pp, qq = p[:, None, :].expand(-1, items.numel(), -1), q[None].expand(ub.numel(), -1, -1)
+        s = model.item_bias.sum(0)[items].expand(ub.numel(), -1).clone()
+        if model.use_gmf:
+            s = s + ((pp * qq) @ model.gmf_h.sum(0))
+        if model.use_mlp:
+            x0 = torch.cat([pp, qq], -1)
+            for r in range(model.n_behaviors):
+                z = x0
+                for w, b in zip(model.mlp_weight, model.mlp_bias):
+                    z = torch.relu(z @ w[r] + b[r])
+                s = s + z @ model.mlp_h[r]
+        out.append(s)
+    return torch.cat(out) if out else torch.zeros(0, items.numel(), device=dev)
