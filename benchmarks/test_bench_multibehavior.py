@@ -127,14 +127,14 @@ def test_full_ranking_eval(benchmark, record, data, name, impl):
 
 @pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
 def test_nmtr_scoring_tmall_size(benchmark, record, impl):
-    """NMTR (NeuMF units, d = 64, 3-layer towers, 2 behaviors) scoring users against every item of a Tmall-size
+    """NMTR (NeuMF units, d = 64, 3-layer towers, 3 behaviors as Tmall's view, cart, buy) scoring users against every item of a Tmall-size
     catalog (15,449 users x 11,953 items): `NMTR.score_block` (first layer split into user / item halves, the rest
     tiled) against the plain pairwise MLP (`reference.multibehavior.nmtr_scores_plain`). extra_info: users/s
     and the implied seconds of one full-ranking pass over all 15,449 users (what validating every epoch costs)."""
     from mbrec_fast.models.nmtr import NMTR
     n_users, n_items = 15_449, 11_953
     torch.manual_seed(0)
-    model = NMTR(n_users, n_items, 2, dim=64, interaction="neumf").eval()
+    model = NMTR(n_users, n_items, 3, dim=64, interaction="neumf").eval()
     users = torch.arange(256 if FULL else 64)
     fn = model.score_block if impl == "mbrec_fast" else (lambda u, a, b: nmtr_scores_plain(model, u, a, b))
 

@@ -353,3 +353,23 @@ def test_model_defaults_come_from_the_constructors(tiny):
         assert model.dim == defaults["dim"] and model.neg_ratio == defaults["neg_ratio"], name
         if defaults["reg"] is not None:
             assert model.reg == defaults["reg"], name
+
+
+def test_training_defaults_are_per_model():
+    """Options left unset take the model's training defaults (the results tables' configurations), a --variant's
+    override its model's, and an explicit flag wins; --help lists them."""
+    from mbrec_fast.training.multibehavior import _fill_defaults, build_parser, training_defaults
+    for argv, want in [
+        (["--model", "bpr"], {"lr": 5e-3, "epochs": 30, "eval_every": 2, "patience": 3, "batch_size": 4096}),
+        (["--model", "member"], {"lr": 1e-2, "epochs": 12, "eval_every": 2, "patience": 2}),
+        (["--model", "member", "--variant", "faithful"], {"lr": 5e-3, "batch_size": 1024, "weight_decay": 1e-7,
+                                                          "epochs": 12}),
+        (["--model", "bpr", "--epochs", "3", "--lr", "0.1"], {"lr": 0.1, "epochs": 3, "eval_every": 2}),
+    ]:
+        args = build_parser().parse_args(argv)
+        _fill_defaults(args)
+        assert {k: getattr(args, k) for k in want} == want, argv
+    assert training_defaults("unknown-model") == training_defaults("bpr") | {"lr": 1e-3, "epochs": 10,
+                                                                            "eval_every": 1, "patience": 5}
+    help_text = build_parser().format_help()
+    assert "bpr 30" in " ".join(help_text.split())

@@ -10,7 +10,7 @@ from mbrec_fast.training.common import Trainer, format_table, seed_everything
 
 
 def _toy_run(run_dir, epochs=4, max_steps=None, resume=None, patience=None, flat_metric=False, batch_size=8,
-             evaluate=None):
+             evaluate=None, eval_every=1):
     """A regression model with dropout (so the global RNG matters) and seeded per-epoch batches."""
     seed_everything(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
@@ -32,7 +32,8 @@ def _toy_run(run_dir, epochs=4, max_steps=None, resume=None, patience=None, flat
     def default_evaluate(split):
         return {"neg_mse": 0.0 if flat_metric else -((model(x) - y) ** 2).mean().item()}
 
-    trainer = Trainer(model, {"main": opt}, str(run_dir), epochs=epochs, monitor="neg_mse", model_name="toy",
+    trainer = Trainer(model, {"main": opt}, str(run_dir), epochs=epochs, eval_every=eval_every, monitor="neg_mse",
+                      model_name="toy",
                       max_steps=max_steps, patience=patience, progress=False,
                       config={"batch_size": batch_size, "threads": None})
     return model, trainer.fit(batches, step, evaluate or default_evaluate, resume=resume)
@@ -61,6 +62,16 @@ def test_outputs_and_best_weights(tmp_path):
     assert summary["best_epoch"] == result.best_epoch and summary["test"] == result.test
     assert len(json.loads((tmp_path / "history.json").read_text())) == result.epochs_run == 4
     assert set(result.timings) >= {"data", "step", "eval", "wall"}
+
+
+def test_validates_every_eval_every_epochs_and_after_the_last(tmp_path):
+    """eval_every = 3 over 4 epochs: validation after epochs 3 and 4 (the last epoch is always a candidate, and a
+    schedule shorter than eval_every still gets its best.pt)."""
+    _, result = _toy_run(tmp_path / "a", epochs=4, eval_every=3)
+    assert [r["epoch"] for r in result.history if "valid_neg_mse" in r] == [3, 4]
+    _, result = _toy_run(tmp_path / "b", epochs=1, eval_every=2)
+    assert [r["epoch"] for r in result.history if "valid_neg_mse" in r] == [1]
+    assert (tmp_path / "b" / "best.pt").is_file()
 
 
 def test_early_stopping_counts_evaluations_without_improvement(tmp_path):

@@ -399,7 +399,8 @@ class Trainer:
         n = max(s.epoch_sums.get("_n", 0.0), 1.0)
         row: Dict[str, Any] = {"epoch": s.epoch + 1, "steps": int(s.epoch_sums.get("_n", 0))}
         row.update({f"train_{k}": v / n for k, v in s.epoch_sums.items() if k != "_n"})
-        if evaluate is not None and (s.epoch + 1) % self.eval_every == 0:
+        # every eval_every epochs, and always after the last one (so that the schedule's end is a candidate)
+        if evaluate is not None and ((s.epoch + 1) % self.eval_every == 0 or s.epoch + 1 == self.epochs):
             self._validating = True
             try:
                 metrics = self._evaluate(evaluate, "valid")
