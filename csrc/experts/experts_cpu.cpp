@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -28,6 +29,48 @@ void for_row_blocks(int64_t n, const F& body) {
     for (int64_t blk = b0; blk < b1; ++blk) body(blk, blk * kRowsPerBlock, std::min(n, (blk + 1) * kRowsPerBlock));
   });
 }
+
+// Per-block partial sums of N gradients of E * H values (bias, LayerNorm weight / bias), each block's partials
+// added into the targets in block order once every block ran: a fixed summation order whatever the thread count.
+// A null target has no buffer.
+template <typename scalar_t, size_t N>
+class BlockSums {
+ public:
+  BlockSums(std::array<scalar_t*, N> targets, int64_t rows, int64_t EH)
+      : targets_(targets), EH_(EH), nblocks_((rows + kRowsPerBlock - 1) / kRowsPerBlock) {
+    for (scalar_t* t : targets_) nsums_ += t != nullptr;
+    partial_.resize(nblocks_ * nsums_ * EH_);
+  }
+  // Block blk's zeroed partial buffer per target (null for a null target).
+  std::array<scalar_t*, N> block(int64_t blk) {
+    scalar_t* part = partial_.data() + blk * nsums_ * EH_;
+    std::fill(part, part + nsums_ * EH_, scalar_t(0));
+    std::array<scalar_t*, N> out{};
+    int64_t slot = 0;
+    for (size_t s = 0; s < N; ++s) out[s] = targets_[s] != nullptr ? part + (slot++) * EH_ : nullptr;
+    return out;
+  }
+  // targets[s][i] = sum over blocks, in block order, of block partial s.
+  void reduce() const {
+    int64_t slot = 0;
+    for (scalar_t* target : targets_) {
+      if (target == nullptr) continue;
+      const int64_t off = (slot++) * EH_;
+      at::parallel_for(0, EH_, 256, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) target[i] = 0;
+        for (int64_t blk = 0; blk < nblocks_; ++blk) {
+          const scalar_t* q = partial_.data() + blk * nsums_ * EH_ + off;
+          for (int64_t i = i0; i < i1; ++i) target[i] += q[i];
+        }
+      });
+    }
+  }
+
+ private:
+  std::array<scalar_t*, N> targets_;
+  int64_t EH_, nblocks_, nsums_ = 0;
+  std::vector<scalar_t> partial_;
+};
 
 template <typename scalar_t>
 void mix_fwd_kernel(scalar_t* act, const scalar_t* gates, scalar_t* out, int64_t B, int64_t E, int64_t H, int64_t T,
@@ -89,12 +132,10 @@ inline scalar_t dot_ones(const scalar_t* a, int64_t n) {
 template <typename scalar_t>
 void mix_bwd_kernel(const scalar_t* go, const scalar_t* act, const scalar_t* gates, scalar_t* dpre, scalar_t* dgates,
                     scalar_t* dbias, int64_t B, int64_t E, int64_t H, int64_t T, bool relu) {
-  const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t EH = E * H;
-  std::vector<scalar_t> partial(dbias != nullptr ? nblocks * EH : 0);
+  BlockSums<scalar_t, 1> sums({dbias}, B, EH);
   for_row_blocks(B, [&](int64_t blk, int64_t r0, int64_t r1) {
-    scalar_t* part = dbias != nullptr ? partial.data() + blk * EH : nullptr;
-    if (part != nullptr) std::fill(part, part + EH, scalar_t(0));
+    scalar_t* part = sums.block(blk)[0];
     for (int64_t b = r0; b < r1; ++b) {
       const scalar_t* a = act + b * EH;
       scalar_t* d = dpre + b * EH;
@@ -129,15 +170,7 @@ void mix_bwd_kernel(const scalar_t* go, const scalar_t* act, const scalar_t* gat
       }
     }
   });
-  if (dbias != nullptr) {
-    at::parallel_for(0, EH, 256, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) dbias[i] = 0;
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const scalar_t* p = partial.data() + blk * EH;
-        for (int64_t i = i0; i < i1; ++i) dbias[i] += p[i];
-      }
-    });
-  }
+  sums.reduce();
 }
 
 // ---- LayerNorm experts: LayerNorm (per expert affine) + activation + gate mixture in one pass each way.
@@ -241,6 +274,41 @@ inline void ln_activate_row(const scalar_t* p, int64_t H, double eps, const scal
   *rstd_out = rstd;
 }
 
+// From d = the grad of the activation output (overwritten): the activation's backward, the affine partial sums
+// (pw += dy * xhat, pb += dy; either may be null), then the LayerNorm backward into dp:
+// dp = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) with dxhat = dy * w (w may be null).
+template <typename scalar_t>
+inline void ln_backward_row(scalar_t* d, const scalar_t* xhat, const scalar_t* y, const scalar_t* w, scalar_t rstd,
+                            Act act, int64_t H, scalar_t* pw, scalar_t* pb, scalar_t* dp) {
+  if (act == Act::kRelu) {
+    for (int64_t h = 0; h < H; ++h) d[h] = y[h] > scalar_t(0) ? d[h] : scalar_t(0);
+  } else if (act != Act::kNone) {
+    for (int64_t h = 0; h < H; ++h) d[h] *= activation_grad(y[h], act);
+  }
+  if (pw != nullptr) {
+    for (int64_t h = 0; h < H; ++h) pw[h] += d[h] * xhat[h];
+  }
+  if (pb != nullptr) {
+    for (int64_t h = 0; h < H; ++h) pb[h] += d[h];
+  }
+  if (w != nullptr) {
+    for (int64_t h = 0; h < H; ++h) d[h] *= w[h];  // d now holds dxhat
+  }
+  const scalar_t m1 = dot_ones(d, H) / scalar_t(H);
+  const scalar_t m2 = dot(d, xhat, H) / scalar_t(H);
+  for (int64_t h = 0; h < H; ++h) dp[h] = rstd * (d[h] - m1 - xhat[h] * m2);
+}
+
+// o = g * a (first) or o += g * a over H values: one term of a mixture summed in order.
+template <typename scalar_t>
+inline void add_scaled(scalar_t* o, scalar_t g, const scalar_t* a, int64_t H, bool first) {
+  if (first) {
+    for (int64_t h = 0; h < H; ++h) o[h] = g * a[h];
+  } else {
+    for (int64_t h = 0; h < H; ++h) o[h] += g * a[h];
+  }
+}
+
 template <typename scalar_t>
 void ln_mix_fwd_kernel(const scalar_t* pre, const scalar_t* gates, const scalar_t* lnw, const scalar_t* lnb,
                        double eps, Act act, scalar_t* out, const LnLayout& L) {
@@ -253,15 +321,7 @@ void ln_mix_fwd_kernel(const scalar_t* pre, const scalar_t* gates, const scalar_
         scalar_t rstd;
         ln_activate_row(pre + b * L.stride_b + e * L.stride_e, H, eps, lnw ? lnw + e * H : nullptr,
                         lnb ? lnb + e * H : nullptr, act, xhat, y, a, &rstd);
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t g = gates[(t * B + b) * E + e];
-          scalar_t* o = out + (t * B + b) * H;
-          if (e == 0) {
-            for (int64_t h = 0; h < H; ++h) o[h] = g * a[h];
-          } else {
-            for (int64_t h = 0; h < H; ++h) o[h] += g * a[h];
-          }
-        }
+        for (int64_t t = 0; t < T; ++t) add_scaled(out + (t * B + b) * H, gates[(t * B + b) * E + e], a, H, e == 0);
       }
     }
   });
@@ -274,16 +334,10 @@ template <typename scalar_t>
 void ln_mix_bwd_kernel(const scalar_t* go, const scalar_t* pre, const scalar_t* gates, const scalar_t* lnw,
                        const scalar_t* lnb, double eps, Act act, scalar_t* dpre, scalar_t* dgates, scalar_t* dbias,
                        scalar_t* dlnw, scalar_t* dlnb, const LnLayout& L) {
-  const int64_t B = L.B, E = L.E, H = L.H, T = L.T, EH = E * H;
-  const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t nsums = (dbias != nullptr) + (dlnw != nullptr) + (dlnb != nullptr);
-  std::vector<scalar_t> partial(nblocks * nsums * EH);
+  const int64_t B = L.B, E = L.E, H = L.H, T = L.T;
+  BlockSums<scalar_t, 3> sums({dbias, dlnw, dlnb}, B, E * H);
   for_row_blocks(B, [&](int64_t blk, int64_t r0, int64_t r1) {
-    scalar_t* part = partial.data() + blk * nsums * EH;
-    std::fill(part, part + nsums * EH, scalar_t(0));
-    scalar_t* part_b = dbias != nullptr ? part : nullptr;
-    scalar_t* part_w = dlnw != nullptr ? part + (dbias != nullptr) * EH : nullptr;
-    scalar_t* part_lb = dlnb != nullptr ? part + ((dbias != nullptr) + (dlnw != nullptr)) * EH : nullptr;
+    const auto part = sums.block(blk);  // bias, ln_weight, ln_bias partials of this block
     std::vector<scalar_t> buf(4 * H);
     scalar_t *xhat = buf.data(), *y = xhat + H, *a = y + H, *d = a + H;
     for (int64_t b = r0; b < r1; ++b) {
@@ -293,56 +347,15 @@ void ln_mix_bwd_kernel(const scalar_t* go, const scalar_t* pre, const scalar_t* 
         ln_activate_row(pre + b * L.stride_b + e * L.stride_e, H, eps, w, lnb ? lnb + e * H : nullptr, act, xhat, y,
                         a, &rstd);
         for (int64_t t = 0; t < T; ++t) dgates[(t * B + b) * E + e] = dot(go + (t * B + b) * H, a, H);
-        {
-          const scalar_t g0 = gates[b * E + e];
-          const scalar_t* go0 = go + b * H;
-          for (int64_t h = 0; h < H; ++h) d[h] = g0 * go0[h];
-          for (int64_t t = 1; t < T; ++t) {
-            const scalar_t gt = gates[(t * B + b) * E + e];
-            const scalar_t* got = go + (t * B + b) * H;
-            for (int64_t h = 0; h < H; ++h) d[h] += gt * got[h];
-          }
-        }
-        if (act == Act::kRelu) {
-          for (int64_t h = 0; h < H; ++h) d[h] = y[h] > scalar_t(0) ? d[h] : scalar_t(0);
-        } else if (act != Act::kNone) {
-          for (int64_t h = 0; h < H; ++h) d[h] *= activation_grad(y[h], act);
-        }
-        if (part_w != nullptr) {
-          scalar_t* pw = part_w + e * H;
-          for (int64_t h = 0; h < H; ++h) pw[h] += d[h] * xhat[h];
-        }
-        if (part_lb != nullptr) {
-          scalar_t* pb = part_lb + e * H;
-          for (int64_t h = 0; h < H; ++h) pb[h] += d[h];
-        }
-        if (w != nullptr) {
-          for (int64_t h = 0; h < H; ++h) d[h] *= w[h];  // d now holds dxhat
-        }
-        const scalar_t m1 = dot_ones(d, H) / scalar_t(H);
-        const scalar_t m2 = dot(d, xhat, H) / scalar_t(H);
+        for (int64_t t = 0; t < T; ++t) add_scaled(d, gates[(t * B + b) * E + e], go + (t * B + b) * H, H, t == 0);
         scalar_t* dp = dpre + b * L.stride_b + e * L.stride_e;
-        for (int64_t h = 0; h < H; ++h) dp[h] = rstd * (d[h] - m1 - xhat[h] * m2);
-        if (part_b != nullptr) {
-          scalar_t* pb = part_b + e * H;
-          for (int64_t h = 0; h < H; ++h) pb[h] += dp[h];
-        }
+        ln_backward_row(d, xhat, y, w, rstd, act, H, part[1] ? part[1] + e * H : nullptr,
+                        part[2] ? part[2] + e * H : nullptr, dp);
+        if (part[0] != nullptr) add_scaled(part[0] + e * H, scalar_t(1), dp, H, false);
       }
     }
   });
-  scalar_t* targets[3] = {dbias, dlnw, dlnb};
-  int64_t slot = 0;
-  for (scalar_t* target : targets) {
-    if (target == nullptr) continue;
-    const int64_t off = slot++ * EH;
-    at::parallel_for(0, EH, 256, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) target[i] = 0;
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const scalar_t* p = partial.data() + blk * nsums * EH + off;
-        for (int64_t i = i0; i < i1; ++i) target[i] += p[i];
-      }
-    });
-  }
+  sums.reduce();
 }
 
 LnLayout ln_layout(const at::Tensor& pre, const at::Tensor& gates, bool expert_major) {
@@ -510,12 +523,7 @@ void routed_ln_combine_kernel(const scalar_t* pre, const int64_t* pos, const sca
         scalar_t rstd;
         ln_activate_row(pre + i * H, H, eps, lnw ? lnw + e * H : nullptr, lnb ? lnb + e * H : nullptr, act, xhat, y,
                         a, &rstd);
-        const scalar_t wj = w != nullptr ? w[b * k + j] : scalar_t(1);
-        if (j == 0) {
-          for (int64_t h = 0; h < H; ++h) o[h] = wj * a[h];
-        } else {
-          for (int64_t h = 0; h < H; ++h) o[h] += wj * a[h];
-        }
+        add_scaled(o, w != nullptr ? w[b * k + j] : scalar_t(1), a, H, j == 0);
       }
     }
   });
@@ -529,15 +537,9 @@ void routed_ln_mix_bwd_kernel(const scalar_t* go, const scalar_t* pre, const int
                               const int64_t* offsets, const scalar_t* lnw, const scalar_t* lnb, double eps, Act act,
                               scalar_t* dpre, scalar_t* dw, scalar_t* dlnw, scalar_t* dlnb, int64_t N, int64_t k,
                               int64_t E, int64_t H) {
-  const int64_t EH = E * H;
-  const int64_t nblocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t nsums = (dlnw != nullptr) + (dlnb != nullptr);
-  std::vector<scalar_t> partial(nblocks * nsums * EH);
+  BlockSums<scalar_t, 2> sums({dlnw, dlnb}, N, E * H);
   for_row_blocks(N, [&](int64_t blk, int64_t r0, int64_t r1) {
-    scalar_t* part = partial.data() + blk * nsums * EH;
-    std::fill(part, part + nsums * EH, scalar_t(0));
-    scalar_t* part_w = dlnw != nullptr ? part : nullptr;
-    scalar_t* part_b = dlnb != nullptr ? part + (dlnw != nullptr) * EH : nullptr;
+    const auto part = sums.block(blk);  // ln_weight, ln_bias partials of this block
     std::vector<scalar_t> buf(4 * H);
     scalar_t *xhat = buf.data(), *y = xhat + H, *a = y + H, *d = a + H;
     for (int64_t i = r0; i < r1; ++i) {
@@ -547,44 +549,13 @@ void routed_ln_mix_bwd_kernel(const scalar_t* go, const scalar_t* pre, const int
       const scalar_t* we = lnw ? lnw + e * H : nullptr;
       scalar_t rstd;
       ln_activate_row(pre + i * H, H, eps, we, lnb ? lnb + e * H : nullptr, act, xhat, y, a, &rstd);
-      const scalar_t wp = w != nullptr ? w[p] : scalar_t(1);
       if (w != nullptr) dw[p] = dot(g, a, H);
-      for (int64_t h = 0; h < H; ++h) d[h] = wp * g[h];
-      if (act == Act::kRelu) {
-        for (int64_t h = 0; h < H; ++h) d[h] = y[h] > scalar_t(0) ? d[h] : scalar_t(0);
-      } else if (act != Act::kNone) {
-        for (int64_t h = 0; h < H; ++h) d[h] *= activation_grad(y[h], act);
-      }
-      if (part_w != nullptr) {
-        scalar_t* pw = part_w + e * H;
-        for (int64_t h = 0; h < H; ++h) pw[h] += d[h] * xhat[h];
-      }
-      if (part_b != nullptr) {
-        scalar_t* pb = part_b + e * H;
-        for (int64_t h = 0; h < H; ++h) pb[h] += d[h];
-      }
-      if (we != nullptr) {
-        for (int64_t h = 0; h < H; ++h) d[h] *= we[h];
-      }
-      const scalar_t m1 = dot_ones(d, H) / scalar_t(H);
-      const scalar_t m2 = dot(d, xhat, H) / scalar_t(H);
-      scalar_t* dp = dpre + i * H;
-      for (int64_t h = 0; h < H; ++h) dp[h] = rstd * (d[h] - m1 - xhat[h] * m2);
+      add_scaled(d, w != nullptr ? w[p] : scalar_t(1), g, H, true);
+      ln_backward_row(d, xhat, y, we, rstd, act, H, part[0] ? part[0] + e * H : nullptr,
+                      part[1] ? part[1] + e * H : nullptr, dpre + i * H);
     }
   });
-  scalar_t* targets[2] = {dlnw, dlnb};
-  int64_t slot = 0;
-  for (scalar_t* target : targets) {
-    if (target == nullptr) continue;
-    const int64_t off = slot++ * EH;
-    at::parallel_for(0, EH, 256, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) target[i] = 0;
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const scalar_t* q = partial.data() + blk * nsums * EH + off;
-        for (int64_t i = i0; i < i1; ++i) target[i] += q[i];
-      }
-    });
-  }
+  sums.reduce();
 }
 
 at::Tensor routed_ln_combine_cpu(const at::Tensor& pre, const at::Tensor& order,
