@@ -3,8 +3,7 @@
     mbrec-fast train --model m3oe --data synthetic --epochs 5 --run-dir runs/m3oe
     mbrec-fast train --model mmoe --setting mtl --data movielens --data-path /path/to/ml-1m
     mbrec-fast evaluate --checkpoint runs/m3oe/best.pt
-    python -m mbrec_fast.training.multidomain --table --seeds 5 --out docs/multidomain_results   # results table
-
+    python -m mbrec_fast.training.multidomain --table --seeds 5 --out docs/multidomain_results   # synthetic table
     python -m mbrec_fast.training.multidomain --results --data ml100k                          # ml100k tables
 
 M3oE's fusion scalars (α, β): `--fusion-train official` (default) trains them with every main step plus one step of
@@ -401,11 +400,10 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     ckpt = load_checkpoint(a.checkpoint)
     args = argparse.Namespace(**ckpt["config"])
     if a.data_path:
-        known = str(args.data).lower() in _NAMED_DATA
         if str(args.data).lower() == "synthetic":
             raise ValueError(f"--data-path {a.data_path}: the checkpoint was trained on generated synthetic data, "
                              f"there is no file to read")
-        if known:
+        if str(args.data).lower() in _NAMED_DATA:
             args.data_path = a.data_path
         else:  # the checkpoint's --data was the path itself
             args.data, args.data_path = a.data_path, None
