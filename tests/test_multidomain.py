@@ -505,3 +505,119 @@ def test_model_kwargs_of_an_old_config_without_the_newer_m3oe_options(small):
     assert "variant" not in kw and "fusion" not in kw and "n_shared" not in kw
     model = build_model("m3oe", small, **kw)
     assert (model.variant, model.fusion) == ("official", "add")
+
+
+# ------------------------------------------------------------------------------------------------ synthetic table
+def test_table_configs_official_m3oe_headline_and_v1_variants():
+    from mbrec_fast.training.multidomain import ML100K_HEADLINE, SYNTHETIC_M3OE_V1, TABLE_GROUPS
+    headline = {model: argv for model, _, argv in TABLE_GROUPS["headline"]}
+    # every model of the ml100k headline is in the synthetic headline, M3oE there with the model's defaults
+    assert {m for m, _, _ in ML100K_HEADLINE} <= set(headline)
+    assert headline["m3oe"] == ["--model", "m3oe", "--setting", "mdmt"]
+    args = build_parser().parse_args(headline["m3oe"])
+    assert args.m3oe_variant is None and args.fusion_train == "official"
+    # the earlier M3oE rows stay reachable as named variants: v1 trained bi-level on validation batches
+    v1 = {variant: argv for _, variant, argv in TABLE_GROUPS["v1"]}
+    assert set(v1) == {"v1", "v1 fixed-fusion", "v1 bilevel-every 20"}
+    for argv in v1.values():
+        parsed = build_parser().parse_args(argv)
+        assert argv[argv.index("--m3oe-variant"):][:4] == SYNTHETIC_M3OE_V1
+        assert parsed.m3oe_variant == "v1" and parsed.fusion_train == "bilevel-valid"
+
+
+def test_upsert_rows_replaces_the_same_key_in_place(tmp_path):
+    from mbrec_fast.training.multidomain import upsert_rows
+    path = str(tmp_path / "rows.json")
+    row = lambda model, seed, auc, data="synthetic-40k": {"model": model, "variant": "default", "data": data,  # noqa: E731
+                                                          "seed": seed, "metrics": {"auc": auc}}
+    upsert_rows(path, [row("mlp", 0, 0.1), row("mlp", 1, 0.2), row("m3oe", 0, 0.3)])
+    rows = upsert_rows(path, [row("mlp", 1, 0.9), row("mlp", 1, 0.5, data="synthetic-400k")])
+    assert rows == json.load(open(path))
+    assert [(r["model"], r["seed"], r["data"], r["metrics"]["auc"]) for r in rows] == [
+        ("mlp", 0, "synthetic-40k", 0.1), ("mlp", 1, "synthetic-40k", 0.9), ("m3oe", 0, "synthetic-40k", 0.3),
+        ("mlp", 1, "synthetic-400k", 0.5)]
+
+
+def test_table_writes_rows_resumes_and_replaces_on_rerun(tmp_path):
+    from mbrec_fast.training.multidomain import table_main
+    out, rows_path = str(tmp_path / "table"), str(tmp_path / "rows.json")
+    json.dump([{"model": "mmoe-mdmt", "variant": "official", "data": "ml100k", "seed": 0, "metrics": {"auc": 0.7}}],
+              open(rows_path, "w"))
+    argv = ["--table", "--seeds", "2", "--out", out, "--rows", rows_path, "--runs-root", str(tmp_path / "runs"),
+            "--groups", "headline,v1", "--only", "mlp,m3oe v1", "--synthetic-samples", "1200", "--epochs", "1",
+            "--threads", "1"]
+    assert table_main(argv) == 0
+    rows = json.load(open(rows_path))
+    assert rows[0]["data"] == "ml100k"  # other tables' rows stay
+    mine = [r for r in rows if r["data"] == "synthetic-1200"]
+    assert sorted((r["model"], r["variant"], r["seed"]) for r in mine) == [
+        ("m3oe", "v1", 0), ("m3oe", "v1", 1), ("mlp", "default", 0), ("mlp", "default", 1)]
+    table = json.load(open(out + ".json"))
+    for r in mine:
+        assert {"auc", "logloss", "auc_d0_t0", "auc_d2_t1", "logloss_d1_t0"} <= set(r["metrics"])
+        assert r["epochs"] == 1 and r["epochs_run"] == 1
+        # the table's one command (without the choice of rows), and the run's own arguments
+        assert r["command"] == table["command"] and "--only" not in r["command"] and "--runs-root" not in r["command"]
+        assert r["command"].startswith("python -m mbrec_fast.training.multidomain --table --seeds 2")
+        assert "--synthetic-samples 1200" in r["command"] and f"--seed {r['seed']}" in r["args"]
+        label = r["model"] if r["variant"] == "default" else f"{r['model']} {r['variant']}"
+        assert r["metrics"]["auc"] == table["runs"][label][r["seed"]]["auc"]
+    assert "fusion_alpha_domain" in next(r for r in mine if r["model"] == "m3oe")["metrics"]
+    assert "| m3oe v1 |" in open(out + ".md").read() and "| mlp |" in open(out + ".md").read()
+    # resume: nothing left to run, nothing rewritten
+    stamp = {r["seed"]: r["metrics"]["auc"] for r in mine}
+    assert table_main(argv) == 0 and json.load(open(rows_path)) == rows
+    # a re-run from scratch replaces the rows of the same (model, variant, data, seed) instead of adding rows
+    import os
+    os.remove(out + ".json")
+    assert table_main(argv) == 0
+    again = json.load(open(rows_path))
+    assert len(again) == len(rows) and [(r["model"], r["variant"], r["seed"]) for r in again] == \
+        [(r["model"], r["variant"], r["seed"]) for r in rows]
+    assert {r["seed"]: r["metrics"]["auc"] for r in again if r["data"] == "synthetic-1200"} == stamp  # deterministic
+
+
+def test_table_rejects_unknown_group_and_other_data(tmp_path):
+    from mbrec_fast.training.multidomain import table_main
+    with pytest.raises(ValueError, match="--groups: unknown group 'nope'"):
+        table_main(["--table", "--groups", "headline,nope", "--out", str(tmp_path / "t")])
+    with pytest.raises(ValueError, match="--table runs on --data synthetic"):
+        table_main(["--table", "--data", "ml100k", "--out", str(tmp_path / "t")])
+
+
+@pytest.mark.parametrize("data", [None, "synthetic", "FILE"])
+def test_cli_data_path_that_would_be_ignored_is_an_error(tmp_path, capsys, data):
+    # `--format table --data-path FILE` without --data used to train on the synthetic data, ignoring the file
+    from mbrec_fast.cli import main
+    path = tmp_path / "t.csv"
+    _table(n=100).to_csv(path, index=False)
+    argv = ["train", "--model", "m3oe", "--format", "table", "--data-path", str(path), "--domain-col", "scenario",
+            "--label-cols", "click,buy", "--sparse-cols", "user,item,cat", "--epochs", "1", "--run-dir",
+            str(tmp_path / "r"), "--threads", "1"]
+    if data is not None:
+        argv += ["--data", str(path) if data == "FILE" else data]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert f"--data-path {path} is not read" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_data_path_replaces_a_path_and_is_an_error_for_synthetic(tmp_path, capsys):
+    # evaluate's --data-path overrides the checkpoint's data file; a checkpoint trained on --data FILE took the path
+    # as --data, so the override replaces that (it used to be ignored); synthetic data has no file to read
+    from mbrec_fast.cli import main
+    table = ["--format", "table", "--domain-col", "scenario", "--label-cols", "click,buy", "--sparse-cols",
+             "user,item,cat", "--epochs", "1", "--batch-size", "64", "--threads", "1"]
+    a, missing = tmp_path / "a.csv", tmp_path / "moved.csv"
+    _table(n=300).to_csv(a, index=False)
+    assert main(["train", "--model", "mlp", "--data", str(a), "--run-dir", str(tmp_path / "r")] + table) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.pt")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.pt"), "--data-path", str(missing)]) == 2
+    assert "moved.csv" in capsys.readouterr().err  # the override was read (and is missing), not ignored
+    assert main(["train", "--model", "mlp", "--synthetic-samples", "600", "--epochs", "1", "--threads", "1",
+                 "--run-dir", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "s" / "best.pt"), "--data-path", str(a)]) == 2
+    assert "trained on generated synthetic data" in capsys.readouterr().err

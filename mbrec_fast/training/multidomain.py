@@ -3,11 +3,12 @@
     mbrec-fast train --model m3oe --data synthetic --epochs 5 --run-dir runs/m3oe
     mbrec-fast train --model mmoe --setting mtl --data movielens --data-path /path/to/ml-1m
     mbrec-fast evaluate --checkpoint runs/m3oe/best.pt
-    python -m mbrec_fast.training.multidomain --table --seeds 5 --out docs/multidomain_results   # results table
+    python -m mbrec_fast.training.multidomain --table --seeds 5 --out docs/multidomain_results   # synthetic table
+    python -m mbrec_fast.training.multidomain --results --data ml100k                          # ml100k tables
 
-M3oE's fusion scalars (α, β) are never in the main optimizer: a second optimizer updates them on a held-out
-(validation) batch every `--bilevel-every` steps (default: once per epoch, as in the paper) — first-order
-bi-level optimisation. The main step leaves them untouched.
+M3oE's fusion scalars (α, β): `--fusion-train official` (default) trains them with every main step plus one step of
+their own optimizer per epoch on a training batch (the official code); `bilevel` / `bilevel-valid` keep them out of
+the main optimizer and step them alone on training / validation batches (the paper / this package's v1).
 """
 from __future__ import annotations
 
@@ -146,12 +147,22 @@ def resolve_protocol(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ data
+_NAMED_DATA = ("synthetic", "movielens", "ml1m", "kuairand", "ml100k", "ml-100k")  # any other --data is a path
+
+
 def load_data(args: argparse.Namespace) -> CTRData:
     """The dataset named by the arguments (synthetic generator, MovieLens or KuaiRand loader)."""
     name = args.data.lower()
     path = args.data_path
     fmt = args.format
-    if name not in ("synthetic", "movielens", "ml1m", "kuairand", "ml100k", "ml-100k"):
+    if path and name == "synthetic":  # it would be ignored: the synthetic data is generated
+        raise ValueError(f"--data-path {path} is not read with --data synthetic (the default); to train on that file "
+                         f"pass it as --data {path} (with --format table, --domain-col, --label-cols, --sparse-cols "
+                         f"for any table)")
+    if name not in _NAMED_DATA:
+        if path:  # it would be ignored: --data is the path
+            raise ValueError(f"--data-path {path} is not read when --data is a path ({args.data}): pass the file once, "
+                             f"as --data")
         path, name = args.data, (fmt or ("kuairand" if "kuai" in os.path.basename(args.data).lower() else "movielens"))
     if name == "table":
         for opt in ("domain_col", "label_cols", "sparse_cols"):
@@ -389,7 +400,13 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     ckpt = load_checkpoint(a.checkpoint)
     args = argparse.Namespace(**ckpt["config"])
     if a.data_path:
-        args.data_path = a.data_path
+        if str(args.data).lower() == "synthetic":
+            raise ValueError(f"--data-path {a.data_path}: the checkpoint was trained on generated synthetic data, "
+                             f"there is no file to read")
+        if str(args.data).lower() in _NAMED_DATA:
+            args.data_path = a.data_path
+        else:  # the checkpoint's --data was the path itself
+            args.data, args.data_path = a.data_path, None
     data = load_data(args)
     splits = dict(zip(("train", "valid", "test"), _split(data, args)))
     model = build_model(args.model, data, setting=args.setting, expert_impl=args.impl, **_model_kwargs(args))
@@ -403,72 +420,135 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ results table
-TABLE_CONFIGS: List[Tuple[str, str, List[str]]] = [
-    ("mlp", "mdmt", []),
-    ("sharedbottom", "mtl", []), ("mmoe", "mtl", []), ("ple", "mtl", []),
-    ("sharedbottom", "mdl", []), ("mmoe", "mdl", []), ("ple", "mdl", []), ("star", "mdl", []),
-    ("sharedbottom", "mdmt", []), ("mmoe", "mdmt", []), ("ple", "mdmt", []), ("star", "mdmt", []),
-    ("m3rec", "mdmt", []),
-    ("m3oe", "mdmt", ["--fixed-fusion"]),
-    ("m3oe", "mdmt", []),
-    ("m3oe", "mdmt", ["--bilevel-every", "20"]),
-]
-# the synthetic table above was measured with M3oE v1 trained bi-level on validation batches (fusion lr 1e-2)
+# the synthetic table: (model label, variant, argv) per row, in groups. "default" = the model's defaults at the table's
+# schedule; the M3oE headline row is the official architecture and fusion training (the model's defaults, as on
+# ml100k). The earlier rows of M3oE were its first version trained bi-level on validation batches (fusion lr 1e-2):
 SYNTHETIC_M3OE_V1 = ["--m3oe-variant", "v1", "--fusion-train", "bilevel-valid"]
+_TABLE_BASELINES = ([("mlp", "mlp", "mdmt")]
+                    + [(f"{m}-{s}", m, s) for s in ("mtl", "mdl", "mdmt") for m in ("sharedbottom", "mmoe", "ple", "star")
+                       if (m, s) != ("star", "mtl")]
+                    + [(m, m, "mdmt") for m in ("adatt", "adatt-sp", "m2m", "m3rec", "m3oe")])
+TABLE_GROUPS: Dict[str, List[Tuple[str, str, List[str]]]] = {
+    "headline": [(label, "default", ["--model", m, "--setting", s]) for label, m, s in _TABLE_BASELINES],
+    "v1": [("m3oe", "v1 fixed-fusion", ["--model", "m3oe"] + SYNTHETIC_M3OE_V1 + ["--fixed-fusion"]),
+           ("m3oe", "v1", ["--model", "m3oe"] + SYNTHETIC_M3OE_V1),
+           ("m3oe", "v1 bilevel-every 20", ["--model", "m3oe"] + SYNTHETIC_M3OE_V1 + ["--bilevel-every", "20"])],
+    # the official M3oE trainer's domain-balanced loss (the table's default is the pooled mean, which gives a 5 %
+    # domain 1/18 of the big domain's weight) and the paper's one shared expert
+    "balanced": [(label, "loss balanced", argv + ["--loss", "balanced"]) for label, m, s in _TABLE_BASELINES
+                 if label in ("mlp", "mmoe-mdmt", "star-mdmt", "m3oe") for argv in [["--model", m, "--setting", s]]],
+    "m3oe": [("m3oe", "n-shared 1", ["--model", "m3oe", "--n-shared", "1"]),
+             ("m3oe", "fixed-fusion", ["--model", "m3oe", "--fixed-fusion"])],
+}
+TABLE_CONFIGS: List[Tuple[str, str, List[str]]] = [c for g in TABLE_GROUPS.values() for c in g]
 
 
-def _label(model: str, setting: str, extra: Sequence[str]) -> str:
-    label = model if model in ("mlp", "m3oe", "m3rec") else f"{model}-{setting}"
-    return label + ("".join(" " + e.lstrip("-") for e in extra))
+def table_label(model: str, variant: str) -> str:
+    """The row's name in the markdown table and the key of its runs in `<out>.json`."""
+    return model if variant == "default" else f"{model} {variant}"
+
+
+def synthetic_data_label(args: argparse.Namespace) -> str:
+    """The `data` of the synthetic table's rows: the sample count, plus whatever else differs from the defaults."""
+    n = args.synthetic_samples
+    label = f"synthetic-{n // 1000}k" if n % 1000 == 0 else f"synthetic-{n}"
+    if args.synthetic_major_frac != 0.9:
+        label += f"-major{args.synthetic_major_frac:g}"
+    if args.data_seed != 0:
+        label += f"-dataseed{args.data_seed}"
+    return label
+
+
+def upsert_rows(path: str, new_rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Writes `new_rows` into the rows file at `path` (docs/results/multidomain.json's list), each replacing a row of
+    the same (model, variant, data, seed) in place, or appended; returns the file's rows."""
+    rows: List[Dict[str, Any]] = json.load(open(path)) if os.path.exists(path) else []
+    key = lambda r: (r["model"], r["variant"], r["data"], r["seed"])  # noqa: E731
+    where = {key(r): i for i, r in enumerate(rows)}
+    for r in new_rows:
+        if key(r) in where:
+            rows[where[key(r)]] = r
+        else:
+            where[key(r)] = len(rows)
+            rows.append(r)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
+    return rows
 
 
 def table_main(argv: Optional[List[str]] = None) -> int:
-    """Trains every TABLE_CONFIGS entry for `--seeds` seeds on one synthetic dataset with imbalanced domains and
-    writes `<out>.md` (mean ± std of AUC/logloss per (domain, task) and overall) and `<out>.json`."""
+    """Trains the rows of the chosen `--groups` of TABLE_GROUPS for `--seeds` seeds on one synthetic dataset with
+    imbalanced domains (group by group, whole seeds first within a group); writes `<out>.md` (mean ± std of AUC and
+    logloss per (domain, task) and overall), `<out>.json` (every run's metrics; a re-run resumes from it, per row and
+    seed) and each run's row into `--rows` (replacing a row of the same model, variant, data and seed)."""
     p = argparse.ArgumentParser(prog="python -m mbrec_fast.training.multidomain --table")
     p.add_argument("--table", action="store_true")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", default="docs/multidomain_results")
-    p.add_argument("--only", default=None, help="comma-separated labels to run (default all)")
+    p.add_argument("--groups", default=",".join(TABLE_GROUPS), help="row groups to run, in this order")
+    p.add_argument("--only", default=None, help="comma-separated row labels to run (default all)")
+    p.add_argument("--rows", default="docs/results/multidomain.json", help="the rows file ('' = none)")
     p.add_argument("--runs-root", default="runs/table")
     a, rest = p.parse_known_args(argv)
-    base = ["--model", "mlp"] + rest
-    base_args = resolve_model_defaults(resolve_protocol(build_parser().parse_args(base)))
+    groups = [g for g in a.groups.split(",") if g]
+    for g in groups:
+        if g not in TABLE_GROUPS:
+            raise ValueError(f"--groups: unknown group {g!r} (one of {', '.join(TABLE_GROUPS)})")
+    base_args = resolve_model_defaults(resolve_protocol(build_parser().parse_args(["--model", "mlp"] + rest)))
+    if base_args.data.lower() != "synthetic":
+        raise ValueError(f"--table runs on --data synthetic, got --data {base_args.data!r} (ml100k: --results)")
     torch.set_num_threads(base_args.threads or 1)
     data = load_data(base_args)
-    log(f"table data: {json.dumps(data.describe())}")
+    data_label = synthetic_data_label(base_args)
+    log(f"table data ({data_label}): {json.dumps(data.describe())}")
     _, _, test = _split(data, base_args)
+    # the one command of the table (what --only, --rows and --runs-root choose does not change a row)
+    command = " ".join(["python -m mbrec_fast.training.multidomain --table", "--seeds", str(a.seeds), "--out", a.out]
+                       + (["--groups", a.groups] if a.groups != ",".join(TABLE_GROUPS) else []) + rest)
     results: Dict[str, List[Dict[str, float]]] = {}
     if os.path.exists(a.out + ".json"):
         results = json.load(open(a.out + ".json")).get("runs", {})
     only = set(a.only.split(",")) if a.only else None
-    for model, setting, extra in TABLE_CONFIGS:
-        label = _label(model, setting, extra)
-        if only and label not in only:
-            continue
-        runs = results.setdefault(label, [])
-        for seed in range(len(runs), a.seeds):
-            argv_run = ["--model", model, "--setting", setting, "--seed", str(seed),
-                        "--run-dir", os.path.join(a.runs_root, label.replace(" ", "_"), f"s{seed}")] + extra + rest
-            if model == "m3oe":
-                argv_run += SYNTHETIC_M3OE_V1
-            args = build_parser().parse_args(argv_run)
-            t0 = time.time()
-            out = run_training(args, data, progress=False)
-            out["test"]["train_samples_per_s"] = out["train_samples_per_s"]
-            runs.append(out["test"])
-            log(f"{label} seed {seed}: auc={out['test']['auc']:.4f} logloss={out['test']['logloss']:.4f} "
-                f"({time.time() - t0:.0f}s)")
-            _write_table(a.out, results, data, test, base_args)
-    _write_table(a.out, results, data, test, base_args)
+    for g in groups:
+        for seed in range(a.seeds):
+            for model, variant, extra in TABLE_GROUPS[g]:
+                label = table_label(model, variant)
+                if (only and label not in only) or len(results.get(label, [])) > seed:
+                    continue
+                runs = results.setdefault(label, [])
+                argv_run = extra + ["--seed", str(seed),
+                                    "--run-dir", os.path.join(a.runs_root, label.replace(" ", "_"), f"s{seed}")] + rest
+                args = build_parser().parse_args(argv_run)
+                t0 = time.time()
+                out = run_training(args, data, progress=False)
+                run = dict(out["test"], train_samples_per_s=out["train_samples_per_s"], best_epoch=out["best_epoch"],
+                           epochs_run=out["epochs_run"])
+                metrics = _row_metrics(out["test"], data.task_names, data.n_domains)
+                if "fusion" in out:
+                    metrics.update({f"fusion_{k}": v for k, v in out["fusion"].items()})
+                    run.update({f"fusion_{k}": v for k, v in out["fusion"].items()})
+                runs.append(run)
+                if a.rows:
+                    upsert_rows(a.rows, [{"model": model, "variant": variant, "data": data_label, "seed": seed,
+                                          "metrics": metrics, "epochs": out["best_epoch"],
+                                          "epochs_run": out["epochs_run"], "command": command,
+                                          "args": " ".join(argv_run)}])
+                log(f"{label} seed {seed}: auc={out['test']['auc']:.4f} logloss={out['test']['logloss']:.4f} "
+                    f"best epoch {out['best_epoch']} of {out['epochs_run']} ({time.time() - t0:.0f}s)")
+                _write_table(a.out, results, data, test, base_args, command)
+    _write_table(a.out, results, data, test, base_args, command)
     return 0
 
 
-def _write_table(out: str, results: Dict[str, List[Dict[str, float]]], data: CTRData, test: CTRData, args) -> None:
+def _write_table(out: str, results: Dict[str, List[Dict[str, float]]], data: CTRData, test: CTRData, args,
+                 command: str = "") -> None:
     cells = [(d, t) for d in range(data.n_domains) for t in data.task_names]
     counts = data.domain_counts()
     total = max(sum(counts), 1)
-    head = ["model"] + [f"d{d} {t}" for d, t in cells] + ["AUC", "Logloss", "runs"]
+    head = ["model"] + [f"d{d} {t}" for d, t in cells] + ["AUC", "Logloss", "best epoch", "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(vals):
@@ -481,23 +561,34 @@ def _write_table(out: str, results: Dict[str, List[Dict[str, float]]], data: CTR
     if test.true_probs is not None:
         ref = ctr_metrics(test.true_probs, test.labels, test.domain, test.n_domains, test.task_names)
         lines.append("| *oracle (true probabilities)* | " + " | ".join(f"{100 * ref[f'auc_d{d}_{t}']:.2f}" for d, t in cells)
-                     + f" | {100 * ref['auc']:.2f} | {100 * ref['logloss']:.2f} | – |")
+                     + f" | {100 * ref['auc']:.2f} | {100 * ref['logloss']:.2f} | – | – |")
     const = ctr_metrics(test.labels.mean(0, keepdim=True).expand_as(test.labels).contiguous(), test.labels, test.domain,
                         test.n_domains, test.task_names)
     lines.append("| *constant (positive rate)* | " + " | ".join("50.00" for _ in cells)
-                 + f" | 50.00 | {100 * const['logloss']:.2f} | – |")
+                 + f" | 50.00 | {100 * const['logloss']:.2f} | – | – |")
     for label, runs in results.items():
+        if not runs:
+            continue
+        best = [r["best_epoch"] for r in runs if r.get("best_epoch") is not None]
         row = [label] + [fmt([r.get(f"auc_d{d}_{t}") for r in runs]) for d, t in cells]
-        row += [fmt([r["auc"] for r in runs]), fmt([r["logloss"] for r in runs]), str(len(runs))]
+        row += [fmt([r["auc"] for r in runs]), fmt([r["logloss"] for r in runs]),
+                f"{np.mean(best):.1f}" if best else "–", str(len(runs))]
         lines.append("| " + " | ".join(row) + " |")
     desc = (f"Synthetic benchmark: {len(data):,} samples ({', '.join(f'd{d} {100 * c / total:.1f}%' for d, c in enumerate(counts))}), "
             f"{data.n_tasks} tasks, split 8:1:1; {args.epochs} epochs max, batch {args.batch_size}, lr {args.lr}, "
-            f"embedding {args.emb_dim}, early stopping on validation AUC (patience {args.patience}); test metrics ×100, "
-            f"mean ± std over seeds. AUC overall = mean of the (domain, task) AUCs; Logloss = pooled.")
+            f"embedding {args.emb_dim}, loss {args.loss} unless the row says otherwise, early stopping on validation "
+            f"AUC (patience {args.patience}); test metrics ×100, mean ± std over seeds (population std). AUC overall = "
+            f"mean of the (domain, task) AUCs; Logloss = pooled; best epoch = mean over seeds of the epoch whose "
+            f"validation AUC was best (the test metrics are that epoch's). M3oE without a variant is the official "
+            f"architecture and fusion training (the model's defaults); `v1` rows are this package's first M3oE "
+            f"trained bi-level on validation batches.")
+    text = desc + "\n\n" + "\n".join(lines) + "\n"
+    if command:
+        text += f"\nReproduce (resumes per row and seed from `{out}.json`):\n\n```bash\nOMP_NUM_THREADS=1 {command}\n```\n"
     with open(out + ".md", "w") as f:
-        f.write(desc + "\n\n" + "\n".join(lines) + "\n")
+        f.write(text)
     with open(out + ".json", "w") as f:
-        json.dump({"description": desc, "runs": results}, f, indent=1)
+        json.dump({"description": desc, "command": command, "runs": results}, f, indent=1)
 
 
 # ------------------------------------------------------------------------------------------------ ml100k results
