@@ -800,3 +800,14 @@ def test_build_model_from_freshly_parsed_arguments_takes_the_model_defaults():
     args = S.build_parser().parse_args(["--model", "syncrec"])
     model = S.build_model(args, data)
     assert isinstance(model, SyNCRec) and args.dim == 64 and args.n_cross == 4
+
+
+def test_skip_done_compares_the_training_schedule():
+    """--skip-done counts a row as done only when it was trained with the same training options: the table's own
+    options (seeds, --only, --runs-root, --skip-done) do not matter, another schedule (e.g. fewer epochs) does."""
+    base = ("python -m mbrec_fast.training.sequential --table --seeds 3 --ablation-seeds 1 --skip-done --data "
+            "amazon_toys_games --runs-root /a --dim 32 --max-len 30 --epochs 6 --patience 2 --no-full --threads 1")
+    same = base.replace("--seeds 3", "--seeds 1 --only merged").replace("/a", "/b").replace("--skip-done ", "")
+    assert S.training_schedule(base) is not None and S.training_schedule(base) == S.training_schedule(same)
+    assert S.training_schedule(base) != S.training_schedule(base.replace("--epochs 6", "--epochs 30"))
+    assert S.training_schedule("mbrec-fast train --model syncrec") is None
