@@ -105,32 +105,29 @@ class StackedCausalEncoder(nn.Module):
         """Outputs [E, n, d] of every expert for the shared input x [B, L, d] at the n = B * L positions, or at
         the n positions where `keep` [B, L] is True (row-major order): a left-aligned prefix of every row, e.g. the
         non-padding tokens. The per-token parts (LayerNorms, projections, feed-forward) then run on those positions
-        only, attention on the padded [E * B, heads, L, d_head] layout; with causal attention the kept positions'
-        outputs are exactly those of the full computation (the others are never computed)."""
+        only, attention on a padded [E * B_g, heads, L_g, d_head] layout per group of rows of similar length (rows
+        up to L/4, L/2 and L kept positions, each group cut to its longest row); with causal attention the kept
+        positions' outputs are exactly those of the full computation (the others are never computed)."""
         B, L, d = x.shape
         E, H = self.n_experts, self.n_heads
         dh = d // H
         drop = self.training and self.p > 0
         if keep is None:
             h = x.reshape(1, B * L, d)   # residual stream; broadcast over the experts in the first layer
-            idx = None
+            groups, inverse = None, None
         else:
-            idx = torch.nonzero(keep.flatten()).flatten()
-            h = x.reshape(B * L, d).index_select(0, idx)[None]
+            h = x.reshape(B * L, d)[keep.flatten()][None]
+            groups, inverse = _length_groups(keep)
         for l in range(self.n_layers):
             a = F.layer_norm(h, (d,)) * self.ln1_weight[l][:, None] + self.ln1_bias[l][:, None]   # [E, n, d]
             qkv = torch.baddbmm(self.qkv_bias[l][:, None], a, self.qkv_weight[l].transpose(1, 2))  # [E, n, 3d]
-            if idx is not None:          # back to the padded layout for attention (zeros at the skipped positions)
-                qkv = qkv.new_zeros(E, B * L, 3 * d).index_copy(1, idx, qkv)
-            q, k, v = qkv.view(E, B, L, 3, H, dh).permute(3, 0, 1, 4, 2, 5).reshape(3, E * B, H, L, dh).unbind(0)
-            if drop:  # dropout on the attention weights: the explicit product (SDPA's CPU kernels have no dropout)
-                scores = torch.matmul(q, k.transpose(-1, -2)) * dh ** -0.5 + causal_mask(L, x.device)
-                att = torch.matmul(fast_dropout(torch.softmax(scores, -1), self.p, True), v)
-            else:
-                att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            att = att.view(E, B, H, L, dh).permute(0, 1, 3, 2, 4).reshape(E, B * L, d)
-            if idx is not None:
-                att = att.index_select(1, idx)
+            if groups is None:
+                att = self._attention(qkv, B, L, drop)
+            else:  # per length group: its positions into a padded [B_g, L_g] layout (zeros elsewhere), and back
+                parts = [self._attention(qkv.new_zeros(E, b_g * l_g, 3 * d).index_copy(1, slot, qkv.index_select(1, pos)),
+                                         b_g, l_g, drop).index_select(1, slot)
+                         for pos, slot, b_g, l_g in groups]
+                att = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).index_select(1, inverse)
             o = torch.baddbmm(self.out_bias[l][:, None], att, self.out_weight[l].transpose(1, 2))
             h = h + fast_dropout(o, self.p, drop)
             a = F.layer_norm(h, (d,)) * self.ln2_weight[l][:, None] + self.ln2_bias[l][:, None]
@@ -138,6 +135,18 @@ class StackedCausalEncoder(nn.Module):
             f = torch.baddbmm(self.ff2_bias[l][:, None], fast_dropout(f, self.p, drop), self.ff2_weight[l].transpose(1, 2))
             h = h + fast_dropout(f, self.p, drop)
         return h.expand(E, -1, d) if self.n_layers == 0 else h
+
+    def _attention(self, qkv: torch.Tensor, B: int, L: int, drop: bool) -> torch.Tensor:
+        """Causal multi-head attention of every expert: qkv [E, B * L, 3d] (rows of L positions) -> [E, B * L, d]."""
+        E, d, H = qkv.shape[0], qkv.shape[-1] // 3, self.n_heads
+        dh = d // H
+        q, k, v = qkv.view(E, B, L, 3, H, dh).permute(3, 0, 1, 4, 2, 5).reshape(3, E * B, H, L, dh).unbind(0)
+        if drop:  # dropout on the attention weights: the explicit product (SDPA's CPU kernels have no dropout)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * dh ** -0.5 + causal_mask(L, qkv.device)
+            att = torch.matmul(fast_dropout(torch.softmax(scores, -1), self.p, True), v)
+        else:
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return att.view(E, B, H, L, dh).permute(0, 1, 3, 2, 4).reshape(E, B * L, d)
 
     def forward_loop(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The same outputs [E, n, d], one expert and one layer at a time through torch's functional multi-head
@@ -184,6 +193,30 @@ class StackedCausalEncoder(nn.Module):
                         del state_dict[k]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def _length_groups(keep: torch.Tensor, cuts: Sequence[float] = (0.25, 0.5)):
+    """Rows of a left-aligned keep mask [B, L] grouped by their kept length (up to cuts[0] * L, cuts[1] * L, L).
+    Returns, per non-empty group, (pos: the group's kept positions in the row-major packed order, slot: the same
+    positions in the group's padded [B_g, L_g] layout, B_g, L_g = the group's longest row), and the permutation
+    that puts the groups' concatenated positions back in packed order."""
+    B, L = keep.shape
+    lengths = keep.sum(1)
+    start = torch.cumsum(lengths, 0) - lengths                    # packed index of each row's first position
+    bounds = [0] + sorted({max(1, int(c * L)) for c in cuts if int(c * L) < L}) + [L]
+    groups, order = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        rows = torch.nonzero((lengths > lo) & (lengths <= hi)).flatten()
+        if rows.numel() == 0:
+            continue
+        l_g = int(lengths[rows].max())
+        sub = keep[rows, :l_g]
+        slot = torch.nonzero(sub.flatten()).flatten()
+        pos = (start[rows, None] + torch.arange(l_g, device=keep.device))[sub]
+        groups.append((pos, slot, rows.numel(), l_g))
+        order.append(pos)
+    perm = torch.cat(order) if order else lengths.new_zeros(0)
+    return groups, torch.argsort(perm)
 
 
 def sampled_softmax_loss(hidden: torch.Tensor, item_emb: torch.Tensor, pos: torch.Tensor,
