@@ -811,3 +811,15 @@ def test_skip_done_compares_the_training_schedule():
     assert S.training_schedule(base) is not None and S.training_schedule(base) == S.training_schedule(same)
     assert S.training_schedule(base) != S.training_schedule(base.replace("--epochs 6", "--epochs 30"))
     assert S.training_schedule("mbrec-fast train --model syncrec") is None
+
+
+def test_table_markdown_keeps_one_schedule():
+    """A table re-run on a new schedule averages only the rows of that schedule; the others are counted."""
+    cmd = ("python -m mbrec_fast.training.sequential --table --data amazon_toys_games --epochs {e} --lr 5e-3 "
+           "--no-full --threads 1")
+    rows = [{"model": "syncrec", "variant": "paper", "data": "amazon_toys_games", "protocol": "sampled",
+             "domain": "all", "seed": seed, "metrics": {"hr@10": v, "ndcg@10": v}, "epochs": e,
+             "command": cmd.format(e=e)} for seed, v, e in ((0, 0.5, 40), (1, 0.1, 6), (2, 0.1, 6))]
+    md = S.table_markdown(rows, "amazon_toys_games", [], cmd.format(e=40))
+    assert "| syncrec | paper | 1 | 40 | 0.5000 | 0.5000 |" in md and "2 runs of this data" in md
+    assert "0.2333" in S.table_markdown(rows, "amazon_toys_games", [])   # no command: every row

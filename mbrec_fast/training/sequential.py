@@ -635,9 +635,18 @@ def merge_rows(path: str, new: List[Dict[str, Any]]) -> None:
         json.dump(rows, f, indent=1, default=float)
 
 
-def table_markdown(rows: List[Dict[str, Any]], data_name: str, domains: Sequence[str]) -> str:
-    """Mean ± std over seeds of test HR@10 / NDCG@10 per model and variant, one table per protocol."""
+def table_markdown(rows: List[Dict[str, Any]], data_name: str, domains: Sequence[str],
+                   command: Optional[str] = None) -> str:
+    """Mean ± std over seeds of test HR@10 / NDCG@10 per model and variant, one table per protocol. With `command`
+    (the table's command line), only the rows trained with its training options: a table being re-run on a new
+    schedule never averages seeds of two schedules (the others are counted below it)."""
     rows = [r for r in rows if r["data"] == data_name]
+    n_other = 0
+    if command is not None:
+        schedule = training_schedule(command)
+        kept = [r for r in rows if training_schedule(r.get("command", "")) == schedule]
+        n_other, rows = len({(r["model"], r["variant"], r["seed"]) for r in rows}
+                            - {(r["model"], r["variant"], r["seed"]) for r in kept}), kept
     labels = list(dict.fromkeys((r["model"], r["variant"]) for r in rows))
     lines = []
     for proto in ("sampled", "full"):
@@ -659,6 +668,8 @@ def table_markdown(rows: List[Dict[str, Any]], data_name: str, domains: Sequence
                                                        f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if n_other:
+        lines += [f"({n_other} runs of this data trained with other options are in the JSON rows, not in this table.)", ""]
     return "\n".join(lines)
 
 
@@ -746,7 +757,7 @@ def table_main(argv: Optional[List[str]] = None) -> int:
         rows = json.load(open(a.json))
         text = [f"Data: {name} ({json.dumps(data.describe())}).", "", f"Command: `{command}`", "",
                 "Test metrics of the best validation epoch (monitor: valid " + base.monitor + ").", "",
-                table_markdown(rows, name, data.domain_names)]
+                table_markdown(rows, name, data.domain_names, command)]
         if weights_log:
             text += ["SyNCRec cross-loss weights per epoch (epoch means; domains " + str(data.domain_names) + "):", ""]
             for k, ws in weights_log.items():
