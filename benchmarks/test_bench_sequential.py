@@ -2,9 +2,11 @@
 model in plain PyTorch, in one benchmark run.
 
 * epoch: training steps (forward of both passes, losses, backward, Adam) over consecutive batches of 128 users.
-  `mbrec_fast`: negatives from `mbrec_fast.sample_sequence_negatives` and the expert heads + partitioned gate mix
-  through `mbrec_fast.gated_experts`; `plain_torch`: negatives redrawn row by row with torch.randint / torch.isin
-  (`reference.sequential.sequence_negatives_torch`) and the heads as a Python loop over experts (`expert_impl="loop"`).
+  `mbrec_fast`: negatives from `mbrec_fast.sample_sequence_negatives`, each expert group's trunks as one batched
+  transformer on the non-padding positions and the expert heads + partitioned gate mix through
+  `mbrec_fast.gated_experts`; `plain_torch`: negatives redrawn row by row with torch.randint / torch.isin
+  (`reference.sequential.sequence_negatives_torch`), the trunks one expert at a time through torch's attention on
+  the padded rows and the heads as a Python loop over experts (`expert_impl="loop"`).
   Identical parameters and batches. Official protocol (negatives from all items outside the window).
 * full ranking: the users' SyNCRec states (computed once, shared) ranked against all 49,603 items with the history
   masked: `mbrec_fast.evaluate_full_ranking` vs dense scores + torch.topk (`reference.sequential.dense_full_ranking`).
@@ -20,7 +22,7 @@ import torch
 
 from mbrec_fast import evaluate_full_ranking
 from mbrec_fast.data.sequences import leave_one_out, load_amazon_toys_games, make_training_windows
-from mbrec_fast.models.syncrec import SyNCRec, mix_expert_heads
+from mbrec_fast.models.syncrec import SyNCRec, mix_expert_heads_expert_major
 from mbrec_fast.reference.sequential import dense_full_ranking, sequence_negatives_torch
 from mbrec_fast.training import sequential as S
 
@@ -98,23 +100,43 @@ def test_syncrec_negatives(benchmark, record, setup, impl):
 @pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
 def test_syncrec_expert_mix(benchmark, record, setup, impl):
     """The 5 expert heads + partitioned gate mix of one batch's cross pass, forward and backward, on fixed trunk
-    outputs: `gated_experts` vs the Python loop over experts."""
+    outputs in the layout the batched trunks produce (expert-major [E, n, d], the non-padding positions):
+    `gated_experts` vs the Python loop over experts."""
     data, _, windows = setup
-    model = _model(data, "fused" if impl == "mbrec_fast" else "loop")
+    model = _model(data, "fused")
     tokens = windows["cross_in"][:CASE["batch"]]
     x = model.embed(tokens).detach()
     task = torch.full((tokens.shape[0],), data.n_domains, dtype=torch.int64)
-    trunks, gates, _ = model._gates_and_trunks(x, task, "cross")
+    trunks, gates, _ = model._gates_and_trunks(x, tokens != data.n_items, task, "cross")
     trunks, gates = trunks.detach().requires_grad_(True), gates.detach()
-    B, L = tokens.shape
+    E, n, _ = trunks.shape
 
     def mix():
-        out = mix_expert_heads(trunks, gates, model.head_weight, model.head_bias, model.head_ln_weight,
-                               model.head_ln_bias, expert_impl="fused" if impl == "mbrec_fast" else "loop")
+        out = mix_expert_heads_expert_major(trunks, gates, model.head_weight, model.head_bias, model.head_ln_weight,
+                                            model.head_ln_bias, expert_impl="fused" if impl == "mbrec_fast" else "loop")
         out.square().sum().backward()
 
     _time(benchmark, record, mix, "syncrec expert heads + gate mix, fwd+bwd (one batch)", "syncrec_expert_mix",
-          f"B{B} L{L} E5 d{CASE['dim']}", impl, rounds=10, warmup=2)
+          f"n{n} E{E} d{CASE['dim']}", impl, rounds=10, warmup=2)
+
+
+@pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
+def test_syncrec_expert_trunks(benchmark, record, setup, impl):
+    """The 4 cross experts' transformer trunks of one batch's cross pass, forward and backward (eval mode, no
+    dropout): one batched transformer on the non-padding positions (`StackedCausalEncoder.forward`) vs one expert
+    at a time through torch's multi-head attention on the padded rows (`forward_loop`)."""
+    data, _, windows = setup
+    model = _model(data, "fused").eval()
+    tokens = windows["cross_in"][:CASE["batch"]]
+    x = model.embed(tokens).detach().requires_grad_(True)
+    keep = tokens != data.n_items
+
+    def trunks():
+        fn = model.cross_experts.forward if impl == "mbrec_fast" else model.cross_experts.forward_loop
+        fn(x, keep).square().sum().backward()
+
+    _time(benchmark, record, trunks, "syncrec expert trunks, fwd+bwd (one batch)", "syncrec_expert_trunks",
+          f"B{tokens.shape[0]} L{tokens.shape[1]} E{CASE['n_cross']} d{CASE['dim']}", impl, rounds=5, warmup=1)
 
 
 @pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])

@@ -9,7 +9,8 @@ import torch
 
 from mbrec_fast.data.sequences import (SequenceData, leave_one_out, load_amazon_sequences, load_interaction_log,
                                        make_synthetic_sequences, make_training_windows)
-from mbrec_fast.models.sasrec import PerDomainSASRec, SASRec, histories_to_inputs, sampled_softmax_loss
+from mbrec_fast.models.sasrec import (CausalEncoder, PerDomainSASRec, SASRec, StackedCausalEncoder, fast_dropout,
+                                     histories_to_inputs, sampled_softmax_loss)
 from mbrec_fast.models.syncrec import SyNCRec, gap_weights
 from mbrec_fast.reference.sequential import full_ranking_metrics_reference, sampled_metrics_reference
 from mbrec_fast.training import sequential as S
@@ -164,8 +165,7 @@ def test_causal_masking_no_position_sees_the_future(which):
             hh = model.encoder(feats * model.dim ** 0.5 + model.pos_emb(torch.arange(L)) + model.dom_emb(model.token_domain[tok]))
         else:
             x_in = feats * model.dim ** 0.5 + model.dom_emb(model.token_domain[tok]) + model.pos_emb(torch.arange(L))
-            hh = torch.stack([e(x_in) for e in model.single_experts], -2).sum(-2) + \
-                torch.stack([e(x_in) for e in model.cross_experts], -2).sum(-2)
+            hh = (model.single_experts(x_in).sum(0) + model.cross_experts(x_in).sum(0)).view(1, L, -1)
         t = 3
         (hh[0, t] * torch.randn(hh.shape[-1])).sum().backward()  # LayerNorm outputs sum to a constant
         assert x.grad[0, t + 1:].abs().max() == 0
@@ -175,28 +175,26 @@ def test_causal_masking_no_position_sees_the_future(which):
 
 
 def test_experts_have_distinct_parameters_and_asymmetric_gradients():
-    """No parameter tensor is shared between experts; the SDSR pass trains no cross expert and the CDSR pass no
-    single expert (the detached group), while both passes train their own group and the embeddings."""
+    """Every expert has its own slice of the stacked parameters, with its own values; the SDSR pass trains no cross
+    expert and the CDSR pass no single expert (the detached group), while both passes train every expert of their
+    own group and the embeddings."""
     data = _tiny_data()
     model = SyNCRec(data.n_items, 3, data.item_domain, dim=16, n_single=2, n_cross=3, max_len=12, dropout=0.0)
-    experts = list(model.single_experts) + list(model.cross_experts)
-    assert len(experts) == 5
-    ptrs = [{p.data_ptr() for p in e.parameters()} for e in experts]
-    for i in range(len(ptrs)):
-        for j in range(i + 1, len(ptrs)):
-            assert not (ptrs[i] & ptrs[j])
-    assert len({id(e) for e in experts}) == 5
-    # distinct values too (independent initialisation)
-    w0 = [e.layers[0].self_attn.in_proj_weight for e in experts]
-    assert all(not torch.equal(w0[0], w) for w in w0[1:])
+    assert len(model.single_experts) == 2 and len(model.cross_experts) == 3
+    assert not ({p.data_ptr() for p in model.single_experts.parameters()}
+                & {p.data_ptr() for p in model.cross_experts.parameters()})
+    w0 = torch.cat([model.single_experts.qkv_weight[0], model.cross_experts.qkv_weight[0]])   # [5, 3d, d] layer 0
+    assert all(not torch.equal(w0[i], w0[j]) for i in range(5) for j in range(i + 1, 5))     # independent init
     tok = torch.randint(0, data.n_items, (4, 12))
+    tok[1, 5:] = data.n_items  # padding: the packed positions
     for mode, own, other in (("single", model.single_experts, model.cross_experts),
                              ("cross", model.cross_experts, model.single_experts)):
         model.zero_grad(set_to_none=True)
         task = torch.full((4,), 0 if mode == "single" else 3)
         model.encode(tok, task, mode).pow(2).sum().backward()
         assert all(p.grad is None for p in other.parameters())
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for e in own for p in [e.layers[0].self_attn.in_proj_weight])
+        for name, p in own.named_parameters():   # every expert of the own group, every layer
+            assert p.grad is not None and bool((p.grad.flatten(2).abs().sum(-1) > 0).all()), name
         assert model.item_emb.weight.grad is not None
         # output heads (fused op): only the own group's heads get gradient
         own = slice(0, 2) if mode == "single" else slice(2, 5)
@@ -209,14 +207,95 @@ def test_experts_have_distinct_parameters_and_asymmetric_gradients():
         assert model.gate_single.grad[others].abs().sum() == 0
 
 
+def _per_expert_state(stack: StackedCausalEncoder, prefix: str = "") -> dict:
+    """The stacked parameters in the earlier layout: one CausalEncoder per expert (`<e>.layers.<l>.<param>`)."""
+    return {f"{prefix}{e}.layers.{l}.{key}": getattr(stack, name)[l, e].detach().clone()
+            for name, key in StackedCausalEncoder.LAYER_KEYS.items()
+            for e in range(stack.n_experts) for l in range(stack.n_layers)}
+
+
+def test_stacked_encoder_equals_a_list_of_causal_encoders():
+    """The batched expert group: initialised with the same draws as a ModuleList of CausalEncoders (same seed, same
+    values), and the same outputs and input gradients as those modules (torch's TransformerEncoderLayer), also on
+    the packed non-padding positions; the per-expert checkpoint layout loads."""
+    torch.manual_seed(5)
+    encoders = torch.nn.ModuleList([CausalEncoder(16, 2, 2, 0.1, final_norm=False) for _ in range(3)])
+    torch.manual_seed(5)
+    stack = StackedCausalEncoder(3, 16, 2, 2, 0.1)
+    other = StackedCausalEncoder(3, 16, 2, 2, 0.1)          # other draws
+    other.load_state_dict(encoders.state_dict())            # the per-expert layout (strict)
+    for name in StackedCausalEncoder.LAYER_KEYS:
+        assert torch.equal(getattr(stack, name), getattr(other, name)), name
+    encoders.eval(), stack.eval()
+    x = torch.randn(4, 9, 16, requires_grad=True)
+    keep = torch.ones(4, 9, dtype=torch.bool)
+    keep[1, 3:], keep[3, 7:] = False, False
+    for impl in ("forward", "forward_loop"):
+        for k in (None, keep):
+            ref = torch.stack([e(x) for e in encoders])              # [E, B, L, d]
+            got = getattr(stack, impl)(x, k)
+            want = ref.flatten(1, 2) if k is None else ref.flatten(1, 2)[:, k.flatten()]
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), (impl, k is None)
+            g_got, = torch.autograd.grad((got * torch.linspace(-1, 1, got.numel()).view_as(got)).sum(), x)
+            g_want, = torch.autograd.grad((want * torch.linspace(-1, 1, want.numel()).view_as(want)).sum(), x)
+            assert torch.allclose(g_got, g_want, atol=1e-5), (impl, k is None)
+
+
+@pytest.mark.parametrize("n_single", [1, 0])  # with and without the single-domain group
+def test_checkpoints_with_per_expert_keys_load(n_single):
+    """A SyNCRec state dict of the earlier layout (one CausalEncoder per expert) loads strictly into the stacked
+    model and gives the same parameters and states; a seeded model draws the same initial values as before."""
+    data = _tiny_data()
+    torch.manual_seed(0)
+    m = SyNCRec(data.n_items, 3, data.item_domain, dim=8, n_single=n_single, n_cross=2, max_len=8, dropout=0.0)
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith(("single_experts.", "cross_experts."))}
+    old.update(_per_expert_state(m.cross_experts, "cross_experts."))
+    old.update(_per_expert_state(m.single_experts, "single_experts."))
+    torch.manual_seed(1)
+    fresh = SyNCRec(data.n_items, 3, data.item_domain, dim=8, n_single=n_single, n_cross=2, max_len=8, dropout=0.0)
+    fresh.load_state_dict(old)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    tok = torch.randint(0, data.n_items, (2, 8))
+    task = torch.full((2,), 3)
+    assert torch.equal(m.eval().encode(tok, task, "cross"), fresh.eval().encode(tok, task, "cross"))
+    # the earlier model built its experts as CausalEncoders right after the embeddings: the same draws now
+    torch.manual_seed(0)
+    torch.nn.Embedding(data.n_items + 2, 8), torch.nn.Embedding(4, 8), torch.nn.Embedding(8, 8)
+    before = [CausalEncoder(8, 2, 2, 0.0, final_norm=False) for _ in range(n_single + 2)]
+    stacked = torch.cat([m.single_experts.ff1_weight, m.cross_experts.ff1_weight], 1)
+    for e, enc in enumerate(before):
+        assert torch.equal(stacked[1, e], enc.layers[1].linear1.weight)
+
+
+def test_fast_dropout_is_inverted_dropout():
+    """Zero with probability p, the kept values scaled by 1 / (1 - p); identity in eval or at p = 0; seeded."""
+    x = torch.ones(200_000)
+    torch.manual_seed(0)
+    y = fast_dropout(x, 0.2, True)
+    assert set(torch.unique(y).tolist()) == {0.0, 1.25}
+    assert abs(float((y == 0).float().mean()) - 0.2) < 0.005
+    torch.manual_seed(0)
+    assert torch.equal(y, fast_dropout(x, 0.2, True))
+    assert fast_dropout(x, 0.2, False) is x and fast_dropout(x, 0.0, True) is x
+    g = torch.ones(10, requires_grad=True)
+    torch.manual_seed(1)
+    out = fast_dropout(g, 0.5, True)
+    out.sum().backward()
+    assert torch.equal(g.grad, out.detach())   # gradient = the mask's scale where kept, 0 where dropped
+
+
 @pytest.mark.parametrize("mode", ["single", "cross"])  # both passes (different detached groups)
 def test_fused_expert_mix_matches_loop(mode):
-    """The heads + partitioned mixture through mbrec_fast.gated_experts equal the plain-torch loop, values and
-    gradients of every parameter."""
+    """The fused pass (each group's trunks as one batched transformer on the non-padding positions, heads +
+    partitioned mixture through mbrec_fast.gated_experts) equals the loop twin (one expert at a time through torch's
+    functional attention on the whole padded rows, heads as a Python loop), values and gradients of every
+    parameter."""
     data = _tiny_data()
     torch.manual_seed(0)
     m = SyNCRec(data.n_items, 3, data.item_domain, dim=8, n_single=2, n_cross=3, max_len=7, dropout=0.0, r=0.7)
     tok = torch.randint(0, data.n_items, (3, 7))
+    tok[0, 4:], tok[2, 6:] = data.n_items, data.n_items   # padding tails: the fused trunks skip them
     task = torch.tensor([0, 1, 2]) if mode == "single" else torch.full((3,), 3)
     res = {}
     for impl in ("fused", "loop"):
@@ -721,3 +800,26 @@ def test_build_model_from_freshly_parsed_arguments_takes_the_model_defaults():
     args = S.build_parser().parse_args(["--model", "syncrec"])
     model = S.build_model(args, data)
     assert isinstance(model, SyNCRec) and args.dim == 64 and args.n_cross == 4
+
+
+def test_skip_done_compares_the_training_schedule():
+    """--skip-done counts a row as done only when it was trained with the same training options: the table's own
+    options (seeds, --only, --runs-root, --skip-done) do not matter, another schedule (e.g. fewer epochs) does."""
+    base = ("python -m mbrec_fast.training.sequential --table --seeds 3 --ablation-seeds 1 --skip-done --data "
+            "amazon_toys_games --runs-root /a --dim 32 --max-len 30 --epochs 6 --patience 2 --no-full --threads 1")
+    same = base.replace("--seeds 3", "--seeds 1 --only merged").replace("/a", "/b").replace("--skip-done ", "")
+    assert S.training_schedule(base) is not None and S.training_schedule(base) == S.training_schedule(same)
+    assert S.training_schedule(base) != S.training_schedule(base.replace("--epochs 6", "--epochs 30"))
+    assert S.training_schedule("mbrec-fast train --model syncrec") is None
+
+
+def test_table_markdown_keeps_one_schedule():
+    """A table re-run on a new schedule averages only the rows of that schedule; the others are counted."""
+    cmd = ("python -m mbrec_fast.training.sequential --table --data amazon_toys_games --epochs {e} --lr 5e-3 "
+           "--no-full --threads 1")
+    rows = [{"model": "syncrec", "variant": "paper", "data": "amazon_toys_games", "protocol": "sampled",
+             "domain": "all", "seed": seed, "metrics": {"hr@10": v, "ndcg@10": v}, "epochs": e,
+             "command": cmd.format(e=e)} for seed, v, e in ((0, 0.5, 40), (1, 0.1, 6), (2, 0.1, 6))]
+    md = S.table_markdown(rows, "amazon_toys_games", [], cmd.format(e=40))
+    assert "| syncrec | paper | 1 | 40 | 0.5000 | 0.5000 |" in md and "2 runs of this data" in md
+    assert "0.2333" in S.table_markdown(rows, "amazon_toys_games", [])   # no command: every row

@@ -52,9 +52,10 @@ import torch.nn.functional as F
 from ..experts import gated_experts
 from ..nn.bank import check_expert_impl, resolve_expert_impl
 from ..reference.experts import gated_heads_ref
-from .sasrec import DIM, DROPOUT, MAX_LEN, N_HEADS, N_LAYERS, CausalEncoder, histories_to_inputs, sampled_softmax_loss
+from .sasrec import (DIM, DROPOUT, MAX_LEN, N_HEADS, N_LAYERS, StackedCausalEncoder, histories_to_inputs,
+                     sampled_softmax_loss)
 
-__all__ = ["SyNCRec", "gap_weights", "mix_expert_heads"]
+__all__ = ["SyNCRec", "gap_weights", "mix_expert_heads", "mix_expert_heads_expert_major"]
 
 GAP_GRAD = ("detach", "cross")
 REWEIGHT = ("lower", "raise", "none")
@@ -116,10 +117,9 @@ class SyNCRec(nn.Module):
         self.register_buffer("token_domain", dom, persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.n_single, self.n_cross = n_single, n_cross
-        self.single_experts = nn.ModuleList([CausalEncoder(dim, n_layers, n_heads, dropout, final_norm=False)
-                                             for _ in range(n_single)])
-        self.cross_experts = nn.ModuleList([CausalEncoder(dim, n_layers, n_heads, dropout, final_norm=False)
-                                            for _ in range(n_cross)])
+        # each group's trunks run as one batched transformer (same initial values as a ModuleList of CausalEncoders)
+        self.single_experts = StackedCausalEncoder(n_single, dim, n_layers, n_heads, dropout)
+        self.cross_experts = StackedCausalEncoder(n_cross, dim, n_layers, n_heads, dropout)
         E = n_single + n_cross  # output heads of every expert (single experts first): Linear(d, d) -> LayerNorm
         self.head_weight = nn.Parameter(torch.stack([nn.init.xavier_uniform_(torch.empty(dim, dim)) for _ in range(E)]))
         self.head_bias = nn.Parameter(torch.zeros(E, dim))
@@ -150,39 +150,56 @@ class SyNCRec(nn.Module):
         x = x + self.pos_emb(torch.arange(tokens.shape[-1], device=tokens.device))
         return self.dropout(x)
 
-    @staticmethod
-    def _run(experts: nn.ModuleList, x: torch.Tensor, grad: bool) -> torch.Tensor:
+    def _run(self, experts: StackedCausalEncoder, x: torch.Tensor, keep: torch.Tensor, grad: bool) -> torch.Tensor:
+        """Trunk outputs [E_group, n, d] of one expert group at the n kept positions: one batched transformer
+        ("fused"), or the experts one at a time ("loop", the reference). grad=False: under `torch.no_grad` (the
+        detached group)."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            out = torch.stack([e(x) for e in experts], -2)  # [B, L, E, d]
-        return out
+            return experts(x, keep) if self.expert_impl == "fused" else experts.forward_loop(x, keep)
 
-    def _gates_and_trunks(self, x: torch.Tensor, task: torch.Tensor, mode: str):
-        """Trunk outputs [B, L, E, d], gates [B, L, E] and the slice of the experts this pass trains."""
+    @staticmethod
+    def _gate(x_kept: torch.Tensor, gate: torch.Tensor, task_kept: torch.Tensor) -> torch.Tensor:
+        """Softmax gate [n, E_group] of each position's task over one group, from its input embedding [n, d]."""
+        logits = torch.einsum("nd,tde->nte", x_kept, gate)            # every task's logits (few tasks), then pick
+        return torch.softmax(logits[torch.arange(x_kept.shape[0], device=x_kept.device), task_kept], -1)
+
+    def _gates_and_trunks(self, x: torch.Tensor, keep: torch.Tensor, task: torch.Tensor, mode: str):
+        """At the kept positions (n of them): trunk outputs expert-major [E, n, d], gates [n, E] and the slice of
+        the experts this pass trains."""
+        idx = torch.nonzero(keep.flatten()).flatten()
+        x_kept = x.reshape(-1, x.shape[-1]).index_select(0, idx)
+        task_kept = task.repeat_interleave(x.shape[1]).index_select(0, idx)
         if self.n_single == 0:  # no single-domain group: one shared group, trained by both passes
-            cross = self._run(self.cross_experts, x, grad=True)
-            return cross, torch.softmax(torch.einsum("bld,bde->ble", x, self.gate_cross[task]), -1), slice(None)
-        single = self._run(self.single_experts, x, grad=mode == "single")   # [B, L, E_s, d] trunk outputs
-        cross = self._run(self.cross_experts, x, grad=mode == "cross")
-        g_s = torch.softmax(torch.einsum("bld,bde->ble", x, self.gate_single[task]), -1)
-        g_c = torch.softmax(torch.einsum("bld,bde->ble", x, self.gate_cross[task]), -1)
+            return (self._run(self.cross_experts, x, keep, grad=True), self._gate(x_kept, self.gate_cross, task_kept),
+                    slice(None))
+        single = self._run(self.single_experts, x, keep, grad=mode == "single")   # [E_s, n, d] trunk outputs
+        cross = self._run(self.cross_experts, x, keep, grad=mode == "cross")
+        g_s, g_c = self._gate(x_kept, self.gate_single, task_kept), self._gate(x_kept, self.gate_cross, task_kept)
         w_s, w_c = (self.r, 1.0 - self.r) if mode == "single" else (1.0 - self.r, self.r)
         own = slice(0, self.n_single) if mode == "single" else slice(self.n_single, None)
-        return torch.cat([single, cross], -2), torch.cat([w_s * g_s, w_c * g_c], -1), own
+        return torch.cat([single, cross], 0), torch.cat([w_s * g_s, w_c * g_c], -1), own
 
     def encode(self, tokens: torch.Tensor, task: torch.Tensor, mode: str) -> torch.Tensor:
-        """Hidden states [B, L, d] of token rows [B, L] for per-row tasks [B] in the 'single' or 'cross' pass."""
+        """Hidden states [B, L, d] of token rows [B, L] for per-row tasks [B] in the 'single' or 'cross' pass.
+
+        Only the non-padding positions are computed (their states are those of the whole padded computation:
+        rows are left-aligned and attention is causal); the padding positions' states are 0 (no loss, no
+        prediction reads them)."""
         if mode not in ("single", "cross"):
             raise ValueError(f"mode must be 'single' or 'cross', got {mode!r}")
         B, L = tokens.shape
         x = self.embed(tokens)
-        trunks, gates, own = self._gates_and_trunks(x, task, mode)         # [B, L, E, d], [B, L, E]
+        keep = tokens != self.n_items                                      # PAD = n_items
+        trunks, gates, own = self._gates_and_trunks(x, keep, task, mode)   # [E, n, d], [n, E]
         params = []
         for p in (self.head_weight, self.head_bias, self.head_ln_weight, self.head_ln_bias):
-            keep = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-            keep[own] = True
+            keep_e = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+            keep_e[own] = True
             shape = (-1,) + (1,) * (p.dim() - 1)
-            params.append(torch.where(keep.view(shape), p, p.detach()))   # the other group's heads: no gradient
-        return self.out_norm(mix_expert_heads(trunks, gates, *params, expert_impl=self.expert_impl))
+            params.append(torch.where(keep_e.view(shape), p, p.detach()))   # the other group's heads: no gradient
+        mixed = self.out_norm(mix_expert_heads_expert_major(trunks, gates, *params, expert_impl=self.expert_impl))
+        idx = torch.nonzero(keep.flatten()).flatten()
+        return mixed.new_zeros(B * L, self.dim).index_copy(0, idx, mixed).view(B, L, self.dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Cross-domain hidden states [B, L, d] (the prediction path)."""
@@ -319,17 +336,29 @@ def mix_expert_heads(trunks: torch.Tensor, gates: torch.Tensor, weight: torch.Te
                      ln_weight: torch.Tensor, ln_bias: torch.Tensor, expert_impl: str = "fused",
                      **deprecated) -> torch.Tensor:
     """sum_e gates[..., e] * LayerNorm(trunks[..., e, :] @ weight[e] + bias[e]) for trunks [B, L, E, d], gates
-    [B, L, E]: one `gated_experts` call ("fused") or the loop twin `reference.experts.gated_heads_ref` ("loop").
-    `impl=` is the deprecated spelling of `expert_impl=`."""
+    [B, L, E]: one `gated_experts` call ("fused", after an expert-major copy of the trunks) or the loop twin
+    `reference.experts.gated_heads_ref` ("loop"). SyNCRec itself calls `mix_expert_heads_expert_major` (its batched
+    trunks are expert-major already). `impl=` is the deprecated spelling of `expert_impl=`."""
     expert_impl = resolve_expert_impl(expert_impl, deprecated)
     if deprecated:
         raise TypeError(f"unexpected keyword arguments {sorted(deprecated)}")
     B, L, E, d = trunks.shape
     if check_expert_impl(expert_impl) == "fused":
         xe = trunks.reshape(B * L, E, d).transpose(0, 1).contiguous()   # [E, B*L, d]
-        return gated_experts(xe, weight, bias, gates=gates.reshape(1, B * L, E), ln_weight=ln_weight,
-                             ln_bias=ln_bias, activation="none")[0].view(B, L, d)
+        return mix_expert_heads_expert_major(xe, gates.reshape(B * L, E), weight, bias, ln_weight, ln_bias).view(B, L, d)
     return gated_heads_ref(trunks, gates, weight, bias, ln_weight, ln_bias)
+
+
+def mix_expert_heads_expert_major(trunks: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                  ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                                  expert_impl: str = "fused") -> torch.Tensor:
+    """The same mixture [N, d] for expert-major trunks [E, N, d] and gates [N, E] (the layout the batched trunks
+    produce and `gated_experts` takes: no copy): one `gated_experts` call, or the loop twin ("loop")."""
+    E, N, d = trunks.shape
+    if check_expert_impl(expert_impl) == "fused":
+        return gated_experts(trunks, weight, bias, gates=gates.reshape(1, N, E), ln_weight=ln_weight,
+                             ln_bias=ln_bias, activation="none")[0]
+    return gated_heads_ref(trunks.permute(1, 0, 2)[None], gates[None], weight, bias, ln_weight, ln_bias)[0]
 
 
 def _domain_means(loss: torch.Tensor, valid: torch.Tensor, dom: torch.Tensor,

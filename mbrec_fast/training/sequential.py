@@ -635,9 +635,18 @@ def merge_rows(path: str, new: List[Dict[str, Any]]) -> None:
         json.dump(rows, f, indent=1, default=float)
 
 
-def table_markdown(rows: List[Dict[str, Any]], data_name: str, domains: Sequence[str]) -> str:
-    """Mean ± std over seeds of test HR@10 / NDCG@10 per model and variant, one table per protocol."""
+def table_markdown(rows: List[Dict[str, Any]], data_name: str, domains: Sequence[str],
+                   command: Optional[str] = None) -> str:
+    """Mean ± std over seeds of test HR@10 / NDCG@10 per model and variant, one table per protocol. With `command`
+    (the table's command line), only the rows trained with its training options: a table being re-run on a new
+    schedule never averages seeds of two schedules (the others are counted below it)."""
     rows = [r for r in rows if r["data"] == data_name]
+    n_other = 0
+    if command is not None:
+        schedule = training_schedule(command)
+        kept = [r for r in rows if training_schedule(r.get("command", "")) == schedule]
+        n_other, rows = len({(r["model"], r["variant"], r["seed"]) for r in rows}
+                            - {(r["model"], r["variant"], r["seed"]) for r in kept}), kept
     labels = list(dict.fromkeys((r["model"], r["variant"]) for r in rows))
     lines = []
     for proto in ("sampled", "full"):
@@ -659,13 +668,13 @@ def table_markdown(rows: List[Dict[str, Any]], data_name: str, domains: Sequence
                                                        f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if n_other:
+        lines += [f"({n_other} runs of this data trained with other options are in the JSON rows, not in this table.)", ""]
     return "\n".join(lines)
 
 
-def table_main(argv: Optional[List[str]] = None) -> int:
-    """One command per table: trains SyNCRec and both SASRecs (`--seeds` each) and SyNCRec's ablations
-    (`--ablation-seeds`) on one dataset; after every run, its test rows go into `--json` (replacing rows of the same
-    model, variant, data and seed) and the Markdown table of that dataset is rewritten to `--md`."""
+def table_parser() -> argparse.ArgumentParser:
+    """The table's own options (the rest of its command line are training options, `build_parser`)."""
     p = argparse.ArgumentParser(prog="python -m mbrec_fast.training.sequential --table")
     p.add_argument("--table", action="store_true")
     p.add_argument("--seeds", type=int, default=3)
@@ -675,8 +684,29 @@ def table_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--md", default=None, help="Markdown table (default: docs/results/sequential_<data>.md)")
     p.add_argument("--runs-root", default="runs/seq_table")
     p.add_argument("--skip-done", action="store_true",
-                   help="skip the runs whose rows (model, variant, data, seed) are already in --json (resume a table)")
-    a, rest = p.parse_known_args(argv)
+                   help="skip the runs whose rows (model, variant, data, seed) are already in --json with the same "
+                        "training options (resume a table; rows of another schedule are re-run and replaced)")
+    return p
+
+
+def training_schedule(command: str) -> Optional[Dict[str, Any]]:
+    """The training options of a table command line (a row's `command`): what makes two rows' runs comparable;
+    the table's own options (`--seeds`, `--only`, `--runs-root`, `--skip-done`, ...) left out. None if unparsable."""
+    tokens = command.split()
+    if "--table" not in tokens:
+        return None
+    try:
+        _, rest = table_parser().parse_known_args(tokens[tokens.index("--table"):])
+        return vars(build_parser().parse_args(["--model", "syncrec"] + rest))
+    except SystemExit:
+        return None
+
+
+def table_main(argv: Optional[List[str]] = None) -> int:
+    """One command per table: trains SyNCRec and both SASRecs (`--seeds` each) and SyNCRec's ablations
+    (`--ablation-seeds`) on one dataset; after every run, its test rows go into `--json` (replacing rows of the same
+    model, variant, data and seed) and the Markdown table of that dataset is rewritten to `--md`."""
+    a, rest = table_parser().parse_known_args(argv)
     base = build_parser().parse_args(["--model", "syncrec"] + rest)
     torch.set_num_threads(base.threads or 1)
     data = load_data(base)
@@ -686,13 +716,16 @@ def table_main(argv: Optional[List[str]] = None) -> int:
     log(f"table data {name}: {json.dumps(data.describe())}")
     command = "python -m mbrec_fast.training.sequential " + " ".join(argv or [])
     only = None if a.only is None else set(a.only.split(","))
-    # seed 0 of every model, then the ablations, then the other seeds: a cut-short table still has every row kind
+    # seed 0 of every model, then their other seeds (the headline comparison), then the ablations
     plan = [(lab, var, extra, 0) for lab, var, extra in TABLE if a.seeds > 0]
-    plan += [(lab, var, extra, seed) for lab, var, extra in ABLATIONS for seed in range(a.ablation_seeds)]
     plan += [(lab, var, extra, seed) for seed in range(1, a.seeds) for lab, var, extra in TABLE]
+    plan += [(lab, var, extra, seed) for lab, var, extra in ABLATIONS for seed in range(a.ablation_seeds)]
     weights_path = os.path.splitext(a.json)[0] + "_weights.json"
-    done = {(r["model"], r["variant"], r["data"], r["seed"]) for r in json.load(open(a.json))} \
-        if a.skip_done and os.path.isfile(a.json) else set()
+    # done: rows of the same run AND the same training schedule (rows of another schedule, e.g. fewer epochs, are
+    # re-run and replaced)
+    schedule = training_schedule(command)
+    done = {(r["model"], r["variant"], r["data"], r["seed"]) for r in json.load(open(a.json))
+            if training_schedule(r.get("command", "")) == schedule} if a.skip_done and os.path.isfile(a.json) else set()
     for label, variant, extra, seed in plan:
         if only is not None and label not in only and variant not in only:
             continue
@@ -724,7 +757,7 @@ def table_main(argv: Optional[List[str]] = None) -> int:
         rows = json.load(open(a.json))
         text = [f"Data: {name} ({json.dumps(data.describe())}).", "", f"Command: `{command}`", "",
                 "Test metrics of the best validation epoch (monitor: valid " + base.monitor + ").", "",
-                table_markdown(rows, name, data.domain_names)]
+                table_markdown(rows, name, data.domain_names, command)]
         if weights_log:
             text += ["SyNCRec cross-loss weights per epoch (epoch means; domains " + str(data.domain_names) + "):", ""]
             for k, ws in weights_log.items():
