@@ -331,16 +331,19 @@ def test_results_summary_is_mean_and_std_over_seeds(tmp_path):
     from mbrec_fast.training.multibehavior import summary_markdown
     base = {"model": "member", "variant": "faithful", "data": "tmall", "protocol": "full", "targets": "overall",
             "epochs": 12, "command": "x", "wall_s": 10.0, "users": 5}
-    rows = [dict(base, seed=0, metrics={"hr@10": 0.2, "ndcg@10": 0.1}),
-            dict(base, seed=1, metrics={"hr@10": 0.4, "ndcg@10": 0.1}),
-            dict(base, seed=0, variant="faithful, ablation=avg", metrics={"hr@10": 0.1, "ndcg@10": 0.05})]
+    rows = [dict(base, seed=0, metrics={"hr@10": 0.2, "ndcg@10": 0.1}, selection="last epoch (no validation)"),
+            dict(base, seed=1, metrics={"hr@10": 0.4, "ndcg@10": 0.1}, selection="last epoch (no validation)"),
+            dict(base, seed=0, variant="faithful, ablation=avg", metrics={"hr@10": 0.1, "ndcg@10": 0.05},
+                 selection="best validation epoch", best_epoch=8)]
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows))
     table = summary_markdown(str(path), "tmall", ks=(10,))
     lines = table.splitlines()
     assert len(lines) == 4
-    assert "| member (faithful) | tmall | full | overall (5) | 0.3000 ± 0.1414 | 0.1000 ± 0.0000 | 2 | 12 | 10 |" in lines
-    assert "| member (faithful, ablation=avg) | tmall | full | overall (5) | 0.1000 | 0.0500 | 1 | 12 | 10 |" in lines
+    assert ("| member (faithful) | tmall | full | overall (5) | 0.3000 ± 0.1414 | 0.1000 ± 0.0000 | 2 | 12 | "
+            "last epoch (no validation) | 10 |") in lines
+    assert ("| member (faithful, ablation=avg) | tmall | full | overall (5) | 0.1000 | 0.0500 | 1 | 12 (best 8) | "
+            "best validation epoch | 10 |") in lines
 
 
 def test_model_defaults_come_from_the_constructors(tiny):

@@ -597,14 +597,15 @@ def summary_markdown(json_path: str, data: Optional[str] = None, ks=(10, 20, 50,
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["data"], r["model"], r["variant"], r["protocol"], r.get("pool_others") or "",
-                           r["targets"], r["epochs"]), []).append(r)
+                           r["targets"], r["epochs"], r.get("selection") or ""), []).append(r)
     header = ["model", "data", "protocol", "targets"] + [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + \
-             ["seeds", "epochs", "wall s"]
+             ["seeds", "epochs", "selection", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = {"overall": 0, "visited": 1, "unvisited": 2}
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], order[k[5]])):
-        data_name, model, variant, protocol, others, targets, epochs = key
+        data_name, model, variant, protocol, others, targets, epochs, selection = key
         runs = groups[key]
+        best = sorted({r.get("best_epoch") for r in runs if r.get("best_epoch")})
         cells = []
         for k in ks:
             for m in ("hr", "ndcg"):
@@ -619,7 +620,10 @@ def summary_markdown(json_path: str, data: Optional[str] = None, ks=(10, 20, 50,
         proto = protocol + (f" (others {others})" if others else "")
         wall = statistics.mean(r["wall_s"] for r in runs)
         lines.append("| " + " | ".join([label, data_name, proto, f"{targets} ({runs[0]['users']})"] + cells
-                                        + [str(len(runs)), str(epochs), f"{wall:.0f}"]) + " |")
+                                        + [str(len(runs)), str(epochs) + (f" (best {', '.join(map(str, best))})"
+                                                                            if best and selection.startswith("best")
+                                                                            else ""),
+                                           selection, f"{wall:.0f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -652,7 +656,10 @@ if __name__ == "__main__":  # python -m mbrec_fast.training.multibehavior table|
         print(results_markdown(sys.argv[2:]))
     elif len(sys.argv) > 2 and sys.argv[1] == "rows":   # rows JSON_PATH RUN_DIR...
         print(f"{write_result_rows(sys.argv[3:], sys.argv[2])} rows written to {sys.argv[2]}")
-    elif len(sys.argv) > 2 and sys.argv[1] == "summary":  # summary JSON_PATH [DATA]
-        print(summary_markdown(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
+    elif len(sys.argv) > 2 and sys.argv[1] == "summary":  # summary JSON_PATH [DATA] [--ks K ...]
+        rest = sys.argv[3:]
+        ks = tuple(int(k) for k in rest[rest.index("--ks") + 1:]) if "--ks" in rest else (10, 20, 50, 100)
+        rest = rest[:rest.index("--ks")] if "--ks" in rest else rest
+        print(summary_markdown(sys.argv[2], rest[0] if rest else None, ks=ks))
     else:
         raise SystemExit(train_main(sys.argv[1:]))
