@@ -34,12 +34,13 @@ both passes).
 Expert mixing through the fused op: every expert is a causal transformer trunk followed by its own output head
 ``Linear(d, d) -> LayerNorm`` (the head replaces the trunk's final LayerNorm). The heads of all E = E_s + E_c
 experts and the partitioned gate mix run as ONE `mbrec_fast.gated_experts` call with per-expert inputs
-x [E, B*L, d] (the trunk outputs) and precomputed gates [1, B*L, E] = [r * g_own, (1 - r) * g_other] laid out in
-the expert order (single experts first). The detached group's trunk outputs come from `torch.no_grad` and its head
-parameters enter the op as `.detach()`ed copies, so the asymmetry holds inside the fused op too. The trunks
-themselves are full attention stacks with different inputs to every layer, which no fused expert op covers; they
-run as separate modules. `expert_impl="loop"` computes the same heads and mixture with plain torch (the reference
-the tests compare against).
+x [E, n, d] (the trunk outputs at the n non-padding positions) and precomputed gates [1, n, E] =
+[r * g_own, (1 - r) * g_other] laid out in the expert order (single experts first). The detached group's trunk
+outputs come from `torch.no_grad` and its head parameters enter the op as `.detach()`ed copies, so the asymmetry
+holds inside the fused op too. The trunks are full attention stacks, which no fused expert op covers; each group's
+trunks run as one batched transformer (`StackedCausalEncoder`) whose output is already the op's expert-major
+layout. `expert_impl="loop"` computes the same trunks (one expert at a time through torch's attention), heads and
+mixture with plain torch (the reference the tests compare against).
 """
 from __future__ import annotations
 
