@@ -178,12 +178,7 @@ def gated_experts_fwd_torch(x, weight, bias, gates, gate_weight, gate_bias, gate
                                                     ln_eps, activation, x.dim() == 3)
         return out.to(x.dtype), pre, probs_out
     if _uses_fused_mix(pre, x, activation, ln_weight, ln_bias):
-        if gates is None:
-            probs_out = _gate_probs(x32, gate_weight, gate_bias, gate_mask).permute(1, 0, 2).contiguous()
-            g = probs_out
-        else:
-            g = gates.to(compute_dtype(x)).contiguous()
-            probs_out = x.new_empty(EMPTY_SHAPE, dtype=compute_dtype(x))
+        g, probs_out = _gate_tensor(x32, x, gates, gate_weight, gate_bias, gate_mask)
         # one C++ pass over [B, E, H]: relu in place (pre becomes the activation) and the mixture into [T, B, H]
         out = torch.ops.mbrec_fast.gated_mix_fwd(pre, g, activation == "relu")
         return out.to(x.dtype), pre, probs_out
@@ -348,9 +343,8 @@ def saves_gathered_x(x: Tensor, activation: str, ln_weight: Optional[Tensor], ln
     """Whether the C++ routed passes serve this call (CPU only): `routed_combine` / `routed_mix_bwd` for relu/none
     without LayerNorm (the saved sorted tensor is the activation they read), `routed_ln_combine` /
     `routed_ln_mix_bwd` with LayerNorm (the saved tensor is the pre-activation; they recompute the rest). Then
-    routed_experts_fwd
-    also returns the gathered X [B*k, D] (compute dtype) for its backward; elsewhere that output is empty (the fake
-    and the Triton launcher use this too). `x`: any tensor on the call's device."""
+    routed_experts_fwd also returns the gathered X [B*k, D] (compute dtype) for its backward; elsewhere that output
+    is empty (the fake and the Triton launcher use this too). `x`: any tensor on the call's device."""
     return FUSED_ROUTED and x.device.type == "cpu" and (_saves_activation(activation, ln_weight, ln_bias)
                                                         or _has_ln(ln_weight, ln_bias))
 
