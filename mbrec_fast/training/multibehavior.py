@@ -68,7 +68,7 @@ ABLATIONS = {"avg": {"gate": "avg"}, "single-expert": {"single_expert": True}}
 
 # ------------------------------------------------------------------------------------------ parsing
 def _training_defaults_text(key: str) -> str:
-    """A training option's default and its per-model values, e.g. "4096; MEMBER faithful 1024"."""
+    """A training option's default and its per-model values, e.g. "4096; member faithful 1024"."""
     parts = [f"{GENERIC_DEFAULTS[key]:g}"]
     parts += [f"{model}{' ' + variant if variant else ''} {values[key]:g}"
               for (model, variant), values in TRAINING_DEFAULTS.items() if key in values]
