@@ -121,6 +121,24 @@ def test_resume_with_changed_args_at_the_command_line(tmp_path, tiny_multibehavi
     assert ok.returncode == 0, ok.stderr
 
 
+def test_resume_with_more_epochs_extends_the_run_exactly(tmp_path, tiny_multibehavior):
+    """12 epochs resumed to 100 must train what one 100-epoch run trains; fewer epochs stay refused."""
+    def run(out, epochs, *extra):
+        return _cli(["train", "--model", "mf", "--data", tiny_multibehavior, "--epochs", str(epochs), "--out",
+                     str(tmp_path / out), "--dim", "8", "--batch-size", "16", "--valid", "none", "--no-progress",
+                     *extra])
+    assert run("long", 3).returncode == 0
+    assert run("short", 1).returncode == 0
+    extended = run("short", 3, "--resume")
+    assert extended.returncode == 0, extended.stderr
+    long_weights = load_checkpoint(str(tmp_path / "long" / "checkpoint.pt"))["model"]
+    extended_weights = load_checkpoint(str(tmp_path / "short" / "checkpoint.pt"))["model"]
+    for key in long_weights:
+        assert torch.equal(long_weights[key], extended_weights[key]), key
+    shortened = run("long", 2, "--resume")
+    assert shortened.returncode != 0 and "--epochs is 2 here but 3 in the checkpoint" in shortened.stderr
+
+
 def test_sigint_during_validation_stops_at_once_and_resumes_exactly(tmp_path):
     full, full_result = _toy(tmp_path / "full")
     state = {"calls": 0}

@@ -145,12 +145,20 @@ def _plain(value):
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
+def _extends_epochs(key: str, saved, current) -> bool:
+    """More epochs than the checkpoint's run extends its schedule rather than changing it: batches are a function
+    of (seed, epoch) and no learning-rate schedule depends on the total, so 12 epochs resumed to 100 train exactly
+    what one 100-epoch run trains. Fewer epochs would end a run before its checkpoint and stay refused."""
+    return key == "epochs" and isinstance(saved, int) and isinstance(current, int) and current >= saved
+
+
 def check_resume_config(path: str, saved: Dict[str, Any], current: Dict[str, Any]) -> None:
     """Refuses to resume when a schedule-defining argument differs from the checkpoint's (ValueError naming
     the flags): batches are a function of (seed, epoch, batch size, ...), so a changed one would silently
     train another schedule."""
     changed = [k for k in sorted(set(saved) & set(current))
-               if k not in RESUME_FREE_ARGS and _plain(saved[k]) != _plain(current[k])]
+               if k not in RESUME_FREE_ARGS and _plain(saved[k]) != _plain(current[k])
+               and not _extends_epochs(k, saved[k], current[k])]
     if changed:
         diffs = "; ".join(f"--{k.replace('_', '-')} is {current[k]!r} here but {saved[k]!r} in the checkpoint"
                           for k in changed)
