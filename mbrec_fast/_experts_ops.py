@@ -8,7 +8,8 @@ Triton/torch-backed, so there is no C++ schema):
 * ``mbrec_fast::routed_experts_fwd`` / ``mbrec_fast::routed_experts_bwd``
 
 plus the fakes of the C++ passes their CPU kernels call (``mbrec_fast::gated_mix_fwd`` / ``gated_mix_bwd``,
-``routed_combine`` / ``routed_mix_bwd``; schemas and kernels in csrc/experts/).
+``routed_combine`` / ``routed_mix_bwd`` and the LayerNorm twins, and the segment GEMMs ``segment_mm`` /
+``segment_mm_tn``; schemas and kernels in csrc/experts/).
 
 The default implementation of every op (the CPU kernel) is the torch code in `mbrec_fast._experts_torch`. On CUDA
 all four ops are overridden by Triton launchers from `mbrec_fast.kernels` (when Triton is installed); fp64 inputs
@@ -128,6 +129,18 @@ def _(grad_out, pre, order, route_weight, offsets, ln_weight, ln_bias, eps, acti
     drw = pre.new_empty(EMPTY_SHAPE) if route_weight is None else torch.empty_like(route_weight)
     return (torch.empty_like(pre), drw, pre.new_empty((E, H) if ln_weight is not None else EMPTY_SHAPE),
             pre.new_empty((E, H) if ln_bias is not None else EMPTY_SHAPE))
+
+
+@torch.library.register_fake("mbrec_fast::segment_mm")
+def _(a, b, offsets, bias, transpose_b):
+    """Fake of the C++ segment GEMM (csrc/experts/segment_mm_cpu.cpp): out [N, M]."""
+    return a.new_empty((a.shape[0], b.shape[1] if transpose_b else b.shape[2]))
+
+
+@torch.library.register_fake("mbrec_fast::segment_mm_tn")
+def _(a, c, offsets):
+    """Fake of the C++ segment GEMM a[s:t]^T c[s:t]: out [E, P, M]."""
+    return a.new_empty((offsets.shape[0] - 1, a.shape[1], c.shape[1]))
 
 
 def _gated_setup(ctx, inputs, output):

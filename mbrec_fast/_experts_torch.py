@@ -100,20 +100,77 @@ def _gate_probs(x32: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], g
     return torch.softmax(logits, dim=-1)
 
 
+FUSED_GEMM = True  # the expert GEMMs on CPU run the C++ segment GEMMs (False: torch.mm / bmm, for comparison)
+
+
+def _segment_gemms(t: Tensor) -> bool:
+    """Whether this call's expert GEMMs run `segment_mm` / `segment_mm_tn` (csrc/experts/segment_mm_cpu.cpp: the
+    register-blocked AVX-512 / AVX2 kernel for fp32, at::mm otherwise): CPU tensors, unless FUSED_GEMM is off."""
+    return FUSED_GEMM and t.device.type == "cpu"
+
+
+def _equal_segments(n_segments: int, rows: int) -> Tensor:
+    """offsets [n_segments + 1] of n_segments consecutive segments of `rows` rows each."""
+    return torch.arange(0, (n_segments + 1) * rows, rows, dtype=torch.int64) if rows > 0 else \
+        torch.zeros(n_segments + 1, dtype=torch.int64)
+
+
+def _w_cat(weight: Tensor, cdt: torch.dtype) -> Tensor:
+    """The shared-input experts' weights side by side: [D, E*H] (column e*H + h = weight[e, :, h])."""
+    E, D, H = weight.shape
+    return weight.to(cdt).permute(1, 0, 2).reshape(D, E * H)
+
+
 def _expert_pre(x32: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Pre-activation of every expert: [B, E, H] for shared X[B, D], [E, B, H] for per-expert X[E, B, D]."""
     E, D, H = weight.shape
-    x = x32
+    cdt = x32.dtype
+    b32 = None if bias is None else bias.to(cdt)
     if x32.dim() == 2:
-        w_cat = weight.to(compute_dtype(x)).permute(1, 0, 2).reshape(D, E * H)
-        if bias is not None:
-            pre = torch.addmm(bias.to(compute_dtype(x)).reshape(E * H), x32, w_cat)
+        w_cat = _w_cat(weight, cdt)
+        if _segment_gemms(x32):  # one segment: all of X times W_cat
+            pre = torch.ops.mbrec_fast.segment_mm(x32.contiguous(), w_cat.unsqueeze(0), _equal_segments(1, x32.shape[0]),
+                                                  None if b32 is None else b32.reshape(1, E * H), False)
+        elif b32 is not None:
+            pre = torch.addmm(b32.reshape(E * H), x32, w_cat)
         else:
             pre = x32 @ w_cat
         return pre.view(x32.shape[0], E, H)
-    if bias is not None:
-        return torch.baddbmm(bias.to(compute_dtype(x)).unsqueeze(1), x32, weight.to(compute_dtype(x)))
-    return torch.bmm(x32, weight.to(compute_dtype(x)))
+    B = x32.shape[1]
+    if _segment_gemms(x32):  # segment e: expert e's rows X[e] times weight[e]
+        pre = torch.ops.mbrec_fast.segment_mm(x32.reshape(E * B, D).contiguous(), weight.to(cdt).contiguous(),
+                                              _equal_segments(E, B), None if b32 is None else b32.contiguous(), False)
+        return pre.view(E, B, H)
+    if b32 is not None:
+        return torch.baddbmm(b32.unsqueeze(1), x32, weight.to(cdt))
+    return torch.bmm(x32, weight.to(cdt))
+
+
+def _expert_input_grads(dpre: Tensor, x32: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dX, dW) of the gated experts' GEMMs from the pre-activation gradient ([B, E, H] for shared X[B, D], [E, B, H]
+    for per-expert X[E, B, D]): dX of X's shape (compute dtype), dW [E, D, H]."""
+    E, D, H = weight.shape
+    cdt = dpre.dtype
+    if x32.dim() == 2:
+        B = x32.shape[0]
+        dpre2 = dpre.reshape(B, E * H).contiguous()
+        w_cat = _w_cat(weight, cdt)
+        if _segment_gemms(x32):
+            one = _equal_segments(1, B)
+            dx = torch.ops.mbrec_fast.segment_mm(dpre2, w_cat.unsqueeze(0), one, None, True)
+            dw_cat = torch.ops.mbrec_fast.segment_mm_tn(x32.contiguous(), dpre2, one)[0]
+        else:
+            dx = dpre2 @ w_cat.t()
+            dw_cat = x32.t() @ dpre2
+        return dx, dw_cat.view(D, E, H).permute(1, 0, 2).contiguous()
+    B = x32.shape[1]
+    if _segment_gemms(x32):
+        segs = _equal_segments(E, B)
+        dpre_rows = dpre.reshape(E * B, H).contiguous()
+        dx = torch.ops.mbrec_fast.segment_mm(dpre_rows, weight.to(cdt).contiguous(), segs, None, True)
+        dw = torch.ops.mbrec_fast.segment_mm_tn(x32.reshape(E * B, D).contiguous(), dpre_rows, segs)
+        return dx.view(E, B, D), dw
+    return torch.bmm(dpre, weight.to(cdt).transpose(1, 2)), torch.bmm(x32.transpose(1, 2), dpre)
 
 
 def _normalize_activate(pre_beh: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], ln_eps: float,
@@ -246,15 +303,11 @@ def gated_experts_bwd_torch(grad_out, x, weight, bias, gates, gate_weight, gate_
     else:
         dpre = dy
     if shared:
-        dpre2 = dpre.reshape(-1, E * H)
-        w_cat = weight.to(compute_dtype(x)).permute(1, 0, 2).reshape(D, E * H)
-        dx = dpre2 @ w_cat.t()
-        dw = (x32.t() @ dpre2).view(D, E, H).permute(1, 0, 2).contiguous()
-        db = dpre2.sum(0).view(E, H) if bias is not None else None
+        dx, dw = _expert_input_grads(dpre, x32, weight)
+        db = dpre.reshape(-1, E * H).sum(0).view(E, H) if bias is not None else None
     else:
         dpre_e = dpre.permute(1, 0, 2)  # [E, B, H]
-        dx = torch.bmm(dpre_e, weight.to(compute_dtype(x)).transpose(1, 2))
-        dw = torch.bmm(x32.transpose(1, 2), dpre_e)
+        dx, dw = _expert_input_grads(dpre_e, x32, weight)
         db = dpre_e.sum(1) if bias is not None else None
     d_gates, d_gw, d_gb = _empty_like_dtype(x), _empty_like_dtype(x), _empty_like_dtype(x)
     if gates is None:
@@ -290,14 +343,7 @@ def _gated_bwd_fused(grad_out, x32, x, weight, bias, gates, gate_weight, gate_bi
     else:
         dpre, d_g, db = torch.ops.mbrec_fast.gated_mix_bwd(grad_out.to(cdt).contiguous(), pre.contiguous(), g,
                                                            activation == "relu", bias is not None)
-    if x.dim() == 2:
-        dpre2 = dpre.view(-1, E * H)
-        w_cat = weight.to(cdt).permute(1, 0, 2).reshape(D, E * H)
-        dx = dpre2 @ w_cat.t()
-        dw = (x32.t() @ dpre2).view(D, E, H).permute(1, 0, 2).contiguous()
-    else:  # per-expert inputs: pre and dpre are [E, B, H]
-        dx = torch.bmm(dpre, weight.to(cdt).transpose(1, 2))
-        dw = torch.bmm(x32.transpose(1, 2), dpre)
+    dx, dw = _expert_input_grads(dpre, x32, weight)  # per-expert inputs: pre and dpre are [E, B, H]
     d_gates, d_gw, d_gb = _empty_like_dtype(x), _empty_like_dtype(x), _empty_like_dtype(x)
     if gates is None:
         T = gate_weight.shape[0]
@@ -358,17 +404,22 @@ def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln
     order, offsets = sort_routes(route, E)
     rows = torch.div(order, k, rounding_mode="floor")
     xs = x.to(compute_dtype(x)).index_select(0, rows)
-    pre = xs.new_empty((B * k, H))
     w32 = weight.to(compute_dtype(x))
     b32 = None if bias is None else bias.to(compute_dtype(x))
-    bounds = offsets.tolist()
-    for e in range(E):
-        s, t = bounds[e], bounds[e + 1]
-        if t > s:
-            if b32 is not None:
-                torch.addmm(b32[e], xs[s:t], w32[e], out=pre[s:t])
-            else:
-                torch.mm(xs[s:t], w32[e], out=pre[s:t])
+    if saves_gathered_x(xs, activation, ln_weight, ln_bias):
+        # the per-expert GEMMs in one C++ call (csrc/experts/segment_mm_cpu.cpp: the register-blocked kernel)
+        pre = torch.ops.mbrec_fast.segment_mm(xs, w32.contiguous(), offsets,
+                                              None if b32 is None else b32.contiguous(), False)
+    else:
+        pre = xs.new_empty((B * k, H))
+        bounds = offsets.tolist()
+        for e in range(E):
+            s, t = bounds[e], bounds[e + 1]
+            if t > s:
+                if b32 is not None:
+                    torch.addmm(b32[e], xs[s:t], w32[e], out=pre[s:t])
+                else:
+                    torch.mm(xs[s:t], w32[e], out=pre[s:t])
     if saves_gathered_x(pre, activation, ln_weight, ln_bias) and _has_ln(ln_weight, ln_bias):
         cdt = compute_dtype(x)
         rw = None if route_weight is None else route_weight.to(cdt).contiguous()
@@ -410,25 +461,32 @@ def _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
 
 
 def _routed_group_grads(dpre: Tensor, xs: Tensor, weight: Tensor, offsets: Tensor,
-                        with_bias: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                        with_bias: bool, segment_kernels: bool = False) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """The routed backward's per-expert GEMMs on the sorted rows: (dX rows [N, D] (sorted), dW [E, D, H], db [E, H]
-    or None); an expert with no rows gets zero dW and db."""
+    or None); an expert with no rows gets zero dW and db. `segment_kernels`: the two C++ segment GEMMs instead of
+    one torch.mm pair per expert (the fused CPU path)."""
     E, D, H = weight.shape
     cdt = dpre.dtype
     w32 = weight.to(cdt)
-    dxs = torch.empty(dpre.shape[0], D, dtype=cdt, device=dpre.device)
-    dw = torch.empty(E, D, H, dtype=cdt, device=dpre.device)
+    if segment_kernels:
+        dxs = torch.ops.mbrec_fast.segment_mm(dpre, w32.contiguous(), offsets, None, True)
+        dw = torch.ops.mbrec_fast.segment_mm_tn(xs, dpre, offsets)
+    else:
+        dxs = torch.empty(dpre.shape[0], D, dtype=cdt, device=dpre.device)
+        dw = torch.empty(E, D, H, dtype=cdt, device=dpre.device)
     db = torch.empty(E, H, dtype=cdt, device=dpre.device) if with_bias else None
     bounds = offsets.tolist()
     for e in range(E):
         s, t = bounds[e], bounds[e + 1]
         if t > s:
-            torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
-            torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
+            if not segment_kernels:
+                torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
+                torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
             if db is not None:
                 torch.sum(dpre[s:t], 0, out=db[e])
         else:  # an expert with no rows
-            dw[e].zero_()
+            if not segment_kernels:
+                dw[e].zero_()
             if db is not None:
                 db[e].zero_()
     return dxs, dw, db
@@ -516,7 +574,7 @@ def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, 
                                                          activation == "relu")
     if xs.numel() != dpre.shape[0] * D or xs.dtype != cdt:  # not saved by the forward (e.g. a direct op call)
         xs = x.to(cdt).index_select(0, rows)
-    dxs, dw, db = _routed_group_grads(dpre, xs, weight, offsets, bias is not None)
+    dxs, dw, db = _routed_group_grads(dpre, xs, weight, offsets, bias is not None, segment_kernels=True)
     dx = torch.ops.mbrec_fast.routed_combine(dxs, order, None, B)
     d_rw = _empty_like_dtype(x) if route_weight is None else d_rw.to(route_weight.dtype)
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw,

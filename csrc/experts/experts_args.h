@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <vector>
 
 #include "common/checks.h"
@@ -86,17 +87,25 @@ inline std::vector<int64_t> check_route_args(const at::Tensor& src, const at::Te
   return pos;
 }
 
+// Segment offsets of the rows of `rows_of` (named `name`): int64 [E + 1] on its device (CPU: read here), non-decreasing
+// from 0 to rows_of.size(0); segment e is rows offsets[e] .. offsets[e + 1]. Returns E.
+inline int64_t check_segment_offsets(const at::Tensor& offsets, const at::Tensor& rows_of, const char* name) {
+  check_tensor(offsets, "offsets", at::kLong, 1, rows_of.device());
+  TORCH_CHECK(offsets.size(0) >= 1, "offsets must have E + 1 >= 1 entries");
+  const int64_t E = offsets.size(0) - 1, N = rows_of.size(0);
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[E] == N, "offsets must run from 0 to the rows of ", name, " (", N, "), got ", o[0], " .. ",
+              o[E]);
+  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(o[e] <= o[e + 1], "offsets must be non-decreasing");
+  return E;
+}
+
 // The routed LayerNorm passes' extra arguments: offsets int64 [E + 1] on pre's device, non-decreasing from 0 to
 // pre.size(0); ln_weight / ln_bias (if given) [E, H] of pre's dtype, contiguous. Returns E.
 inline int64_t check_routed_ln_args(const at::Tensor& pre, const at::Tensor& offsets,
                                     const c10::optional<at::Tensor>& ln_weight,
                                     const c10::optional<at::Tensor>& ln_bias) {
-  check_tensor(offsets, "offsets", at::kLong, 1, pre.device());
-  TORCH_CHECK(offsets.size(0) >= 1, "offsets must have E + 1 >= 1 entries");
-  const int64_t E = offsets.size(0) - 1, N = pre.size(0), H = pre.size(1);
-  const int64_t* o = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(o[0] == 0 && o[E] == N, "offsets must run from 0 to the rows of pre (", N, "), got ", o[0], " .. ", o[E]);
-  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(o[e] <= o[e + 1], "offsets must be non-decreasing");
+  const int64_t E = check_segment_offsets(offsets, pre, "pre"), H = pre.size(1);
   for (const auto* p : {&ln_weight, &ln_bias}) {
     if (!p->has_value()) continue;
     const char* name = p == &ln_weight ? "ln_weight" : "ln_bias";
@@ -105,6 +114,37 @@ inline int64_t check_routed_ln_args(const at::Tensor& pre, const at::Tensor& off
                 (*p)->sizes());
   }
   return E;
+}
+
+// segment_mm: a [N, K] fp32/fp64, b [E, K, M] ([E, M, K] when transpose_b) and bias (if given) [E, M] of a's dtype,
+// offsets as check_segment_offsets with E = b.size(0). Returns (E, K, M).
+inline std::array<int64_t, 3> check_segment_mm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                                                    const c10::optional<at::Tensor>& bias, bool transpose_b) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "a must be float32 or float64, got ", a.scalar_type());
+  check_tensor(a, "a", a.scalar_type(), 2, a.device());
+  check_tensor(b, "b", a.scalar_type(), 3, a.device());
+  const int64_t E = check_segment_offsets(offsets, a, "a"), K = a.size(1);
+  TORCH_CHECK(b.size(0) == E, "b must have one matrix per segment (E = offsets.size(0) - 1 = ", E, "), got ", b.size(0));
+  TORCH_CHECK(b.size(transpose_b ? 2 : 1) == K, "b must be [E, ", transpose_b ? "M, K" : "K, M", "] with K = a.size(1) = ",
+              K, ", got ", b.sizes());
+  const int64_t M = b.size(transpose_b ? 1 : 2);
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", a.scalar_type(), 2, a.device());
+    TORCH_CHECK(bias->size(0) == E && bias->size(1) == M, "bias must be [E, M] = [", E, ", ", M, "], got ",
+                bias->sizes());
+  }
+  return {E, K, M};
+}
+
+// segment_mm_tn: a [N, P] and c [N, M] of one dtype (fp32/fp64), offsets as check_segment_offsets. Returns E.
+inline int64_t check_segment_mm_tn_args(const at::Tensor& a, const at::Tensor& c, const at::Tensor& offsets) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "a must be float32 or float64, got ", a.scalar_type());
+  check_tensor(a, "a", a.scalar_type(), 2, a.device());
+  check_tensor(c, "c", a.scalar_type(), 2, a.device());
+  TORCH_CHECK(c.size(0) == a.size(0), "c must have the rows of a (", a.size(0), "), got ", c.size(0));
+  return check_segment_offsets(offsets, a, "a");
 }
 
 }  // namespace experts

@@ -43,4 +43,12 @@ TORCH_LIBRARY_FRAGMENT(mbrec_fast, m) {
   // route_weight [B, k] or empty, grad of ln_weight, grad of ln_bias ([E, H] each, or empty when absent)).
   m.def("routed_ln_mix_bwd(Tensor grad_out, Tensor pre, Tensor order, Tensor? route_weight, Tensor offsets, "
         "Tensor? ln_weight, Tensor? ln_bias, float eps, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Segment GEMMs (kernels: segment_mm_cpu.cpp), the routed experts' per-expert products on expert-sorted rows:
+  // segment e is rows offsets[e] .. offsets[e + 1] (int64 [E + 1], non-decreasing from 0 to a.size(0)).
+  // segment_mm: out [N, M], out[s:t] = a[s:t] @ b[e] (+ bias[e]); a [N, K], b [E, K, M] or, when transpose_b,
+  // [E, M, K] used as b[e]^T (the backward's dX = dY W^T); bias [E, M] or None.
+  m.def("segment_mm(Tensor a, Tensor b, Tensor offsets, Tensor? bias, bool transpose_b) -> Tensor");
+  // segment_mm_tn: out [E, P, M], out[e] = a[s:t]^T @ c[s:t] (the backward's dW = X^T dY; zeros for an empty
+  // segment); a [N, P], c [N, M].
+  m.def("segment_mm_tn(Tensor a, Tensor c, Tensor offsets) -> Tensor");
 }
