@@ -3,7 +3,8 @@
 Grid (MBREC_FAST_BENCH_FULL=1): B in {512, 4096, 32768}, D = 256, H in {64, 128}, E in {4, 8, 16}, T in {1, 2, 6}.
 Default: B = 512 small cases plus the goal case B = 4096, D = 256, H = 128, E = 8, T = 2.
 extra_info: gflops (expert GEMM FLOPs / time), frac_sgemm_bound (time / time of the same FLOPs at the sgemm rate
-measured in the same run on X[B, D] @ W[D, E*H], routed: X[B*k, D] @ W[D, H]; 1.0 = at the bound), and the CUDA
+measured in the same run on X[B, D] @ W[D, E*H], routed: X[B*k, D] @ W[D, H]; 1.0 = at the bound),
+frac_sgemm2048_bound (the same against a bare 2048^3 sgemm measured in the same run), and the CUDA
 kernel count on a GPU.
 """
 import os
@@ -48,6 +49,22 @@ def sgemm_seconds(B: int, N: int) -> float:
             best = min(best, time.perf_counter() - t)
         _SGEMM_CACHE[key] = best
     return _SGEMM_CACHE[key]
+
+
+def sgemm2048_rate() -> float:
+    """FLOP/s of a bare 2048^3 fp32 GEMM on this device, best of 3, measured once per run (the issue's yardstick)."""
+    if "2048" not in _SGEMM_CACHE:
+        a, b = torch.randn(2048, 2048, device=DEV), torch.randn(2048, 2048, device=DEV)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            _sync()
+            t = time.perf_counter()
+            a @ b
+            _sync()
+            best = min(best, time.perf_counter() - t)
+        _SGEMM_CACHE["2048"] = 2 * 2048 ** 3 / best
+    return _SGEMM_CACHE["2048"]
 
 
 class EinsumGatedExperts(torch.nn.Module):
@@ -110,7 +127,8 @@ def test_bench_gated_experts(benchmark, record, B, H, E, T, impl, mode):
     t = stats.stats.min if stats is not None else None
     extra = {}
     if t:
-        extra = dict(gflops=gemm_flops / t / 1e9, frac_sgemm_bound=t / bound)
+        extra = dict(gflops=gemm_flops / t / 1e9, frac_sgemm_bound=t / bound,
+                     frac_sgemm2048_bound=t * sgemm2048_rate() / gemm_flops)
     benchmark.group = f"gated_experts {mode}: B={B} H={H} E={E} T={T}"
     record(op=f"gated_experts_{mode}", case=f"B={B} D={D} H={H} E={E} T={T}", impl=impl, B=B, D=D, H=H, E=E, T=T,
            sgemm_gflops=2 * B * D * E * H / sgemm_seconds(B, E * H) / 1e9, kernels=_kernel_count(run), **extra)
@@ -150,7 +168,8 @@ def test_bench_routed_experts(benchmark, record, B, H, E, k, impl, mode):
     bound = sgemm_seconds(B * k, H) * (1 if mode == "fwd" else 3)  # the same FLOPs as one [B*k, D] x [D, H] GEMM
     stats = getattr(benchmark, "stats", None)
     t = stats.stats.min if stats is not None else None
-    extra = dict(gflops=gemm_flops / t / 1e9, frac_sgemm_bound=t / bound) if t else {}
+    extra = dict(gflops=gemm_flops / t / 1e9, frac_sgemm_bound=t / bound,
+                 frac_sgemm2048_bound=t * sgemm2048_rate() / gemm_flops) if t else {}
     benchmark.group = f"routed_experts {mode}: B={B} H={H} E={E} k={k}"
     record(op=f"routed_experts_{mode}", case=f"B={B} D={D} H={H} E={E} k={k}", impl=impl, B=B, D=D, H=H, E=E, k=k,
            kernels=_kernel_count(run), **extra)
