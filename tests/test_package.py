@@ -61,6 +61,22 @@ def test_csr_toolkit_builds_sorted_distinct_rows():
     assert e_ip.tolist() == [0, 0, 0] and e_ix.numel() == 0
 
 
+def test_build_csr_of_read_only_arrays_warns_nothing():
+    """Cached / memory-mapped data arrays are read-only: torch would warn on sharing them (a user saw it on
+    `mbrec-fast evaluate`); build_csr copies those instead."""
+    import warnings
+
+    import numpy as np
+
+    from mbrec_fast.csr import build_csr
+    rows, cols = np.array([2, 0, 2]), np.array([5, 1, 3])
+    rows.flags.writeable = cols.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ip, ix = build_csr(rows, cols, 3, 6)
+    assert ip.tolist() == [0, 1, 1, 3] and ix.tolist() == [1, 3, 5]
+
+
 def test_model_registry_is_the_one_list():
     """The CLI's tables, the training families and checkpoint lookup all read mbrec_fast/registry.py."""
     from mbrec_fast import cli, registry
