@@ -1,8 +1,8 @@
 // CPU kernels of the segment GEMMs (schemas: experts_ops.cpp): one GEMM per segment of rows, the routed experts'
 // per-expert products. fp32 runs on the register-blocked micro-kernel of gemm_tile.h (AVX-512 or AVX2 + FMA,
 // chosen at run time from the CPU's features); fp64 and CPUs without AVX2 run one at::mm per segment. Work is split
-// into (segment, block of output rows) tasks over threads; each output element is one FMA chain over k in order,
-// so results are bit-identical on any thread count.
+// into (segment, block of output rows, block of output columns) tasks over threads; each output element is one FMA
+// chain over k in order, so results are bit-identical on any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,8 +18,8 @@ namespace mbrec_fast {
 namespace {
 
 // Blocking: a task computes up to kTileRowsPerTask micro-tile rows x kTilePanelsPerTask column panels of one segment's
-// output; k runs in blocks of kBlockK, the block's B columns packed once per task ([panel][k][nr], L2-resident) and
-// each micro-tile's A rows once per block ([k][mr], L1-resident).
+// output, k in blocks of kBlockK. A and B are read in place where their layout allows (see gemm_block); what is
+// packed is packed once per task and k block ([k][mr] for an A tile, [panel][k][nr] for B panels).
 constexpr int64_t kTileRowsPerTask = 16, kTilePanelsPerTask = 8, kBlockK = 256;
 
 const GemmTileKernel* gemm_kernel() {
