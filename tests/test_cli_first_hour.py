@@ -68,6 +68,19 @@ def test_train_help_of_every_model_shows_its_family_options_with_defaults(model,
     assert specific in out
 
 
+@pytest.mark.parametrize("family", ["multibehavior", "multidomain", "sequential"])
+def test_evaluate_takes_the_same_common_flags_in_every_family(family):
+    """--threads, --output / --json and --no-progress mean the same in every family's `evaluate` (a sequential
+    evaluate once refused --threads that the multi-behavior one took)."""
+    import importlib
+    parser = importlib.import_module(f"mbrec_fast.training.{family}").build_evaluate_parser()
+    args = parser.parse_args(["--checkpoint", "c.pt", "--threads", "1", "--json", "m.json", "--no-progress"])
+    assert args.threads == 1 and args.no_progress and "m.json" in vars(args).values()
+    with pytest.raises(SystemExit):
+        from mbrec_fast.training.cli_options import parse_evaluate_args
+        parse_evaluate_args(parser, ["--checkpoint", "c.pt", "--threads", "0"])
+
+
 def test_train_without_model_errors_after_parsing(capsys):
     with pytest.raises(SystemExit, match="--model is required"):
         cli_main(["train", "--epochs", "1"])

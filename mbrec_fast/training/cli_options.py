@@ -59,21 +59,27 @@ def add_progress(p: argparse.ArgumentParser) -> None:
 def evaluate_parser(description: str, extra, output_dest: str = "output",
                     prog: str = "mbrec-fast evaluate") -> argparse.ArgumentParser:
     """The `mbrec-fast evaluate` parser of a family: --checkpoint, the family's options (`extra(p)`),
-    --output JSON (alias --json) and --no-progress."""
+    --output JSON (alias --json), --threads and --no-progress (the same flags in every family)."""
     p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=description)
     p.add_argument("--checkpoint", help="the checkpoint file (required)")
     extra(p)
     p.add_argument("--output", "--json", dest=output_dest, default=None, metavar="JSON",
                    help="also write the metrics to this JSON file (--json is an alias)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     add_progress(p)
     return p
 
 
 def parse_evaluate_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """Parses; --checkpoint is checked after parsing, so that --help works without one."""
+    """Parses and applies --threads; --checkpoint is checked after parsing, so that --help works without one."""
     args = parser.parse_args(argv)
     if not args.checkpoint:
         parser.error("--checkpoint is required")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     return args
 
 

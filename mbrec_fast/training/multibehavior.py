@@ -476,7 +476,6 @@ def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.Argumen
         p.add_argument("--split", default="test", choices=["test", "valid"], help="held-out split to rank")
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
         p.add_argument("--ks", type=int, nargs="+", default=None, help="cut-offs K (default: the training run's)")
-        p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
         add_protocol_options(p)
     return evaluate_parser("Full-ranking and per-pool evaluation of a multi-behavior checkpoint (best.pt or "
                            "checkpoint.pt).",
@@ -486,8 +485,6 @@ def build_evaluate_parser(prog: str = "mbrec-fast evaluate") -> argparse.Argumen
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     args = parse_evaluate_args(build_evaluate_parser(), argv)
     check_protocol(args.protocol)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
     cfg = dict(ckpt.get("config") or {})
     name = ckpt["model_name"]
