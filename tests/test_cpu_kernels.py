@@ -74,8 +74,8 @@ def test_build_does_not_depend_on_the_build_machine():
     # no -march/-mavx flags: the SIMD kernels carry their target in their own files
     setup = (ROOT / "setup.py").read_text()
     assert not re.search(r"-m(arch|avx|fma|tune)", setup) and "cpuinfo" not in setup
-    for name in ("score_kernel_avx2.cpp", "score_kernel_avx512.cpp"):
-        assert "#pragma GCC target" in (ROOT / "csrc" / "evaluator" / name).read_text()
+    for name in ("cpu_kernels_avx2.cpp", "cpu_kernels_avx512.cpp"):
+        assert "#pragma GCC target" in (ROOT / "csrc" / name).read_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The segment GEMMs behind the expert layers' CPU path (csrc/experts/segment_mm_cpu.cpp, gemm_tile_*.cpp):
+"""The segment GEMMs behind the expert layers' CPU path (csrc/experts/segment_mm_cpu.cpp, the
+GEMM tile in csrc/cpu_kernels_<isa>.cpp):
 every variant this CPU can run (forced through MBREC_FAST_CPU_ISA) against an fp64 reference, on shapes that hit
 partial tiles and panels, empty segments, k = 0 and more than one block of k; bit-identity across thread counts and
 between the AVX2 and AVX-512 micro-kernels (each output one FMA chain in k order); opcheck; bad input."""

@@ -1,4 +1,5 @@
-// The evaluator's CPU scoring micro-kernel: interface shared by its variants (score_kernel_*.cpp) and the op.
+// The evaluator's CPU scoring micro-kernel: interface shared by its variants (csrc/cpu_kernels_<isa>.cpp,
+// score_kernel_portable.cpp; body in score_kernel_impl.h) and the op.
 //
 // A block of users is scored against a range of items without writing scores to memory: the kernel holds
 // an mr items x nr users tile in vector accumulators (users along the vector lanes), summing over the

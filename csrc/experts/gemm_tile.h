@@ -1,4 +1,5 @@
-// The experts' CPU GEMM micro-kernel: interface shared by its variants (gemm_tile_*.cpp) and segment_mm_cpu.cpp.
+// The experts' CPU GEMM micro-kernel: interface shared by its variants (csrc/cpu_kernels_<isa>.cpp, body in
+// gemm_tile_impl.h) and segment_mm_cpu.cpp.
 //
 // One call computes an mr x nr tile of C = A B (+ bias) in vector accumulators: A comes k-major (mr values per step,
 // packed or in place; rows past the tile's zero), B as rows of nr floats (element (kk, n) at b[kk * ldb + n]), and

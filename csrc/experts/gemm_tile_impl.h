@@ -1,7 +1,8 @@
-// Body of the experts' GEMM micro-kernel (see gemm_tile.h), included once by each variant's file after it defined,
-// inside an anonymous namespace and under its target pragma, a traits struct `Isa`: kName, W (lanes), MR (rows per
-// tile), NV (vectors per tile row; nr = W * NV), V, zero(), loadu(p), bcast(x), fma(a, b, acc) = a * b + acc,
-// add(a, b), storeu(p, v). Internal linkage only and no standard library templates (see score_kernel_impl.h).
+// Body of the experts' GEMM micro-kernel (see gemm_tile.h), included once by each variant's file
+// (csrc/cpu_kernels_<isa>.cpp) after it defined, inside an anonymous namespace and under its target pragma, a traits
+// struct `Isa`: kName, W (lanes), MR (rows per tile), NV (vectors per tile row; nr = W * NV), V, zero(), loadu(p),
+// bcast(x), fma(a, b, acc) = a * b + acc, add(a, b), store(p, v) (unaligned). Internal linkage only and no standard
+// library templates (see evaluator/score_kernel_impl.h).
 
 #define MBREC_UNROLL _Pragma("GCC unroll 32")
 
@@ -44,14 +45,14 @@ void gemm_tile_impl(const GemmTileArgs& g) {
       if (r >= g.m_valid) break;
       float* row = g.c + r * g.ldc;
       MBREC_UNROLL for (int v = 0; v < NV; ++v) {
-        I::storeu(row + v * W, g.bias != nullptr ? I::add(acc[r][v], bias[v]) : acc[r][v]);
+        I::store(row + v * W, g.bias != nullptr ? I::add(acc[r][v], bias[v]) : acc[r][v]);
       }
     }
     return;
   }
   MBREC_UNROLL for (int r = 0; r < MR; ++r) {
     if (r >= g.m_valid) break;
-    MBREC_UNROLL for (int v = 0; v < NV; ++v) I::storeu(tile + v * W, acc[r][v]);
+    MBREC_UNROLL for (int v = 0; v < NV; ++v) I::store(tile + v * W, acc[r][v]);
     float* row = g.c + r * g.ldc;
     for (int n = 0; n < g.n_valid; ++n) row[n] = g.bias != nullptr ? tile[n] + g.bias[n] : tile[n];
   }

@@ -1,6 +1,8 @@
-// AVX2 + FMA variant of the scoring micro-kernel: 6 items x 16 users per tile (12 ymm accumulators).
-// Compiled for AVX2 + FMA by the target pragma below (not by build flags); only run where cpu_isa.h says so.
+// The AVX2 + FMA variants of the CPU micro-kernels: the evaluator's scoring kernel (evaluator/score_kernel.h) and the
+// experts' GEMM tile (experts/gemm_tile.h), both on 6 x 16 tiles in 12 ymm accumulators, from one traits struct.
+// Compiled for the instruction set by the target pragma below (not by build flags); run only where cpu_isa.h says so.
 #include "evaluator/score_kernel.h"
+#include "experts/gemm_tile.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -25,6 +27,7 @@ struct Isa {
   static V loadu(const float* p) { return _mm256_loadu_ps(p); }
   static V bcast(float x) { return _mm256_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static M ge(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
   static M mor(M a, M b) { return _mm256_or_ps(a, b); }
@@ -33,6 +36,7 @@ struct Isa {
 };
 
 #include "evaluator/score_kernel_impl.h"
+#include "experts/gemm_tile_impl.h"
 
 }  // namespace
 }  // namespace mbrec_fast
@@ -45,10 +49,12 @@ struct Isa {
 
 namespace mbrec_fast {
 const ScoreKernel* score_kernel_avx2() { return &kScoreKernel; }
+const GemmTileKernel* gemm_tile_avx2() { return &kGemmTileKernel; }
 }  // namespace mbrec_fast
 
 #else
 namespace mbrec_fast {
 const ScoreKernel* score_kernel_avx2() { return nullptr; }
+const GemmTileKernel* gemm_tile_avx2() { return nullptr; }
 }  // namespace mbrec_fast
 #endif

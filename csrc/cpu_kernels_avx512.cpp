@@ -1,5 +1,7 @@
-// AVX-512 variant of the experts' GEMM micro-kernel: 12 rows x 32 columns per tile (24 zmm accumulators).
-// Compiled for its instruction set by the target pragma below (not by build flags); only run where cpu_isa.h says so.
+// The AVX-512 variants of the CPU micro-kernels: the evaluator's scoring kernel (evaluator/score_kernel.h) and the
+// experts' GEMM tile (experts/gemm_tile.h), both on 12 x 32 tiles in 24 zmm accumulators, from one traits struct.
+// Compiled for the instruction set by the target pragma below (not by build flags); run only where cpu_isa.h says so.
+#include "evaluator/score_kernel.h"
 #include "experts/gemm_tile.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -19,14 +21,21 @@ struct Isa {
   static constexpr const char* kName = "avx512";
   static constexpr int W = 16, MR = 12, NV = 2;
   using V = __m512;
+  using M = __mmask16;
   static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_load_ps(p); }
   static V loadu(const float* p) { return _mm512_loadu_ps(p); }
   static V bcast(float x) { return _mm512_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static M ge(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+  static M mor(M a, M b) { return static_cast<M>(a | b); }
+  static uint32_t bits(M m) { return static_cast<uint32_t>(m); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
 };
 
+#include "evaluator/score_kernel_impl.h"
 #include "experts/gemm_tile_impl.h"
 
 }  // namespace
@@ -39,11 +48,13 @@ struct Isa {
 #endif
 
 namespace mbrec_fast {
+const ScoreKernel* score_kernel_avx512() { return &kScoreKernel; }
 const GemmTileKernel* gemm_tile_avx512() { return &kGemmTileKernel; }
 }  // namespace mbrec_fast
 
 #else
 namespace mbrec_fast {
+const ScoreKernel* score_kernel_avx512() { return nullptr; }
 const GemmTileKernel* gemm_tile_avx512() { return nullptr; }
 }  // namespace mbrec_fast
 #endif
