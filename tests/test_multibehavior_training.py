@@ -2,6 +2,7 @@
 resume, CLI smoke runs on the bundled data, and DistributedDataParallel with 2 gloo CPU processes."""
 import json
 import os
+import shutil
 import socket
 import sys
 
@@ -305,6 +306,16 @@ def test_cli_member_faithful_avg_both_protocols_and_result_rows(tmp_path):
     assert row["metrics"]["hr@10"] == pytest.approx(summary["test"]["hr@10"], abs=1e-6)
     assert row["selection"] == "last epoch (no validation)"
     assert write_result_rows([str(run)], str(out)) == 7 and len(json.loads(out.read_text())) == 7  # replaced
+    # the run resumed to 2 epochs is another schedule: its rows sit beside the 1-epoch ones instead of replacing them
+    longer = tmp_path / "avg-2"
+    shutil.copytree(run, longer)
+    (longer / "pool_zero.json").unlink()
+    argv2 = list(argv)
+    argv2[argv2.index("--epochs") + 1], argv2[argv2.index("--out") + 1] = "2", str(longer)
+    assert train_main(argv2 + ["--resume"]) == 0
+    assert write_result_rows([str(longer)], str(out)) == 5
+    rows = json.loads(out.read_text())
+    assert len(rows) == 12 and sorted({r["max_epochs"] for r in rows}) == [1, 2]
 
 
 def test_cli_protocol_and_variant_errors_name_the_argument(tmp_path):

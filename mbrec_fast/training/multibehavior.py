@@ -546,7 +546,8 @@ def result_rows(run_dir: str) -> List[Dict[str, Any]]:
     s = json.load(open(os.path.join(run_dir, "metrics.json")))
     cfg = s.get("config") or {}
     common = {"model": s.get("model"), "variant": variant_label(cfg), "data": s.get("dataset"),
-              "seed": cfg.get("seed"), "epochs": s.get("epochs_run"), "command": s.get("command"),
+              "seed": cfg.get("seed"), "epochs": s.get("epochs_run"), "max_epochs": cfg.get("epochs"),
+              "command": s.get("command"),
               "best_epoch": s.get("best_epoch"),
               "selection": "best validation epoch" if s.get("best_epoch") else "last epoch (no validation)",
               "wall_s": round(s["timings_s"]["wall"] + s.get("load_s", 0.0), 1)}
@@ -571,10 +572,12 @@ def result_rows(run_dir: str) -> List[Dict[str, Any]]:
 
 
 def write_result_rows(run_dirs: List[str], json_path: str) -> int:
-    """Adds (or replaces, same model / variant / data / seed / protocol / targets / pool_others) the rows of
-    finished runs in `json_path`; returns the number of rows written."""
+    """Adds (or replaces, same model / variant / data / seed / protocol / targets / pool_others / schedule: epoch cap
+    and model selection) the rows of finished runs in `json_path`; returns the number of rows written. A run of
+    another schedule (100 epochs against 12, a validation split against none) adds rows beside the others."""
     rows = json.load(open(json_path)) if os.path.isfile(json_path) else []
-    key = lambda r: (r["model"], r["variant"], r["data"], r["seed"], r["protocol"], r["targets"], r.get("pool_others"))
+    key = lambda r: (r["model"], r["variant"], r["data"], r["seed"], r["protocol"], r["targets"], r.get("pool_others"),
+                     r.get("max_epochs"), r.get("selection"))
     new = [r for d in run_dirs if os.path.isfile(os.path.join(d, "metrics.json")) for r in result_rows(d)]
     keys = {key(r) for r in new}
     rows = [r for r in rows if key(r) not in keys] + new
