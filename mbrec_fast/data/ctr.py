@@ -200,7 +200,8 @@ def _frame_to_ctr(df, sparse_cols: List[str], dense: np.ndarray, dense_names: Li
         cols.append(codes)
         dims.append(n)
     sparse = torch.from_numpy(np.stack(cols, 1) if cols else np.zeros((len(df), 0), np.int64))
-    return CTRData(sparse=sparse, dense=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+    # dense as a copy: pandas may hand out a read-only view, which torch cannot share (and warns about)
+    return CTRData(sparse=sparse, dense=torch.from_numpy(np.array(dense, dtype=np.float32, order="C")),
                    domain=torch.from_numpy(domain.astype(np.int64)),
                    labels=torch.from_numpy(labels.astype(np.float32)), field_dims=dims,
                    n_domains=len(domain_names), sparse_names=list(sparse_cols), dense_names=list(dense_names),
