@@ -406,7 +406,7 @@ def routed_experts_fwd_torch(x, weight, bias, route, route_weight, ln_weight, ln
     xs = x.to(compute_dtype(x)).index_select(0, rows)
     w32 = weight.to(compute_dtype(x))
     b32 = None if bias is None else bias.to(compute_dtype(x))
-    if saves_gathered_x(xs, activation, ln_weight, ln_bias):
+    if _segment_gemms(xs):
         # the per-expert GEMMs in one C++ call (csrc/experts/segment_mm_cpu.cpp: the register-blocked kernel)
         pre = torch.ops.mbrec_fast.segment_mm(xs, w32.contiguous(), offsets,
                                               None if b32 is None else b32.contiguous(), False)
@@ -461,13 +461,14 @@ def _routed_activate(pre, sorted_expert, ln_weight, ln_bias, ln_eps, activation)
 
 
 def _routed_group_grads(dpre: Tensor, xs: Tensor, weight: Tensor, offsets: Tensor,
-                        with_bias: bool, segment_kernels: bool = False) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                        with_bias: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """The routed backward's per-expert GEMMs on the sorted rows: (dX rows [N, D] (sorted), dW [E, D, H], db [E, H]
-    or None); an expert with no rows gets zero dW and db. `segment_kernels`: the two C++ segment GEMMs instead of
-    one torch.mm pair per expert (the fused CPU path)."""
+    or None); an expert with no rows gets zero dW and db. On CPU the two C++ segment GEMMs, elsewhere (or with
+    FUSED_GEMM off) one torch.mm pair per expert."""
     E, D, H = weight.shape
     cdt = dpre.dtype
     w32 = weight.to(cdt)
+    segment_kernels = _segment_gemms(dpre)
     if segment_kernels:
         dxs = torch.ops.mbrec_fast.segment_mm(dpre, w32.contiguous(), offsets, None, True)
         dw = torch.ops.mbrec_fast.segment_mm_tn(xs, dpre, offsets)
@@ -574,7 +575,7 @@ def _routed_bwd_fused(grad_out, x, weight, bias, route_weight, activation, pre, 
                                                          activation == "relu")
     if xs.numel() != dpre.shape[0] * D or xs.dtype != cdt:  # not saved by the forward (e.g. a direct op call)
         xs = x.to(cdt).index_select(0, rows)
-    dxs, dw, db = _routed_group_grads(dpre, xs, weight, offsets, bias is not None, segment_kernels=True)
+    dxs, dw, db = _routed_group_grads(dpre, xs, weight, offsets, bias is not None)
     dx = torch.ops.mbrec_fast.routed_combine(dxs, order, None, B)
     d_rw = _empty_like_dtype(x) if route_weight is None else d_rw.to(route_weight.dtype)
     return [dx.to(x.dtype), dw.to(weight.dtype), _empty_like_dtype(x) if bias is None else db.to(bias.dtype), d_rw,
