@@ -33,13 +33,14 @@ def coo_to_csr(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int,
 def build_csr(rows, cols, n_rows: int, n_cols: int) -> Csr:
     """`coo_to_csr` of (row, col) pairs given as NumPy arrays (or anything np.asarray takes), with int64
     indices."""
-    return coo_to_csr(_int64_tensor(rows), _int64_tensor(cols), n_rows, n_cols, index_dtype=torch.int64)
+    return coo_to_csr(tensor_from_numpy(np.asarray(rows, dtype=np.int64)),
+                      tensor_from_numpy(np.asarray(cols, dtype=np.int64)), n_rows, n_cols, index_dtype=torch.int64)
 
 
-def _int64_tensor(values) -> torch.Tensor:
-    """int64 tensor sharing a writable NumPy array's memory; a read-only one (a cached or memory-mapped data
-    file) is copied, which torch requires (and would warn about)."""
-    arr = np.asarray(values, dtype=np.int64)
+def tensor_from_numpy(arr: np.ndarray) -> torch.Tensor:
+    """`torch.from_numpy` of `arr` made C-contiguous, sharing its memory when it is writable; a read-only array (a
+    cached or memory-mapped data file, a pandas view) is copied: torch cannot share it (and would warn)."""
+    arr = np.ascontiguousarray(arr)
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 

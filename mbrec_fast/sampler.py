@@ -33,6 +33,7 @@ import torch
 from . import _sampler_ops
 from ._checks import check_csr, check_tensor
 from .csr import build_packed_csr as _build_torch, coo_to_csr as _coo_to_csr  # noqa: F401  (old private names)
+from .csr import tensor_from_numpy
 
 
 def __getattr__(name: str):
@@ -301,7 +302,7 @@ def _check_storage(indptr, indices, n_users: int, n_items: int) -> None:
 
 def _as_id_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.array(x, copy=True)) if not x.flags.writeable else torch.from_numpy(np.ascontiguousarray(x))
+        x = tensor_from_numpy(x)
     elif not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
         if x.numel() == 0 and x.is_floating_point():  # an empty list: no ids, no dtype to object to

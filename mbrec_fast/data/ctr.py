@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .._checks import data_file, reads_data_file
+from ..csr import tensor_from_numpy
 
 __all__ = ["CTRData", "CTRBatches", "default_data_root", "load_movielens", "load_kuairand", "make_synthetic_ctr",
            "load_ctr", "load_ml100k", "load_ratings_table", "ML1M_AGE_DOMAINS", "ML1M_GENRES"]
@@ -200,8 +201,7 @@ def _frame_to_ctr(df, sparse_cols: List[str], dense: np.ndarray, dense_names: Li
         cols.append(codes)
         dims.append(n)
     sparse = torch.from_numpy(np.stack(cols, 1) if cols else np.zeros((len(df), 0), np.int64))
-    # dense as a copy: pandas may hand out a read-only view, which torch cannot share (and warns about)
-    return CTRData(sparse=sparse, dense=torch.from_numpy(np.array(dense, dtype=np.float32, order="C")),
+    return CTRData(sparse=sparse, dense=tensor_from_numpy(np.asarray(dense, dtype=np.float32)),
                    domain=torch.from_numpy(domain.astype(np.int64)),
                    labels=torch.from_numpy(labels.astype(np.float32)), field_dims=dims,
                    n_domains=len(domain_names), sparse_names=list(sparse_cols), dense_names=list(dense_names),
