@@ -154,13 +154,13 @@ def _expert_input_grads(dpre: Tensor, x32: Tensor, weight: Tensor) -> Tuple[Tens
     if x32.dim() == 2:
         B = x32.shape[0]
         dpre2 = dpre.reshape(B, E * H).contiguous()
-        w_cat = _w_cat(weight, cdt)
         if _segment_gemms(x32):
             one = _equal_segments(1, B)
-            dx = torch.ops.mbrec_fast.segment_mm(dpre2, w_cat.unsqueeze(0), one, None, True)
+            w_cat_t = weight.to(cdt).transpose(1, 2).reshape(1, E * H, D)  # W_cat^T, laid out once
+            dx = torch.ops.mbrec_fast.segment_mm(dpre2, w_cat_t, one, None, False)
             dw_cat = torch.ops.mbrec_fast.segment_mm_tn(x32.contiguous(), dpre2, one)[0]
         else:
-            dx = dpre2 @ w_cat.t()
+            dx = dpre2 @ _w_cat(weight, cdt).t()
             dw_cat = x32.t() @ dpre2
         return dx, dw_cat.view(D, E, H).permute(1, 0, 2).contiguous()
     B = x32.shape[1]
@@ -468,28 +468,19 @@ def _routed_group_grads(dpre: Tensor, xs: Tensor, weight: Tensor, offsets: Tenso
     E, D, H = weight.shape
     cdt = dpre.dtype
     w32 = weight.to(cdt)
-    segment_kernels = _segment_gemms(dpre)
-    if segment_kernels:
+    bounds = offsets.tolist()
+    segments = list(zip(bounds[:-1], bounds[1:]))
+    if _segment_gemms(dpre):
         dxs = torch.ops.mbrec_fast.segment_mm(dpre, w32.contiguous(), offsets, None, True)
         dw = torch.ops.mbrec_fast.segment_mm_tn(xs, dpre, offsets)
     else:
         dxs = torch.empty(dpre.shape[0], D, dtype=cdt, device=dpre.device)
-        dw = torch.empty(E, D, H, dtype=cdt, device=dpre.device)
-    db = torch.empty(E, H, dtype=cdt, device=dpre.device) if with_bias else None
-    bounds = offsets.tolist()
-    for e in range(E):
-        s, t = bounds[e], bounds[e + 1]
-        if t > s:
-            if not segment_kernels:
+        dw = torch.zeros(E, D, H, dtype=cdt, device=dpre.device)
+        for e, (s, t) in enumerate(segments):
+            if t > s:
                 torch.mm(dpre[s:t], w32[e].t(), out=dxs[s:t])
                 torch.mm(xs[s:t].t(), dpre[s:t], out=dw[e])
-            if db is not None:
-                torch.sum(dpre[s:t], 0, out=db[e])
-        else:  # an expert with no rows
-            if not segment_kernels:
-                dw[e].zero_()
-            if db is not None:
-                db[e].zero_()
+    db = torch.stack([dpre[s:t].sum(0) for s, t in segments]) if with_bias else None  # zeros for no rows
     return dxs, dw, db
 
 
