@@ -156,7 +156,7 @@ def _expert_input_grads(dpre: Tensor, x32: Tensor, weight: Tensor) -> Tuple[Tens
         dpre2 = dpre.reshape(B, E * H).contiguous()
         if _segment_gemms(x32):
             one = _equal_segments(1, B)
-            w_cat_t = weight.to(cdt).transpose(1, 2).reshape(1, E * H, D)  # W_cat^T, laid out once
+            w_cat_t = weight.to(cdt).transpose(1, 2).reshape(1, E * H, D).contiguous()  # W_cat^T, laid out once
             dx = torch.ops.mbrec_fast.segment_mm(dpre2, w_cat_t, one, None, False)
             dw_cat = torch.ops.mbrec_fast.segment_mm_tn(x32.contiguous(), dpre2, one)[0]
         else:
