@@ -1,13 +1,17 @@
 """Epoch time and full-ranking evaluation time of the multi-behavior models: mbrec_fast's pipeline
-(fused negative sampler, fused top-K evaluator) against the same models run the plain
-PyTorch way (Python-set negatives, dense scores + torch.topk), same hyper-parameters, in one run.
+(fused negative sampler, fused top-K evaluator, and inside the models the package's ops: `csr_spmm` for the graph
+propagation of LightGCN and MEMBER, the fused routed experts for NMTR's towers) against the same models run the
+plain PyTorch way (Python-set negatives, dense scores + torch.topk, `torch.sparse.mm`, one GEMM per NMTR head),
+same hyper-parameters and initial weights, in one run.
 
 Default: a synthetic 1,500 x 1,000 data set (quick under --benchmark-disable).
-MBREC_FAST_BENCH_FULL=1: Beibei (21,716 users x 7,977 items) from the data root.
+MBREC_FAST_BENCH_FULL=1: Beibei (21,716 users x 7,977 items) from the data root, or the data set named by
+MBREC_FAST_BENCH_DATA (e.g. tmall: 15,449 x 11,953, view / cart / buy).
 
     nice -n 5 mbrec-fast bench multibehavior --full
-    MBREC_FAST_BENCH_FULL=1 nice -n 5 python -m pytest benchmarks/test_bench_multibehavior.py
+    MBREC_FAST_BENCH_FULL=1 MBREC_FAST_BENCH_DATA=tmall python -m pytest benchmarks/test_bench_multibehavior.py -k "nmtr or member"
 """
+import contextlib
 import importlib
 import os
 
@@ -17,24 +21,27 @@ import torch
 from mbrec_fast.batching import behavior_positives, default_level_probs
 from mbrec_fast.reference.multibehavior import (PythonSetSampler, dense_topk_evaluate, nmtr_scores_plain, plain_epoch,
                                                 plain_member_epoch)
+from mbrec_fast.models import lightgcn
 from mbrec_fast.training.multibehavior import MODELS, build_model, evaluate_model, load_data
 
 FULL = os.environ.get("MBREC_FAST_BENCH_FULL") == "1"
-DATA = "beibei" if FULL else "synthetic:1500x1000"
+DATA = os.environ.get("MBREC_FAST_BENCH_DATA", "beibei") if FULL else "synthetic:1500x1000"
 KS = (10, 20, 50, 100)
 BATCH = 4096
-EPOCH_MODELS = ["bpr", "mcbpr", "neumf", "lightgcn", "nmtr", "member"]
+#: MEMBER twice: its default (legacy) configuration, and the faithful one (official schedule, batch 1024)
+EPOCH_MODELS = ["bpr", "mcbpr", "neumf", "lightgcn", "nmtr", "member", "member_faithful"]
+MODEL_ARGS = {"member_faithful": ("member", {"variant": "faithful"}, 1024)}
 
 
 def _available(name):
     try:
-        importlib.import_module(MODELS[name][0])
+        importlib.import_module(MODELS[MODEL_ARGS.get(name, (name,))[0]][0])
         return True
     except ImportError:
         return False
 
 
-ALL_MODELS = [m for m in ("bpr", "mcbpr", "neumf", "lightgcn", "nmtr", "member") if _available(m)]
+ALL_MODELS = [m for m in EPOCH_MODELS if _available(m)]
 
 
 def _positive_rows(model, data):
@@ -55,8 +62,28 @@ def set_sampler(data):
 
 
 def _model(name, data):
+    model_name, kwargs, _ = MODEL_ARGS.get(name, (name, {}, BATCH))
     torch.manual_seed(0)
-    return build_model(name, data)  # each model's own defaults, used on both sides (NeuMF/NMTR: 4 negatives)
+    return build_model(model_name, data, **kwargs)  # the model's own defaults on both sides (NeuMF/NMTR: 4 negatives)
+
+
+@contextlib.contextmanager
+def _plain_ops(model, impl):
+    """Inside: the model's plain-PyTorch twin when impl is "plain_torch" (`torch.sparse.mm` propagation, one GEMM
+    per NMTR head); the package's ops otherwise (the defaults)."""
+    if impl != "plain_torch":
+        yield
+        return
+    saved = lightgcn.SPMM_IMPL, getattr(model, "expert_impl", None)
+    lightgcn.SPMM_IMPL = "torch"
+    if hasattr(model, "expert_impl"):
+        model.expert_impl = "loop"
+    try:
+        yield
+    finally:
+        lightgcn.SPMM_IMPL = saved[0]
+        if hasattr(model, "expert_impl"):
+            model.expert_impl = saved[1]
 
 
 def _case(data):
@@ -67,27 +94,30 @@ def _case(data):
 @pytest.mark.parametrize("impl", ["mbrec_fast", "plain_torch"])
 def test_epoch(benchmark, record, data, set_sampler, name, impl):
     model = _model(name, data)
+    batch_size = MODEL_ARGS.get(name, (name, {}, BATCH))[2]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     if impl == "mbrec_fast":
         def run():
-            for batch in model.training_batches(data, 0, BATCH, 0):
+            for batch in model.training_batches(data, 0, batch_size, 0):
                 opt.zero_grad()
                 loss, _ = model.loss(batch)
                 loss.backward()
                 opt.step()
-    elif name == "member":  # pool negatives and generative-loss edges drawn from Python sets too
+    elif name.startswith("member"):  # pool negatives, generative-loss edges, InfoNCE nodes the plain way too
         def run():
-            plain_member_epoch(model, data, set_sampler, opt, batch_size=BATCH)
+            with _plain_ops(model, impl):
+                plain_member_epoch(model, data, set_sampler, opt, batch_size=batch_size)
     else:
         positives = _positive_rows(model, data)
         mode = "cascade" if name == "mcbpr" else "exclusive"
         assert positives[0].numel() == sum(b["users"].numel() for b in model.training_batches(data, 0, BATCH, 0))
 
         def run():
-            plain_epoch(model, positives, set_sampler, opt, batch_size=BATCH, num_neg=model.neg_ratio, mode=mode)
-    n_pos = len(model.training_batches(data, 0, BATCH, 0))
+            with _plain_ops(model, impl):
+                plain_epoch(model, positives, set_sampler, opt, batch_size=BATCH, num_neg=model.neg_ratio, mode=mode)
+    n_pos = len(model.training_batches(data, 0, batch_size, 0))
     record(op="multibehavior", case=f"{name} epoch {_case(data)}", impl=impl, model=name, batches=n_pos,
-           batch_size=BATCH)
+           batch_size=batch_size)
     benchmark.group = f"multibehavior: {name} epoch {_case(data)}"
     benchmark.pedantic(run, rounds=1 if FULL else 2, iterations=1, warmup_rounds=0)
 
@@ -107,7 +137,7 @@ def test_full_ranking_eval(benchmark, record, data, name, impl):
                 return evaluate_model(model, data, "test", KS)
     else:
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), _plain_ops(model, impl):
                 scorer = model.scorer()
                 if scorer.score_fn is None:
                     rows = lambda u: scorer.user_emb[u] @ scorer.item_emb.T  # noqa: E731

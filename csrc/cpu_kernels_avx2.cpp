@@ -1,8 +1,10 @@
 // The AVX2 + FMA variants of the CPU micro-kernels: the evaluator's scoring kernel (evaluator/score_kernel.h) and the
-// experts' GEMM tile (experts/gemm_tile.h), both on 6 x 16 tiles in 12 ymm accumulators, from one traits struct.
+// experts' GEMM tile (experts/gemm_tile.h), both on 6 x 16 tiles in 12 ymm accumulators, and the graph
+// product's row kernel (graph/spmm_rows.h), from one traits struct.
 // Compiled for the instruction set by the target pragma below (not by build flags); run only where cpu_isa.h says so.
 #include "evaluator/score_kernel.h"
 #include "experts/gemm_tile.h"
+#include "graph/spmm_rows.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -37,6 +39,7 @@ struct Isa {
 
 #include "evaluator/score_kernel_impl.h"
 #include "experts/gemm_tile_impl.h"
+#include "graph/spmm_rows_impl.h"
 
 }  // namespace
 }  // namespace mbrec_fast
@@ -50,11 +53,13 @@ struct Isa {
 namespace mbrec_fast {
 const ScoreKernel* score_kernel_avx2() { return &kScoreKernel; }
 const GemmTileKernel* gemm_tile_avx2() { return &kGemmTileKernel; }
+const SpmmRowsKernel* spmm_rows_avx2() { return &kSpmmRowsKernel; }
 }  // namespace mbrec_fast
 
 #else
 namespace mbrec_fast {
 const ScoreKernel* score_kernel_avx2() { return nullptr; }
 const GemmTileKernel* gemm_tile_avx2() { return nullptr; }
+const SpmmRowsKernel* spmm_rows_avx2() { return nullptr; }
 }  // namespace mbrec_fast
 #endif

@@ -275,6 +275,24 @@ def test_plain_pytorch_reference_the_benchmark_runs(tiny):
         assert dense["all"][key] == pytest.approx(fused[key], abs=1e-6), key
 
 
+def test_plain_member_epoch_runs_the_official_schedule(tiny):
+    """The faithful MEMBER's plain twin: the two self-supervised passes (InfoNCE nodes and generative edges from
+    `random`) and the BPR pass, as many batches each as the package's batches, and it trains."""
+    from mbrec_fast.reference.multibehavior import PythonSetSampler, plain_member_epoch
+    sampler = PythonSetSampler(tiny.train, default_level_probs(tiny.n_behaviors))
+    torch.manual_seed(0)
+    model = build_model("member", tiny, dim=8, variant="faithful", cl_nodes=16, gen_batch=32)
+    phases = []
+    original = model.loss
+    model.loss = lambda batch: (phases.append(batch["phase"]), original(batch))[1]
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    losses = [plain_member_epoch(model, tiny, sampler, opt, batch_size=64, seed=s) for s in range(6)]
+    per_epoch = phases[:len(phases) // 6]
+    expected = [b["phase"] for b in model.training_batches(tiny, 0, 64, 0)]
+    assert per_epoch == expected and set(expected) == {"ssl_visited", "ssl_unvisited", "bpr"}
+    assert losses[-1] < losses[0]
+
+
 # ----------------------------------------------------------------------------------------- MEMBER protocols
 def test_cli_member_faithful_avg_both_protocols_and_result_rows(tmp_path):
     from mbrec_fast.training.multibehavior import write_result_rows

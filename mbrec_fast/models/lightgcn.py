@@ -1,10 +1,10 @@
 """LightGCN (He et al., SIGIR'20) on the target behavior, plus the graph helpers MEMBER reuses.
 
 Helpers:
-* `BipartiteAdjacency`: the symmetric-normalized user-item adjacency D^-1/2 A D^-1/2, stored as two
-  torch sparse CSR matrices (users x items and its transpose), so that one propagation step is two
-  `torch.sparse.mm` calls and its backward is two more on the stored transposes (no sparse transpose
-  at run time, no (U+I) x (U+I) block matrix).
+* `BipartiteAdjacency`: the symmetric-normalized user-item adjacency D^-1/2 A D^-1/2, stored in CSR both ways
+  (users x items and its transpose), so that one propagation step is two sparse x dense products and its
+  backward two more on the stored transposes (no sparse transpose at run time, no (U+I) x (U+I) block matrix).
+  The products run on the package's `mbrec_fast.graph.csr_spmm` op or on `torch.sparse.mm` (`SPMM_IMPL`).
 * `lightgcn_propagate`: K simultaneous propagation steps, layer mean (alpha_k = 1 / (K + 1)).
 * `drop_edges`: seeded edge dropout that keeps an exact-size subset of the edges (no replacement).
 
@@ -22,12 +22,20 @@ from torch import nn
 
 from ..batching import PairBatches
 from ..csr import Csr, coo_to_csr, csr_rows, csr_to_coo
+from ..graph import CsrMatrix, csr_spmm
 from .base import MultiBehaviorModel, Scorer, check_model_kwargs
 
 __all__ = ["BipartiteAdjacency", "lightgcn_propagate", "drop_edges", "csr_to_edges", "check_model_kwargs",
            "LightGCN"]
 
 csr_to_edges = csr_to_coo  # (rows, cols) int64 of a CSR pair; the old name of `mbrec_fast.csr.csr_to_coo`
+
+#: the propagation's sparse x dense products: "fused" (the package's `csr_spmm` op: one FMA chain per element, the
+#: same bits on any thread count; 2-3x torch's rate on the CPU, benchmarks/test_bench_graph.py), "torch"
+#: (`torch.sparse.mm` on sparse CSR tensors, the plain-PyTorch way), or None: fused on CPU, torch on other devices
+#: (the op's CUDA kernel has not been measured against cuSPARSE yet).
+SPMM_IMPL: Optional[str] = None
+SPMM_IMPLS = ("fused", "torch")
 
 
 def drop_edges(users: torch.Tensor, items: torch.Tensor, rate: float,
@@ -107,8 +115,22 @@ class BipartiteAdjacency:
             self._cache[key] = (a, a_t)
         return self._cache[key]
 
+    def csr_on(self, device, dtype: torch.dtype = torch.float32) -> Tuple[CsrMatrix, CsrMatrix]:
+        """(A, A^T) as (crow, col, val) triples on `device` with values in `dtype` (cached), for `csr_spmm`."""
+        key = f"csr/{torch.device(device)}/{dtype}"
+        if key not in self._cache:
+            self._cache[key] = tuple((crow.to(device), col.to(device), val.to(device, dtype))
+                                     for crow, col, val in (self._parts["ui"], self._parts["iu"]))
+        return self._cache[key]
+
     def step(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One propagation step: (A @ item_emb, A^T @ user_emb)."""
+        """One propagation step: (A @ item_emb, A^T @ user_emb), by `SPMM_IMPL`."""
+        impl = SPMM_IMPL if SPMM_IMPL is not None else ("torch" if user_emb.device.type != "cpu" else "fused")
+        if impl not in SPMM_IMPLS:
+            raise ValueError(f"SPMM_IMPL must be one of {SPMM_IMPLS} or None, got {impl!r}")
+        if impl == "fused":
+            a, a_t = self.csr_on(user_emb.device, user_emb.dtype)
+            return csr_spmm(a, item_emb, a_t), csr_spmm(a_t, user_emb, a)
         a, a_t = self.on(user_emb.device, user_emb.dtype)
         return _SpMM.apply(a, a_t, item_emb), _SpMM.apply(a_t, a, user_emb)
 

@@ -104,7 +104,9 @@ def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, bat
     """One MEMBER epoch with every draw from Python sets: per purchase `neg_ratio` exclusive negatives, a
     visited-pool negative (an auxiliary item not bought, for visited positives) and an unvisited-pool negative
     (a never-touched item, `rounds` rejection tries, -1 when none), plus `gen_batch` random edges of each lower
-    behavior with `gen_neg` uniform negatives; then `model.loss`, Adam step. Returns the mean loss."""
+    behavior with `gen_neg` uniform negatives; then `model.loss`, Adam step. Under the official schedule
+    (MEMBER's faithful variant) the two self-supervised passes come first (`_plain_member_official`).
+    Returns the mean loss."""
     target = data.target
     users, items = (t.tolist() for t in data.pairs(target))
     aux_sets = [set().union(*(sampler.sets[r][u] for r in range(target))) for u in range(len(sampler.touched))]
@@ -112,7 +114,7 @@ def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, bat
     edges = [(eu.tolist(), ei.tolist()) for eu, ei in model.behavior_edges[:target]]
     rnd = random.Random(seed)
 
-    def make_batch(idx):
+    def make_batch(idx, gen=True):
         bu, bp = [users[j] for j in idx], [items[j] for j in idx]
         batch = {"users": torch.tensor(bu), "pos": torch.tensor(bp),
                  "neg": torch.tensor([sampler.exclusive(u, target, model.neg_ratio, rnd) for u in bu]),
@@ -131,7 +133,7 @@ def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, bat
                             break
                 pool.append(row)
             batch["pool_neg"] = torch.tensor(pool)
-        if model.gen_weight:
+        if model.gen_weight and gen:  # (not in the official schedule's BPR pass, which has no generative term)
             for lo, hi in model.generative_pairs():
                 eu, ei = edges[lo]
                 if not eu:
@@ -142,7 +144,47 @@ def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, bat
                 batch[f"gen_neg_{lo}_{hi}"] = torch.tensor([[rnd.randrange(sampler.n_items) for _ in range(model.gen_neg)]
                                                             for _ in pick])
         return batch
+    if getattr(model, "schedule", "joint") == "official":
+        return _plain_member_official(model, users, sampler, edges, optimizer, batch_size, rnd, make_batch)
     return _run_epoch(model, optimizer, len(users), batch_size, rnd, make_batch)
+
+
+def _plain_member_official(model, users, sampler, edges, optimizer, batch_size, rnd, make_batch) -> float:
+    """MEMBER's official schedule the plain way: a visited-expert InfoNCE pass and an unvisited-expert pass
+    (InfoNCE nodes from `random.sample`, generative edges and their negatives from `random`), one batch per
+    batch of purchases each, then the gated-BPR pass with Python-set negatives."""
+    n_batches = -(-len(users) // batch_size)
+    total, steps = 0.0, 0
+    for phase in ("ssl_visited", "ssl_unvisited"):
+        for _ in range(n_batches):
+            batch = {"phase": phase,
+                     "cl_users": torch.tensor(rnd.sample(range(model.n_users), min(model.cl_nodes, model.n_users))),
+                     "cl_items": torch.tensor(rnd.sample(range(model.n_items), min(model.cl_nodes, model.n_items)))}
+            if phase == "ssl_unvisited" and model.gen_weight:
+                for lo, hi in model.generative_pairs():
+                    eu, ei = edges[lo]
+                    if not eu:
+                        continue
+                    pick = [rnd.randrange(len(eu)) for _ in range(model.gen_batch)]
+                    batch[f"gen_users_{lo}_{hi}"] = torch.tensor([eu[j] for j in pick])
+                    batch[f"gen_items_{lo}_{hi}"] = torch.tensor([ei[j] for j in pick])
+                    batch[f"gen_neg_{lo}_{hi}"] = torch.tensor(
+                        [[rnd.randrange(model.n_items) for _ in range(model.gen_neg)] for _ in pick])
+                    if model.gen_negatives == "pair":
+                        batch[f"gen_negusers_{lo}_{hi}"] = torch.tensor(
+                            [[rnd.randrange(model.n_users) for _ in range(model.gen_neg)] for _ in pick])
+            optimizer.zero_grad()
+            loss, _ = model.loss(batch)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + float(loss.detach()), steps + 1
+
+    def bpr_batch(idx):
+        batch = make_batch(idx, gen=False)
+        batch["phase"] = "bpr"
+        return batch
+    bpr = _run_epoch(model, optimizer, len(users), batch_size, rnd, bpr_batch)
+    return (total + bpr * n_batches) / max(steps + n_batches, 1)
 
 
 def dense_topk_evaluate(score_rows, n_users: int, n_items: int, exclude, targets, ks: Sequence[int] = (10, 20, 50, 100),

@@ -1,0 +1,83 @@
+// CPU kernel of csr_spmm (schema: graph_ops.cpp): rows of y = A x split over threads, each row computed by one
+// thread. fp32 runs the SIMD row kernel of spmm_rows.h (AVX-512 or AVX2 + FMA, chosen at run time from the CPU's
+// features); fp64 and CPUs without AVX2 the portable loop of spmm_core.h. Every variant computes each element as
+// the same FMA chain, so results are bit-identical across variants and thread counts.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "cpu_isa.h"
+#include "graph/graph_args.h"
+#include "graph/spmm_core.h"
+#include "graph/spmm_rows.h"
+
+namespace mbrec_fast {
+namespace {
+
+const SpmmRowsKernel* spmm_kernel() {
+  switch (cpu_isa_selected()) {
+    case CpuIsa::kAvx512: return spmm_rows_avx512();
+    case CpuIsa::kAvx2: return spmm_rows_avx2();
+    default: return nullptr;
+  }
+}
+
+// Rows [r0, r1) of y by the portable loop; false when some column index was out of range.
+template <typename scalar_t>
+bool spmm_rows_portable(const int64_t* crow, const int64_t* col, const scalar_t* val, const scalar_t* x, int64_t n,
+                        int64_t d, scalar_t* y, int64_t r0, int64_t r1) {
+  bool ok = true;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = 0; c < d; ++c) y[r * d + c] = spmm_element(crow, col, val, x, n, d, r, c, &ok);
+  }
+  return ok;
+}
+
+bool spmm_rows_any(const SpmmRowsKernel* kern, const int64_t* crow, const int64_t* col, const float* val,
+                   const float* x, int64_t n, int64_t d, float* y, int64_t r0, int64_t r1) {
+  if (kern != nullptr) return kern->rows(SpmmRowsArgs{crow, col, val, x, n, y, d, r0, r1});
+  return spmm_rows_portable(crow, col, val, x, n, d, y, r0, r1);
+}
+
+bool spmm_rows_any(const SpmmRowsKernel*, const int64_t* crow, const int64_t* col, const double* val,
+                   const double* x, int64_t n, int64_t d, double* y, int64_t r0, int64_t r1) {
+  return spmm_rows_portable(crow, col, val, x, n, d, y, r0, r1);
+}
+
+at::Tensor csr_spmm_cpu(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val, const at::Tensor& x,
+                        const c10::optional<at::Tensor>& t_crow, const c10::optional<at::Tensor>& t_col,
+                        const c10::optional<at::Tensor>& t_val) {
+  const int64_t rows = check_csr_spmm_args(crow, col, val, x, t_crow, t_col, t_val);
+  const int64_t n = x.size(0), d = x.size(1);
+  at::Tensor y = at::empty({rows, d}, x.options());
+  if (d == 0) {  // nothing is read: check the indices in one pass instead
+    check_ids_in_range(col, "col", n);
+    return y;
+  }
+  const int64_t* cp = crow.data_ptr<int64_t>();
+  const int64_t* kp = col.data_ptr<int64_t>();
+  const SpmmRowsKernel* kern = x.scalar_type() == at::kFloat ? spmm_kernel() : nullptr;
+  std::atomic<bool> bad{false};
+  // grain: about 16 K nonzero-columns of work per task at the mean row length
+  const int64_t per_row = std::max<int64_t>(1, col.numel() / std::max<int64_t>(rows, 1)) * d;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / per_row);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "csr_spmm_cpu", [&] {
+    const scalar_t* vp = val.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      if (!spmm_rows_any(kern, cp, kp, vp, xp, n, d, yp, r0, r1)) bad = true;
+    });
+  });
+  if (bad) csr_col_error(col, n);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mbrec_fast, CPU, m) { m.impl("csr_spmm", &csr_spmm_cpu); }
+
+}  // namespace mbrec_fast
