@@ -34,7 +34,7 @@ TOTAL_BUDGET_S = 450  # no step starts past this, and a step's limit is cut to w
 
 # name -> time limit (s) of the step on the GPU; the dry run gives each step the same limit
 STEP_LIMITS = {"env": 60, "build": 300, "tests_gpu": 150, "tests_device": 150, "bench_evaluator": 60,
-               "bench_sampler": 45, "bench_experts": 60}
+               "bench_sampler": 45, "bench_experts": 60, "bench_graph": 30}
 
 # documented goals of the GPU figures (docs/experts.md); other figures are reported without a goal
 GOALS = {"experts_fwd_bwd_x_loop": (">=", 3.0), "experts_fwd_launches_per_layer": ("<=", 1)}
@@ -65,11 +65,12 @@ def step_commands(device: str, dry_run: bool, out: pathlib.Path) -> dict:
         "env": (_python(me, "--env", "--device", device), {}),
         "build": build,
         "tests_gpu": (pytest + ["-m", "gpu", "tests/test_evaluator.py", "tests/test_sampler.py",
-                                "tests/test_experts_triton.py"], {}),
+                                "tests/test_experts_triton.py", "tests/test_graph_spmm.py"], {}),
         "tests_device": (pytest + ["tests/test_device_checks.py"], {"MBREC_FAST_CHECK_DEVICE": device}),
         "bench_evaluator": bench("evaluator"),
         "bench_sampler": bench("sampler"),
         "bench_experts": bench("experts"),
+        "bench_graph": bench("graph"),
     }
 
 
@@ -263,7 +264,23 @@ def bench_experts(device: str, tiny: bool) -> dict:
             "experts_case": f"B={B} D={D} H={H} E={E} T={T}"}
 
 
-BENCHES = {"evaluator": bench_evaluator, "sampler": bench_sampler, "experts": bench_experts}
+def bench_graph(device: str, tiny: bool) -> dict:
+    import torch
+    from mbrec_fast.graph import csr_spmm
+    from mbrec_fast.models.lightgcn import BipartiteAdjacency
+    best_of = _timer(device)
+    gen = torch.Generator().manual_seed(0)
+    n_users, n_items, n, d = (500, 300, 5_000, 32) if tiny else (100_000, 50_000, 2_000_000, 64)
+    adj = BipartiteAdjacency(torch.randint(0, n_users, (n,), generator=gen), torch.randint(0, n_items, (n,), generator=gen),
+                             n_users, n_items)
+    x = torch.randn(n_items, d, generator=gen).to(device)
+    (a, _), (sa, _) = adj.csr_on(device), adj.on(device)
+    t_ours, t_torch = best_of(lambda: csr_spmm(a, x), 5), best_of(lambda: torch.sparse.mm(sa, x), 5)
+    return {"graph_spmm_nnz_per_s": adj.n_edges / t_ours, "graph_torch_sparse_mm_nnz_per_s": adj.n_edges / t_torch,
+            "graph_spmm_x_torch": t_torch / t_ours, "graph_case": f"{n_users} x {n_items}, {adj.n_edges} edges, d={d}"}
+
+
+BENCHES = {"evaluator": bench_evaluator, "sampler": bench_sampler, "experts": bench_experts, "graph": bench_graph}
 
 
 def main(argv=None) -> int:

@@ -209,3 +209,23 @@ def test_propagation_fused_and_torch_agree(monkeypatch):
     monkeypatch.setattr(lightgcn, "SPMM_IMPL", "dense")
     with pytest.raises(ValueError, match="SPMM_IMPL must be one of"):
         adj.step(ue, ie)
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_matches_cpu_bit_for_bit():
+    """The CUDA kernel runs the CPU's FMA chain (spmm_core.h): the same bits, forward and backward; bad column
+    indices are an error there too."""
+    for dtype in (torch.float32, torch.float64):
+        a = random_csr(3000, 2000, 0.01, seed=15, dtype=dtype, duplicates=True)
+        t = csr_transpose(a, 2000)
+        x = torch.randn(2000, 70, dtype=dtype)
+        ac, tc = tuple(v.cuda() for v in a), tuple(v.cuda() for v in t)
+        xc = x.cuda().requires_grad_()
+        y = csr_spmm(ac, xc, tc)
+        assert torch.equal(y.cpu(), csr_spmm(a, x))
+        g = torch.randn_like(y)
+        y.backward(g)
+        assert torch.equal(xc.grad.cpu(), csr_spmm(t, g.cpu()))
+    with pytest.raises(RuntimeError, match="col out of range"):
+        ops.csr_spmm(torch.tensor([0, 2, 3]).cuda(), torch.tensor([1, 4, 0]).cuda(), torch.ones(3).cuda(),
+                     torch.randn(4, 3).cuda())
