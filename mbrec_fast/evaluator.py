@@ -256,12 +256,19 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
                           group_names: Optional[Sequence[str]] = None,
                           per_user: bool = False, block_users: Optional[int] = None,
                           block_items: Optional[int] = None, process_group=None,
-                          progress: Optional[Callable[[int, int], None]] = None) -> EvalResult:
+                          progress: Optional[Callable[[int, int], None]] = None,
+                          score_overrides: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+                          ) -> EvalResult:
     """Full-ranking top-K evaluation with RecBole's metric definitions (see module docstring).
 
     user_emb [U, d], item_emb [N, d]: score = dot product (fp32/fp16/bf16; scored in fp32). Or pass
     user_emb = item_emb = None, `score_fn(users, item_start, item_end) -> [b, item_end - item_start]`
     and `n_items` for any other model.
+    score_overrides (dot product only): (indptr [U + 1], indices, scores) in CSR by user, sorted item ids per
+    row: the score of (u, indices[j]) is scores[j] instead of the dot product, for models whose score is a dot
+    product except on a sparse set of pairs (MEMBER's hard gate: another expert on the items the user
+    touched). The fused dot-product op ranks every other item (the overridden ones excluded there) and the
+    overridden pairs are merged into each user's top K, so no score block is materialized.
     exclude, targets: CSR pairs (indptr [U + 1], indices) by user id with sorted item ids per row;
     exclude may be None. users: evaluate only these user ids (default all U).
     target_groups: int64 label per target (aligned with targets.indices), named by group_names;
@@ -274,7 +281,8 @@ def evaluate_full_ranking(user_emb: Optional[torch.Tensor], item_emb: Optional[t
     users in proportion to the items scored). It only observes; the results do not depend on it.
     """
     plan = _resolve_arguments(user_emb, item_emb, exclude, targets, ks, metrics, score_fn, n_items, users,
-                              target_groups, group_names, block_users, block_items, process_group, progress)
+                              target_groups, group_names, block_users, block_items, process_group, progress,
+                              score_overrides)
     totals = _rank_in_chunks(plan, user_emb, item_emb, score_fn, per_user, progress)
     if plan.process_group is not None:
         totals = _reduce_across_ranks(totals, plan.process_group, per_user)
@@ -297,6 +305,10 @@ class _EvalPlan:
     block_items: int
     adapt_users: bool  # block_users was not given: the CPU op may shrink it to occupy every thread
     process_group: object  # a torch.distributed group, or None
+    # score_overrides: (indptr, indices, scores) without the excluded pairs, and the dot-product op's
+    # exclusion (exclude plus every overridden pair); None without overrides
+    overrides: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    dot_exclude: Optional[Csr] = None
 
 
 @dataclass
@@ -315,7 +327,8 @@ class _Totals:
 
 
 def _resolve_arguments(user_emb, item_emb, exclude, targets, ks, metrics, score_fn, n_items, users,
-                       target_groups, group_names, block_users, block_items, process_group, progress) -> _EvalPlan:
+                       target_groups, group_names, block_users, block_items, process_group, progress,
+                       score_overrides=None) -> _EvalPlan:
     """Checks the arguments of `evaluate_full_ranking` (the first bad one raises) and resolves the defaults:
     item count, device, empty exclude, all users, block sizes, groups, and this rank's shard of the users."""
     if progress is not None and not callable(progress):
@@ -365,9 +378,80 @@ def _resolve_arguments(user_emb, item_emb, exclude, targets, ks, metrics, score_
         import torch.distributed as dist
         rank, world = dist.get_rank(pg), dist.get_world_size(pg)
         users = users.tensor_split(world)[rank]
+    overrides = dot_exclude = None
+    if score_overrides is not None:
+        if score_fn is not None:
+            raise ValueError("score_overrides apply to the dot-product form (user_emb, item_emb), not to score_fn")
+        overrides, dot_exclude = _resolve_overrides(score_overrides, exclude, n_users, n_items, device)
     return _EvalPlan(metrics=metrics, ks=ks, n_items=n_items, device=device, targets=targets, exclude=exclude,
                      users=users, target_groups=target_groups, group_names=group_names, block_users=bu,
-                     block_items=bi, adapt_users=block_users is None, process_group=pg)
+                     block_items=bi, adapt_users=block_users is None, process_group=pg, overrides=overrides,
+                     dot_exclude=dot_exclude)
+
+
+def _resolve_overrides(score_overrides, exclude: Csr, n_users: int, n_items: int, device):
+    """Checks score_overrides; returns (its pairs that are not excluded, with their scores) and the exclusion for
+    the dot-product op (exclude united with every overridden pair), both CSR with sorted distinct rows."""
+    if not isinstance(score_overrides, (tuple, list)) or len(score_overrides) != 3:
+        raise TypeError("score_overrides must be (indptr, indices, scores)")
+    indptr, indices = check_csr(tuple(score_overrides[:2]), "score_overrides", n_users, n_items, device)
+    scores = score_overrides[2]
+    check_tensor(scores, "score_overrides.scores", ndim=1, device=device)
+    if not scores.is_floating_point() or scores.numel() != indices.numel():
+        raise ValueError(f"score_overrides.scores must be floating point with one score per index "
+                         f"({indices.numel()}), got {scores.dtype} [{scores.numel()}]")
+    check_finite(scores, "score_overrides.scores")
+    rows = torch.repeat_interleave(torch.arange(n_users, device=device), indptr.diff())
+    keys = rows * n_items + indices
+    if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        raise ValueError("score_overrides: item ids must be distinct within a row")
+    ex_rows = torch.repeat_interleave(torch.arange(n_users, device=device), exclude[0].diff())
+    ex_keys = ex_rows * n_items + exclude[1]
+    keep = ~torch.isin(keys, ex_keys)
+    kept_rows = rows[keep]
+    kept_ptr = torch.zeros(n_users + 1, dtype=torch.int64, device=device)
+    kept_ptr[1:] = torch.cumsum(torch.bincount(kept_rows, minlength=n_users), 0)
+    overrides = (kept_ptr, indices[keep].contiguous(), scores[keep].float().contiguous())
+    union = torch.unique(torch.cat([ex_keys, keys]))  # sorted
+    u_rows = union // n_items
+    u_ptr = torch.zeros(n_users + 1, dtype=torch.int64, device=device)
+    u_ptr[1:] = torch.cumsum(torch.bincount(u_rows, minlength=n_users), 0)
+    return overrides, (u_ptr, (union - u_rows * n_items).contiguous())
+
+
+def _rank_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the evaluator's order (higher score, then lower item id, larger key first) of fp32 scores and
+    item ids below 2^32 - 1; padding (id -1) gets the smallest key of its score. Unique per distinct id, so a
+    plain top-k over keys is the ordered top-k."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)  # -0.0 -> +0.0: they tie
+    ordered = torch.where(bits >= 0, bits + (1 << 31), (~bits) & 0xFFFFFFFF)  # float order as unsigned 32 bits
+    low = torch.where(ids < 0, 0, 0xFFFFFFFF - ids)
+    return ((ordered - (1 << 31)) << 32) | low
+
+
+def _merge_overrides(top_scores: torch.Tensor, top_ids: torch.Tensor, chunk: torch.Tensor, overrides,
+                     k: int, rows_per_pass: int = 1024) -> torch.Tensor:
+    """Item ids of each user's k best of (its top k from the dot-product op) and (its overridden pairs), best
+    first in the evaluator's order (higher score, then lower item id), padded with -1."""
+    indptr, indices, scores = overrides
+    out = []
+    for r0 in range(0, chunk.numel(), rows_per_pass):
+        users = chunk[r0:r0 + rows_per_pass]
+        ts, ti = top_scores[r0:r0 + rows_per_pass], top_ids[r0:r0 + rows_per_pass]
+        start, count = indptr[users], indptr[users + 1] - indptr[users]
+        m = int(count.max()) if count.numel() else 0
+        if m == 0:
+            out.append(ti)
+            continue
+        col = torch.arange(m, device=chunk.device)
+        valid = col[None, :] < count[:, None]
+        pos = (start[:, None] + col[None, :]).clamp_(max=max(indices.numel() - 1, 0))
+        keys = torch.cat([_rank_keys(ts, ti),
+                          _rank_keys(torch.where(valid, scores[pos], float("-inf")), torch.where(valid, indices[pos], -1))], 1)
+        best = keys.topk(k, dim=1).values
+        low = best & 0xFFFFFFFF
+        out.append(torch.where(low == 0, -1, 0xFFFFFFFF - low))
+    return torch.cat(out)
 
 
 def _resolve_target_groups(target_groups, group_names, targets: Csr, device) -> Tuple[torch.Tensor, List[str]]:
@@ -414,9 +498,12 @@ def _rank_in_chunks(plan: _EvalPlan, user_emb, item_emb, score_fn: Optional[Scor
     n_total, n_done = plan.users.numel(), 0
     for chunk in plan.users.split(_USER_CHUNK):
         if score_fn is None:
-            top_scores, top_ids = _evaluator_ops.topk_dot(ue, ie, chunk, plan.exclude, kmax, plan.block_users,
+            exclude = plan.exclude if plan.overrides is None else plan.dot_exclude
+            top_scores, top_ids = _evaluator_ops.topk_dot(ue, ie, chunk, exclude, kmax, plan.block_users,
                                                           plan.block_items, adapt_users=plan.adapt_users)
             _check_no_overflow(top_scores, top_ids)
+            if plan.overrides is not None:
+                top_ids = _merge_overrides(top_scores, top_ids, chunk, plan.overrides, kmax)
         else:
             on_window = None if progress is None else (
                 lambda end, done=n_done, b=chunk.numel(): progress(done + b * end // n_items, n_total))

@@ -36,6 +36,10 @@ class Scorer:
     score is not a dot product (cascaded heads, hard-gated experts). block_items: items per score_fn
     call when the model knows better than the evaluator's default (a cheap score_fn wants wide blocks,
     an MLP over every pair narrow ones).
+    dot_with_overrides: optionally, beside a score_fn, the same scores as (user_emb, item_emb, overrides): a dot
+    product except on the sparse pairs of `overrides` = (indptr, indices, scores) by user. `evaluator_kwargs`
+    then takes the evaluator's fused dot-product path with `score_overrides` (no score block materialized);
+    everything else that reads a scorer (the pool protocol, the plain-PyTorch benchmark) keeps using score_fn.
     """
 
     user_emb: Optional[torch.Tensor] = None
@@ -43,6 +47,7 @@ class Scorer:
     score_fn: Optional[ScoreFn] = None
     n_items: Optional[int] = None
     block_items: Optional[int] = None
+    dot_with_overrides: Optional[Tuple[torch.Tensor, torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
 
     def __post_init__(self):
         dot = self.user_emb is not None and self.item_emb is not None
@@ -50,9 +55,14 @@ class Scorer:
             raise ValueError("Scorer needs either (user_emb, item_emb) or score_fn, not both")
         if self.score_fn is not None and self.n_items is None:
             raise ValueError("Scorer with score_fn needs n_items")
+        if self.dot_with_overrides is not None and self.score_fn is None:
+            raise ValueError("Scorer.dot_with_overrides is an alternative form of a score_fn; give the score_fn too")
 
     def evaluator_kwargs(self) -> Dict[str, object]:
         """Arguments to pass to `mbrec_fast.evaluate_full_ranking`."""
+        if self.dot_with_overrides is not None:
+            ue, ie, overrides = self.dot_with_overrides
+            return {"user_emb": ue, "item_emb": ie, "score_overrides": overrides}
         if self.score_fn is not None:
             return {"user_emb": None, "item_emb": None, "score_fn": self.score_fn, "n_items": self.n_items,
                     "block_items": self.block_items}

@@ -434,7 +434,20 @@ class MEMBER(MultiBehaviorModel):
             return out
 
         # a GEMM plus a sparse fix-up per block: wide blocks amortize the per-call gathers and searches
-        return Scorer(score_fn=score_fn, n_items=self.n_items, block_items=None if un.is_cuda else 2048)
+        return Scorer(score_fn=score_fn, n_items=self.n_items, block_items=None if un.is_cuda else 2048,
+                      dot_with_overrides=(un, in_, self._visited_overrides(uv, iv)))
+
+    def _visited_overrides(self, uv: torch.Tensor, iv: torch.Tensor, rows_per_pass: int = 1 << 16):
+        """(indptr, items, visited-expert scores) of every auxiliary (user, item) entry: the gated score is the
+        unvisited expert's dot product except on these pairs (the evaluator's `score_overrides`)."""
+        aux, dev = self.aux, uv.device
+        keys = aux.keys_on(dev)
+        rows, cols = keys // self.n_items, keys % self.n_items
+        scores = torch.empty(keys.numel(), dtype=uv.dtype, device=dev)
+        for a in range(0, keys.numel(), rows_per_pass):
+            b = min(keys.numel(), a + rows_per_pass)
+            scores[a:b] = (uv.index_select(0, rows[a:b]) * iv.index_select(0, cols[a:b])).sum(-1)
+        return aux.indptr.to(dev), cols, scores
 
     def expert_scorer(self, role: int) -> Scorer:
         """Dot-product scorer of one expert alone (role 0 = visited, 1 = unvisited), for every item."""

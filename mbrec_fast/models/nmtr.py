@@ -154,15 +154,17 @@ class NMTR(MultiBehaviorModel):
         ex = torch.repeat_interleave(torch.arange(users.numel(), device=dev), n_heads)
         starts = torch.cumsum(n_heads, 0) - n_heads
         head = torch.arange(ex.numel(), device=dev) - starts[ex]
+        # gathers by index_select, whose backward is an index_add (advanced indexing's index_put with accumulate
+        # took half of a 2-thread step on CPU)
         f_rows = torch.zeros(ex.numel(), device=dev, dtype=p.dtype)
         if self.use_gmf:
-            f_rows = f_rows + ((p * q)[ex] * self.gmf_h[head]).sum(-1)
+            f_rows = f_rows + ((p * q).index_select(0, ex) * self.gmf_h.index_select(0, head)).sum(-1)
         if self.use_mlp:
-            z = self._tower(torch.cat([p, q], -1)[ex], head)
-            f_rows = f_rows + (z * self.mlp_h[head]).sum(-1)
+            z = self._tower(torch.cat([p, q], -1).index_select(0, ex), head)
+            f_rows = f_rows + (z * self.mlp_h.index_select(0, head)).sum(-1)
         f = torch.zeros(users.numel(), device=dev, dtype=p.dtype).index_add(0, ex, f_rows)
         cum_bias = self.item_bias.cumsum(0)                               # [R, I]: sum_{s<=r} b_i^s
-        return f + cum_bias[beh, items]
+        return f + cum_bias.reshape(-1).index_select(0, beh * self.n_items + items)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, behavior: Optional[int] = None) -> torch.Tensor:
         """Cascaded logits at `behavior` (default: the target)."""
