@@ -221,7 +221,7 @@ def official_propagate(adj: BipartiteAdjacency, user_emb: torch.Tensor, item_emb
         u, i = adj.step(u, i)
         u, i = l2_normalize_rows(u), l2_normalize_rows(i)
         w = 1.0 + 1.0 / layer
-        u_sum, i_sum = u_sum + w * u, i_sum + w * i
+        u_sum, i_sum = torch.add(u_sum, u, alpha=w), torch.add(i_sum, i, alpha=w)
     return u_sum, i_sum
 
 
@@ -239,7 +239,7 @@ class _Expert(nn.Module):
 def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE with in-batch negatives: row j of `a` should match row j of `b` (cosine / temperature)."""
     a, b = l2_normalize_rows(a), l2_normalize_rows(b)
-    logits = a @ b.T / temperature
+    logits = (a * (1.0 / temperature)) @ b.T  # the scale on [n, d] rather than on the [n, n] logits
     return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
 
 
