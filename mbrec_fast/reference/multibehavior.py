@@ -134,22 +134,32 @@ def plain_member_epoch(model, data, sampler: PythonSetSampler, optimizer, *, bat
                 pool.append(row)
             batch["pool_neg"] = torch.tensor(pool)
         if model.gen_weight and gen:  # (not in the official schedule's BPR pass, which has no generative term)
-            for lo, hi in model.generative_pairs():
-                eu, ei = edges[lo]
-                if not eu:
-                    continue
-                pick = [rnd.randrange(len(eu)) for _ in range(model.gen_batch)]
-                batch[f"gen_users_{lo}_{hi}"] = torch.tensor([eu[j] for j in pick])
-                batch[f"gen_items_{lo}_{hi}"] = torch.tensor([ei[j] for j in pick])
-                batch[f"gen_neg_{lo}_{hi}"] = torch.tensor([[rnd.randrange(sampler.n_items) for _ in range(model.gen_neg)]
-                                                            for _ in pick])
+            _plain_generative_edges(model, edges, rnd, batch)
         return batch
     if getattr(model, "schedule", "joint") == "official":
-        return _plain_member_official(model, users, sampler, edges, optimizer, batch_size, rnd, make_batch)
+        return _plain_member_official(model, users, edges, optimizer, batch_size, rnd, make_batch)
     return _run_epoch(model, optimizer, len(users), batch_size, rnd, make_batch)
 
 
-def _plain_member_official(model, users, sampler, edges, optimizer, batch_size, rnd, make_batch) -> float:
+def _plain_generative_edges(model, edges, rnd: random.Random, batch) -> None:
+    """Adds MEMBER's generative-loss edges to `batch` the plain way: per (lower, higher) behavior pair
+    `gen_batch` random edges of the lower behavior, each with `gen_neg` random items (and random users when
+    gen_negatives="pair")."""
+    for lo, hi in model.generative_pairs():
+        eu, ei = edges[lo]
+        if not eu:
+            continue
+        pick = [rnd.randrange(len(eu)) for _ in range(model.gen_batch)]
+        batch[f"gen_users_{lo}_{hi}"] = torch.tensor([eu[j] for j in pick])
+        batch[f"gen_items_{lo}_{hi}"] = torch.tensor([ei[j] for j in pick])
+        batch[f"gen_neg_{lo}_{hi}"] = torch.tensor([[rnd.randrange(model.n_items) for _ in range(model.gen_neg)]
+                                                    for _ in pick])
+        if model.gen_negatives == "pair":
+            batch[f"gen_negusers_{lo}_{hi}"] = torch.tensor(
+                [[rnd.randrange(model.n_users) for _ in range(model.gen_neg)] for _ in pick])
+
+
+def _plain_member_official(model, users, edges, optimizer, batch_size, rnd, make_batch) -> float:
     """MEMBER's official schedule the plain way: a visited-expert InfoNCE pass and an unvisited-expert pass
     (InfoNCE nodes from `random.sample`, generative edges and their negatives from `random`), one batch per
     batch of purchases each, then the gated-BPR pass with Python-set negatives."""
@@ -161,18 +171,7 @@ def _plain_member_official(model, users, sampler, edges, optimizer, batch_size, 
                      "cl_users": torch.tensor(rnd.sample(range(model.n_users), min(model.cl_nodes, model.n_users))),
                      "cl_items": torch.tensor(rnd.sample(range(model.n_items), min(model.cl_nodes, model.n_items)))}
             if phase == "ssl_unvisited" and model.gen_weight:
-                for lo, hi in model.generative_pairs():
-                    eu, ei = edges[lo]
-                    if not eu:
-                        continue
-                    pick = [rnd.randrange(len(eu)) for _ in range(model.gen_batch)]
-                    batch[f"gen_users_{lo}_{hi}"] = torch.tensor([eu[j] for j in pick])
-                    batch[f"gen_items_{lo}_{hi}"] = torch.tensor([ei[j] for j in pick])
-                    batch[f"gen_neg_{lo}_{hi}"] = torch.tensor(
-                        [[rnd.randrange(model.n_items) for _ in range(model.gen_neg)] for _ in pick])
-                    if model.gen_negatives == "pair":
-                        batch[f"gen_negusers_{lo}_{hi}"] = torch.tensor(
-                            [[rnd.randrange(model.n_users) for _ in range(model.gen_neg)] for _ in pick])
+                _plain_generative_edges(model, edges, rnd, batch)
             optimizer.zero_grad()
             loss, _ = model.loss(batch)
             loss.backward()
