@@ -271,8 +271,8 @@ def bench_graph(device: str, tiny: bool) -> dict:
     best_of = _timer(device)
     gen = torch.Generator().manual_seed(0)
     n_users, n_items, n, d = (500, 300, 5_000, 32) if tiny else (100_000, 50_000, 2_000_000, 64)
-    adj = BipartiteAdjacency(torch.randint(0, n_users, (n,), generator=gen), torch.randint(0, n_items, (n,), generator=gen),
-                             n_users, n_items)
+    users, items = torch.randint(0, n_users, (n,), generator=gen), torch.randint(0, n_items, (n,), generator=gen)
+    adj = BipartiteAdjacency(users, items, n_users, n_items)
     x = torch.randn(n_items, d, generator=gen).to(device)
     (a, _), (sa, _) = adj.csr_on(device), adj.on(device)
     t_ours, t_torch = best_of(lambda: csr_spmm(a, x), 5), best_of(lambda: torch.sparse.mm(sa, x), 5)

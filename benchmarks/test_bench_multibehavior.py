@@ -9,7 +9,8 @@ MBREC_FAST_BENCH_FULL=1: Beibei (21,716 users x 7,977 items) from the data root,
 MBREC_FAST_BENCH_DATA (e.g. tmall: 15,449 x 11,953, view / cart / buy).
 
     nice -n 5 mbrec-fast bench multibehavior --full
-    MBREC_FAST_BENCH_FULL=1 MBREC_FAST_BENCH_DATA=tmall python -m pytest benchmarks/test_bench_multibehavior.py -k "nmtr or member"
+    MBREC_FAST_BENCH_FULL=1 MBREC_FAST_BENCH_DATA=tmall python -m pytest \
+        benchmarks/test_bench_multibehavior.py -k "nmtr or member"
 """
 import contextlib
 import importlib

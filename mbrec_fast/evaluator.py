@@ -446,8 +446,8 @@ def _merge_overrides(top_scores: torch.Tensor, top_ids: torch.Tensor, chunk: tor
         col = torch.arange(m, device=chunk.device)
         valid = col[None, :] < count[:, None]
         pos = (start[:, None] + col[None, :]).clamp_(max=max(indices.numel() - 1, 0))
-        keys = torch.cat([_rank_keys(ts, ti),
-                          _rank_keys(torch.where(valid, scores[pos], float("-inf")), torch.where(valid, indices[pos], -1))], 1)
+        over = _rank_keys(torch.where(valid, scores[pos], float("-inf")), torch.where(valid, indices[pos], -1))
+        keys = torch.cat([_rank_keys(ts, ti), over], 1)
         best = keys.topk(k, dim=1).values
         low = best & 0xFFFFFFFF
         out.append(torch.where(low == 0, -1, 0xFFFFFFFF - low))

@@ -1,9 +1,9 @@
 // Body of the sparse x dense row kernel (interface: spmm_rows.h), included by each csrc/cpu_kernels_<isa>.cpp
 // inside its target pragma after defining `Isa` (W floats per vector: bcast, loadu, fma, store, zero).
-// Columns go in chunks of 4 vectors (each nonzero: one broadcast, four loads and FMAs from one row of x), the rest
-// of the full vectors in one more pass, then scalars with a fused multiply-add (the same rounding as one vector lane). The
-// scalar tail is written here rather than calling spmm_core.h, so that nothing of this file is shared with (and
-// possibly picked by the linker for) code compiled without the instruction set.
+// Columns go in chunks of 4 vectors (each nonzero: one broadcast, four loads and FMAs from one row of x), the
+// rest of the full vectors in one more pass, then scalars with a fused multiply-add (the same rounding as one
+// vector lane). The scalar tail is written here rather than calling spmm_core.h, so that nothing of this file is
+// shared with (and possibly picked by the linker for) code compiled without the instruction set.
 
 template <int NV>
 inline bool spmm_chunk(const SpmmRowsArgs& a, int64_t r, int64_t c) {

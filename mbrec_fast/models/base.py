@@ -27,6 +27,11 @@ def constructor_defaults(cls) -> Dict[str, object]:
             if p.default is not inspect.Parameter.empty}
 
 
+#: (indptr [U + 1], item ids, scores): sparse per-user scores that replace a dot product (the evaluator's
+#: `score_overrides`)
+ScoreOverrides = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class Scorer:
     """How a model scores (user, item) pairs for full-ranking evaluation.
@@ -47,7 +52,7 @@ class Scorer:
     score_fn: Optional[ScoreFn] = None
     n_items: Optional[int] = None
     block_items: Optional[int] = None
-    dot_with_overrides: Optional[Tuple[torch.Tensor, torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+    dot_with_overrides: Optional[Tuple[torch.Tensor, torch.Tensor, ScoreOverrides]] = None
 
     def __post_init__(self):
         dot = self.user_emb is not None and self.item_emb is not None
