@@ -340,8 +340,9 @@ def gated_experts_bwd_triton(grad_out, x, weight, bias, gates, gate_weight, gate
             HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, LN=ln, ACT=ACT_CODES[activation],
             BLOCK_B=bb, BLOCK_H=bh)
     dx, dw, db = experts_dx_dw_triton(x, weight, dpre, shared, bias is not None, tile, tile_k)
-    empty = x.new_empty((0,))
-    d_gates, d_gw, d_gb = empty, empty, empty
+    def empty():  # a fresh tensor per absent output: outputs of a custom op must not alias each other
+        return x.new_empty((0,))
+    d_gates, d_gw, d_gb = empty(), empty(), empty()
     if gates is None:
         p = probs.permute(1, 0, 2)  # [B, T, E]
         d_p = dg.permute(1, 0, 2)
@@ -354,5 +355,5 @@ def gated_experts_bwd_triton(grad_out, x, weight, bias, gates, gate_weight, gate
             d_gb = d_logits.sum(0).to(gate_bias.dtype)
     else:
         d_gates = dg.to(gates.dtype)
-    return [dx.to(x.dtype), dw.to(weight.dtype), empty if db is None else db.to(bias.dtype), d_gates, d_gw, d_gb,
-            empty if dlnw is None else dlnw.to(ln_weight.dtype), empty if dlnb is None else dlnb.to(ln_bias.dtype)]
+    return [dx.to(x.dtype), dw.to(weight.dtype), empty() if db is None else db.to(bias.dtype), d_gates, d_gw, d_gb,
+            empty() if dlnw is None else dlnw.to(ln_weight.dtype), empty() if dlnb is None else dlnb.to(ln_bias.dtype)]

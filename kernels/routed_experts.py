@@ -265,7 +265,8 @@ def routed_experts_bwd_triton(grad_out, x, weight, bias, route, route_weight, ln
         _routed_experts_dw_kernel[(triton.cdiv(D, bt), triton.cdiv(H, bt), E)](
             x, dpre, order, offsets, dw, db if db is not None else dw, D, H, k, x.stride(0), x.stride(1),
             HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_D=bt, BLOCK_H=bt, BLOCK_K=bk)
-    empty = x.new_empty((0,))
-    return [dx.to(x.dtype), dw.to(weight.dtype), empty if db is None else db.to(bias.dtype),
-            empty if drw is None else drw.view(B, k).to(route_weight.dtype),
-            empty if dlnw is None else dlnw.to(ln_weight.dtype), empty if dlnb is None else dlnb.to(ln_bias.dtype)]
+    def empty():  # a fresh tensor per absent output: outputs of a custom op must not alias each other
+        return x.new_empty((0,))
+    return [dx.to(x.dtype), dw.to(weight.dtype), empty() if db is None else db.to(bias.dtype),
+            empty() if drw is None else drw.view(B, k).to(route_weight.dtype),
+            empty() if dlnw is None else dlnw.to(ln_weight.dtype), empty() if dlnb is None else dlnb.to(ln_bias.dtype)]
