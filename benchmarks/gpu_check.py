@@ -34,10 +34,11 @@ TOTAL_BUDGET_S = 450  # no step starts past this, and a step's limit is cut to w
 
 # name -> time limit (s) of the step on the GPU; the dry run gives each step the same limit
 STEP_LIMITS = {"env": 60, "build": 300, "tests_gpu": 150, "tests_device": 150, "bench_evaluator": 60,
-               "bench_sampler": 45, "bench_experts": 60, "bench_graph": 30}
+               "bench_sampler": 45, "bench_experts": 60, "bench_graph": 30, "probe_errors": 120}
 
 # documented goals of the GPU figures (docs/experts.md); other figures are reported without a goal
-GOALS = {"experts_fwd_bwd_x_loop": (">=", 3.0), "experts_fwd_launches_per_layer": ("<=", 1)}
+GOALS = {"experts_fwd_bwd_x_loop": (">=", 3.0), "experts_fwd_launches_per_layer": ("<=", 1),
+         "errors_crashed": ("<=", 0)}
 
 
 # ------------------------------------------------------------------------------------------------ the steps
@@ -71,6 +72,7 @@ def step_commands(device: str, dry_run: bool, out: pathlib.Path) -> dict:
         "bench_sampler": bench("sampler"),
         "bench_experts": bench("experts"),
         "bench_graph": bench("graph"),
+        "probe_errors": bench("errors"),
     }
 
 
@@ -280,7 +282,58 @@ def bench_graph(device: str, tiny: bool) -> dict:
             "graph_spmm_x_torch": t_torch / t_ours, "graph_case": f"{n_users} x {n_items}, {adj.n_edges} edges, d={d}"}
 
 
-BENCHES = {"evaluator": bench_evaluator, "sampler": bench_sampler, "experts": bench_experts, "graph": bench_graph}
+# bad-input calls that must raise (the first GPU machine's image crashed on every check formatting an integer)
+_ERROR_CASES = {
+    "csr_spmm col out of range": "ops.csr_spmm(T([0, 2, 3]), T([1, 4, 0]), F(3), torch.randn(4, 3, device=D))",
+    "csr_spmm decreasing crow": "ops.csr_spmm(T([0, 3, 2]), T([1, 2, 0]), F(3), torch.randn(4, 3, device=D))",
+    "csr_spmm x not contiguous": "ops.csr_spmm(T([0, 2, 3]), T([1, 2, 0]), F(3), torch.randn(3, 4, device=D).T)",
+    "topk_dot user out of range": "ops.topk_dot(torch.randn(5, 4, device=D), torch.randn(7, 4, device=D), T([0, 9]), "
+                                  "T([0] * 6), T([]), 3, 256, 256)",
+}
+_INLINE_SRC = (
+    '#include <torch/extension.h>\n'
+    'void text() { TORCH_CHECK(false, "text only"); }\n'
+    'void number(int64_t n) { TORCH_CHECK(false, "number ", n); }\n')
+
+
+def bench_errors(device: str, tiny: bool) -> dict:
+    """Each bad-input call in its own process (a crash must not end the step): raised or crashed, on the CPU and
+    on `device`; with the full check also a bare load_inline extension formatting an integer in TORCH_CHECK, and the
+    libstdc++ the process loads."""
+    import subprocess
+    import tempfile
+    devices = ["cpu"] + ([device] if device != "cpu" else [])
+    out, crashed = {}, 0
+    for dev in devices:
+        for name, call in _ERROR_CASES.items():
+            code = ("import torch, mbrec_fast\nops = torch.ops.mbrec_fast\nD = %r\n"
+                    "T = lambda v: torch.tensor(v, dtype=torch.long, device=D)\n"
+                    "F = lambda n: torch.ones(n, device=D)\n"
+                    "try:\n    %s\n    print('no error')\nexcept Exception as e:\n    print('raised')\n" % (dev, call))
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            verdict = r.stdout.strip() if r.returncode == 0 else f"crashed (rc {r.returncode})"
+            crashed += r.returncode != 0
+            out[f"error {name} ({dev})"] = verdict
+    if not tiny:
+        with tempfile.TemporaryDirectory() as build:
+            code = ("import torch\nfrom torch.utils.cpp_extension import load_inline\n"
+                    f"m = load_inline('mbrec_probe', cpp_sources=[{_INLINE_SRC!r}], functions=['text', 'number'], "
+                    f"build_directory={build!r})\n"
+                    "for f in (m.text, lambda: m.number(5)):\n    try:\n        f()\n    except RuntimeError:\n"
+                    "        print('raised', flush=True)\n")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+            out["error load_inline text / number"] = (" / ".join(r.stdout.split()) if r.returncode == 0
+                                                      else f"{r.stdout.split()} then crashed (rc {r.returncode})")
+        maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+        import torch  # noqa: F401  (loads the libstdc++ torch uses)
+        maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else maps
+        out["libstdcxx_loaded"] = sorted({ln.split()[-1] for ln in maps.splitlines() if "libstdc++" in ln})
+    out["errors_crashed"] = crashed
+    return out
+
+
+BENCHES = {"evaluator": bench_evaluator, "sampler": bench_sampler, "experts": bench_experts, "graph": bench_graph,
+           "errors": bench_errors}
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ def test_gpu_check_dry_run_writes_report(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     steps = {r["step"]: r for r in report["steps"]}
     assert list(steps) == ["env", "build", "tests_gpu", "tests_device", "bench_evaluator", "bench_sampler",
-                           "bench_experts", "bench_graph"]
+                           "bench_experts", "bench_graph", "probe_errors"]
     failed = {name: r["status"] + "\n" + r["output_tail"] for name, r in steps.items() if r["status"] != "passed"}
     assert not failed, failed
     assert res.returncode == 0
