@@ -378,6 +378,10 @@ def test_member_faithful_knobs_and_one_at_a_time_override(tiny):
     assert legacy.variant == "legacy" and legacy.generative_pairs() == [(0, 1), (1, 2)] and legacy.reg == 1e-4
     with pytest.raises(ValueError, match="variant"):
         MEMBER.from_data(tiny, variant="paper")
+    # a knob that would change nothing is refused rather than ignored (it acts only on the in-pool terms)
+    with pytest.raises(ValueError, match="unvisited_all_purchases=True acts only on the in-pool BPR terms"):
+        _faithful(tiny, unvisited_all_purchases=True)
+    assert _faithful(tiny, pool_weight=1.0, unvisited_all_purchases=True).unvisited_all_purchases
     with pytest.raises(ValueError, match="gen_pairs"):
         MEMBER.from_data(tiny, gen_pairs="some")
 

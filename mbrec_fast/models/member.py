@@ -293,6 +293,9 @@ class MEMBER(MultiBehaviorModel):
                      propagation=propagation, init_std=init_std, layers_visited_global=layers_visited_global,
                      cl_sampling=cl_sampling, schedule=schedule, reg=reg)
         knobs.update({k: v for k, v in given.items() if v is not None})
+        if unvisited_all_purchases and not knobs["pool_weight"]:
+            raise ValueError("unvisited_all_purchases=True acts only on the in-pool BPR terms, which pool_weight=0 "
+                             "disables (the faithful variant's default); set pool_weight > 0 as well")
         for key, allowed in _CHOICES.items():
             value = gate if key == "gate" else knobs[key]
             if value not in allowed:
