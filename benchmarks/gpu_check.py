@@ -324,9 +324,8 @@ def bench_errors(device: str, tiny: bool) -> dict:
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
             out["error load_inline text / number"] = (" / ".join(r.stdout.split()) if r.returncode == 0
                                                       else f"{r.stdout.split()} then crashed (rc {r.returncode})")
-        maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
         import torch  # noqa: F401  (loads the libstdc++ torch uses)
-        maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else maps
+        maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
         out["libstdcxx_loaded"] = sorted({ln.split()[-1] for ln in maps.splitlines() if "libstdc++" in ln})
     out["errors_crashed"] = crashed
     return out
