@@ -22,7 +22,7 @@ import torch
 from mbrec_fast.batching import behavior_positives, default_level_probs
 from mbrec_fast.reference.multibehavior import (PythonSetSampler, dense_topk_evaluate, nmtr_scores_plain, plain_epoch,
                                                 plain_member_epoch)
-from mbrec_fast.models import lightgcn
+from mbrec_fast.models import lightgcn, member
 from mbrec_fast.training.multibehavior import MODELS, build_model, evaluate_model, load_data
 
 FULL = os.environ.get("MBREC_FAST_BENCH_FULL") == "1"
@@ -79,19 +79,20 @@ def _rounds(name, what):
 
 @contextlib.contextmanager
 def _plain_ops(model, impl):
-    """Inside: the model's plain-PyTorch twin when impl is "plain_torch" (`torch.sparse.mm` propagation, one GEMM
-    per NMTR head); the package's ops otherwise (the defaults)."""
+    """Inside: the model's plain-PyTorch twin when impl is "plain_torch" (`torch.sparse.mm` propagation,
+    `F.normalize` for MEMBER's row normalization, one GEMM per NMTR head); the package's code otherwise (the
+    defaults)."""
     if impl != "plain_torch":
         yield
         return
-    saved = lightgcn.SPMM_IMPL, getattr(model, "expert_impl", None)
-    lightgcn.SPMM_IMPL = "torch"
+    saved = lightgcn.SPMM_IMPL, getattr(model, "expert_impl", None), member.NORMALIZE_IMPL
+    lightgcn.SPMM_IMPL, member.NORMALIZE_IMPL = "torch", "torch"
     if hasattr(model, "expert_impl"):
         model.expert_impl = "loop"
     try:
         yield
     finally:
-        lightgcn.SPMM_IMPL = saved[0]
+        lightgcn.SPMM_IMPL, member.NORMALIZE_IMPL = saved[0], saved[2]
         if hasattr(model, "expert_impl"):
             model.expert_impl = saved[1]
 

@@ -7,7 +7,8 @@ import torch
 from mbrec_fast.data.multibehavior import from_arrays, synthetic_multibehavior
 from mbrec_fast.models.lightgcn import BipartiteAdjacency, LightGCN, drop_edges, lightgcn_propagate
 from mbrec_fast.models.member import (EXCLUDED_SCORE, MEMBER, KeyedCsr, evaluate_by_pool,
-                                      gated_scores_dense_reference, official_propagate)
+                                      gated_scores_dense_reference, l2_normalize_rows,
+                                      official_propagate)
 from mbrec_fast.models.nmtr import NMTR
 
 torch.set_num_threads(1)
@@ -345,6 +346,37 @@ def test_models_work_on_hand_built_data_with_empty_rows():
 def _faithful(data, **kw):
     torch.manual_seed(0)
     return MEMBER.from_data(data, dim=8, variant="faithful", cl_nodes=16, gen_batch=32, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_normalization_matches_f_normalize(dtype, monkeypatch):
+    """The fused row normalization gives F.normalize's values (to one rounding) and gradients, including rows
+    whose norm is clamped at eps (exactly zero and tiny rows) and under both implementation switches."""
+    from mbrec_fast.models import member
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 7, dtype=dtype, generator=g)
+    x[3] = 0.0
+    x[5] = 1e-14                                   # norm below eps: scaled by 1 / eps, gradient g / eps
+    grad = torch.randn(40, 7, dtype=dtype, generator=g)
+    outs = {}
+    for impl in member.NORMALIZE_IMPLS:
+        monkeypatch.setattr(member, "NORMALIZE_IMPL", impl)
+        xi = x.clone().requires_grad_(True)
+        y = l2_normalize_rows(xi)
+        y.backward(grad)
+        outs[impl] = (y.detach(), xi.grad)
+    want_y = torch.nn.functional.normalize(x, dim=-1)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
+    for y, dx in outs.values():
+        torch.testing.assert_close(y, want_y, **tol)
+    torch.testing.assert_close(outs["fused"][1], outs["torch"][1], rtol=tol["rtol"], atol=tol["atol"] * 1e12)
+    if dtype == torch.float64:
+        monkeypatch.setattr(member, "NORMALIZE_IMPL", "fused")
+        assert torch.autograd.gradcheck(l2_normalize_rows, (torch.randn(6, 5, dtype=dtype, generator=g,
+                                                                        requires_grad=True),))
+    monkeypatch.setattr(member, "NORMALIZE_IMPL", "cuda")
+    with pytest.raises(ValueError, match="NORMALIZE_IMPL"):
+        l2_normalize_rows(x)
 
 
 def test_official_propagation_matches_dense_reference():
