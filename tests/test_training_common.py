@@ -79,6 +79,24 @@ def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
     assert result.best_epoch == 1 and result.epochs_run == 3
 
 
+def test_patience_waits_while_a_top_k_monitor_is_zero(tmp_path):
+    """A top-K monitor at 0 (no validation target in any top K yet) is no signal: patience starts counting at the
+    first non-zero value. Other monitors count from the start (the flat-metric test above)."""
+    values = iter([0.0, 0.0, 0.0, 0.0, 0.2, 0.1, 0.3, 0.3, 0.3, 0.3])
+    seed_everything(0)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    trainer = Trainer(model, {"main": opt}, str(tmp_path), epochs=10, patience=2, monitor="ndcg@10",
+                      model_name="toy", progress=False, config={"batch_size": 1, "threads": None})
+    result = trainer.fit(lambda epoch: [0], lambda idx: {"loss": 0.0}, lambda split: {"ndcg@10": next(values) if split == "valid" else 0.5})
+    assert result.best_epoch == 7 and result.epochs_run == 9             # four zeros not counted; 0.3 at 7, two flat
+    values = iter([0.0, 0.0, 0.0, 0.0])
+    result = Trainer(model, {"main": opt}, str(tmp_path / "b"), epochs=4, patience=1, monitor="ndcg@10",
+                     model_name="toy", progress=False, config={"batch_size": 1, "threads": None}).fit(
+        lambda epoch: [0], lambda idx: {"loss": 0.0}, lambda split: {"ndcg@10": next(values) if split == "valid" else 0.5})
+    assert result.epochs_run == 4 and result.best_epoch == 1                # ran to `epochs`, best.pt from epoch 1
+
+
 def test_resume_rejects_other_model(tmp_path):
     save_checkpoint(str(tmp_path / "other.pt"), {"model_name": "someone_else"})
     with pytest.raises(ValueError, match="someone_else"):
