@@ -13,8 +13,8 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["Csr", "coo_to_csr", "build_csr", "csr_to_coo", "csr_rows", "union_csr", "csr_contains",
-           "build_packed_csr"]
+__all__ = ["Csr", "coo_to_csr", "build_csr", "csr_to_coo", "csr_rows", "indptr_from_rows", "union_csr",
+           "csr_contains", "build_packed_csr"]
 
 Csr = Tuple[torch.Tensor, torch.Tensor]
 
@@ -25,9 +25,15 @@ def coo_to_csr(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int,
     pairs given as int64 tensors."""
     key = torch.unique(rows * n_cols + cols)
     r = torch.div(key, n_cols, rounding_mode="floor") if n_cols else key
-    indptr = torch.zeros(n_rows + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(torch.bincount(r, minlength=n_rows), 0)
-    return indptr, (key - r * n_cols).to(index_dtype)
+    return indptr_from_rows(r, n_rows), (key - r * n_cols).to(index_dtype)
+
+
+def indptr_from_rows(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """int64 offsets [n_rows + 1] (on the device of rows) of a CSR whose entries have row ids `rows` (int64, in
+    [0, n_rows), sorted by row when the offsets are to index them)."""
+    indptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=indptr[1:])
+    return indptr
 
 
 def build_csr(rows, cols, n_rows: int, n_cols: int) -> Csr:

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .csr import Csr
+from .csr import Csr, coo_to_csr, csr_rows, indptr_from_rows
 from ._checks import check_csr, check_finite, check_tensor
 from . import _evaluator_ops
 from ._evaluator_ops import METRICS
@@ -401,22 +401,16 @@ def _resolve_overrides(score_overrides, exclude: Csr, n_users: int, n_items: int
         raise ValueError(f"score_overrides.scores must be floating point with one score per index "
                          f"({indices.numel()}), got {scores.dtype} [{scores.numel()}]")
     check_finite(scores, "score_overrides.scores")
-    rows = torch.repeat_interleave(torch.arange(n_users, device=device), indptr.diff())
+    rows = csr_rows((indptr, indices))
     keys = rows * n_items + indices
     if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
         raise ValueError("score_overrides: item ids must be distinct within a row")
-    ex_rows = torch.repeat_interleave(torch.arange(n_users, device=device), exclude[0].diff())
-    ex_keys = ex_rows * n_items + exclude[1]
-    keep = ~torch.isin(keys, ex_keys)
-    kept_rows = rows[keep]
-    kept_ptr = torch.zeros(n_users + 1, dtype=torch.int64, device=device)
-    kept_ptr[1:] = torch.cumsum(torch.bincount(kept_rows, minlength=n_users), 0)
-    overrides = (kept_ptr, indices[keep].contiguous(), scores[keep].float().contiguous())
-    union = torch.unique(torch.cat([ex_keys, keys]))  # sorted
-    u_rows = union // n_items
-    u_ptr = torch.zeros(n_users + 1, dtype=torch.int64, device=device)
-    u_ptr[1:] = torch.cumsum(torch.bincount(u_rows, minlength=n_users), 0)
-    return overrides, (u_ptr, (union - u_rows * n_items).contiguous())
+    ex_rows = csr_rows(exclude)
+    keep = ~torch.isin(keys, ex_rows * n_items + exclude[1])
+    overrides = (indptr_from_rows(rows[keep], n_users), indices[keep].contiguous(), scores[keep].float().contiguous())
+    union = coo_to_csr(torch.cat([ex_rows, rows]), torch.cat([exclude[1].long(), indices.long()]), n_users, n_items,
+                       index_dtype=torch.int64)
+    return overrides, union
 
 
 def _rank_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _graph_ops  # noqa: F401  (fake and autograd of torch.ops.mbrec_fast.csr_spmm)
+from .csr import csr_rows, indptr_from_rows
 
 __all__ = ["CsrMatrix", "csr_spmm", "csr_transpose"]
 
@@ -31,11 +32,8 @@ def csr_transpose(a: CsrMatrix, n_cols: int) -> CsrMatrix:
         raise ValueError(f"col and val must be 1-D of the same length, got {tuple(col.shape)} and {tuple(val.shape)}")
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= n_cols):
         raise ValueError(f"col must lie in [0, {n_cols})")
-    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
     order = torch.sort(col, stable=True).indices
-    t_crow = torch.zeros(n_cols + 1, dtype=torch.long, device=crow.device)
-    t_crow[1:] = torch.cumsum(torch.bincount(col, minlength=n_cols), 0)
-    return t_crow, rows[order].contiguous(), val[order].contiguous()
+    return indptr_from_rows(col, n_cols), csr_rows((crow, col))[order].contiguous(), val[order].contiguous()
 
 
 def csr_spmm(a: CsrMatrix, x: Tensor, transpose: Optional[CsrMatrix] = None) -> Tensor:

@@ -33,7 +33,7 @@ import torch
 from . import _sampler_ops
 from ._checks import check_csr, check_tensor
 from .csr import build_packed_csr as _build_torch, coo_to_csr as _coo_to_csr  # noqa: F401  (old private names)
-from .csr import tensor_from_numpy
+from .csr import indptr_from_rows, tensor_from_numpy
 
 
 def __getattr__(name: str):
@@ -621,8 +621,7 @@ def sample_sequence_negatives(seqs: torch.Tensor, n_items: int, num_neg: int, *,
     excl_len = (excl < n_items).sum(1)
     if item_domain is not None:
         order = torch.argsort(item_domain, stable=True)
-        dom_indptr = torch.zeros(n_domains + 1, dtype=torch.int64, device=device)
-        dom_indptr[1:] = torch.cumsum(torch.bincount(item_domain, minlength=n_domains), 0)
+        dom_indptr = indptr_from_rows(item_domain, n_domains)
         dom_items = order.to(torch.int32)
     else:
         dom_indptr = torch.empty(0, dtype=torch.int64, device=device)

@@ -59,6 +59,9 @@ def test_csr_toolkit_builds_sorted_distinct_rows():
     assert csr_contains((u_ip, u_ix), [0, 0, 2], [1, 2, 5], 6).tolist() == [True, False, True]
     e_ip, e_ix = union_csr([], 2, 4)
     assert e_ip.tolist() == [0, 0, 0] and e_ix.numel() == 0
+    from mbrec_fast.csr import indptr_from_rows
+    assert indptr_from_rows(torch.tensor([0, 0, 2, 2, 2]), 4).tolist() == [0, 2, 2, 5, 5]
+    assert indptr_from_rows(torch.empty(0, dtype=torch.long), 2).tolist() == [0, 0, 0]
 
 
 def test_build_csr_of_read_only_arrays_warns_nothing():

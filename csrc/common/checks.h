@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <vector>
 
 namespace mbrec_fast {
 
@@ -45,8 +46,9 @@ inline void check_ids_in_range(const at::Tensor& ids, const char* name, int64_t 
 }
 
 // Every row of `indptr` (1-D, or 2-D: each row a separate offset sequence) is non-decreasing and lies in
-// [0, nnz]. indptr must be int64 and contiguous.
-inline void check_csr_offsets(const at::Tensor& indptr, int64_t nnz, const char* name) {
+// [0, nnz]; with `exact_span`, every row also starts at 0 and ends at nnz. indptr must be int64 and contiguous.
+// On a GPU the whole check costs one device-to-host copy.
+inline void check_csr_offsets(const at::Tensor& indptr, int64_t nnz, const char* name, bool exact_span = false) {
   TORCH_CHECK(indptr.scalar_type() == at::kLong && indptr.is_contiguous() && (indptr.dim() == 1 || indptr.dim() == 2),
               name, " must be a contiguous 1-D or 2-D int64 tensor");
   if (indptr.numel() == 0) return;
@@ -61,13 +63,23 @@ inline void check_csr_offsets(const at::Tensor& indptr, int64_t nnz, const char*
       for (int64_t i = 1; i < len; ++i) {
         TORCH_CHECK(q[i - 1] <= q[i], name, " must be non-decreasing, found ", q[i - 1], " > ", q[i], " at ", i);
       }
+      TORCH_CHECK(!exact_span || (q[0] == 0 && q[len - 1] == nnz), name, " must run from 0 to the number of ",
+                  "nonzeros (", nnz, "), got ", q[0], " .. ", q[len - 1]);
     }
     return;
   }
   const at::Tensor m = indptr.reshape({rows, len});
-  bool ok = (m.min().item<int64_t>() >= 0) && (m.max().item<int64_t>() <= nnz);
-  if (ok && len > 1) ok = !(m.narrow(1, 1, len - 1) < m.narrow(1, 0, len - 1)).any().item<bool>();
+  const at::Tensor first = m.select(1, 0), last = m.select(1, len - 1);
+  std::vector<at::Tensor> parts = {m.min().reshape({1}), m.max().reshape({1}), first.narrow(0, 0, 1),
+                                   last.narrow(0, 0, 1)};
+  if (len > 1) parts.push_back((m.narrow(1, 1, len - 1) < m.narrow(1, 0, len - 1)).any().to(at::kLong).reshape({1}));
+  if (exact_span) parts.push_back((first.ne(0) | last.ne(nnz)).any().to(at::kLong).reshape({1}));
+  const at::Tensor v = at::cat(parts).cpu();  // the one sync
+  const int64_t* s = v.data_ptr<int64_t>();
+  bool ok = s[0] >= 0 && s[1] <= nnz && (len == 1 || s[4] == 0);
   TORCH_CHECK(ok, name, " must be non-decreasing offsets in [0, ", nnz, "] (the length of the indices)");
+  TORCH_CHECK(!exact_span || s[parts.size() - 1] == 0, name, " must run from 0 to the number of nonzeros (", nnz,
+              "), got ", s[2], " .. ", s[3]);
 }
 
 // Every value of the int64 tensor t lies in [lo, hi].

@@ -19,12 +19,7 @@ inline int64_t check_csr_matrix(const at::Tensor& crow, const at::Tensor& col, c
   TORCH_CHECK(crow.numel() >= 1, n_crow, " must have rows + 1 >= 1 entries");
   TORCH_CHECK(val.numel() == col.numel(), n_val, " must have one value per entry of ", n_col, " (", col.numel(),
               "), got ", val.numel());
-  check_csr_offsets(crow, col.numel(), n_crow.c_str());
-  const int64_t first = crow.device().is_cpu() ? crow.data_ptr<int64_t>()[0] : crow[0].item<int64_t>();
-  const int64_t last = crow.device().is_cpu() ? crow.data_ptr<int64_t>()[crow.numel() - 1]
-                                              : crow[crow.numel() - 1].item<int64_t>();
-  TORCH_CHECK(first == 0 && last == col.numel(), n_crow, " must run from 0 to the number of nonzeros (", col.numel(),
-              "), got ", first, " .. ", last);
+  check_csr_offsets(crow, col.numel(), n_crow.c_str(), /*exact_span=*/true);
   return crow.numel() - 1;
 }
 

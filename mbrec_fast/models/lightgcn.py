@@ -22,7 +22,7 @@ from torch import nn
 
 from ..batching import PairBatches
 from ..csr import Csr, coo_to_csr, csr_rows, csr_to_coo
-from ..graph import CsrMatrix, csr_spmm
+from ..graph import CsrMatrix, csr_spmm, csr_transpose
 from .base import MultiBehaviorModel, Scorer, check_model_kwargs
 
 __all__ = ["BipartiteAdjacency", "lightgcn_propagate", "drop_edges", "csr_to_edges", "check_model_kwargs",
@@ -93,11 +93,9 @@ class BipartiteAdjacency:
         deg_u = torch.bincount(u, minlength=n_users).to(dtype)
         deg_i = torch.bincount(i, minlength=n_items).to(dtype)
         val = (deg_u[u] * deg_i[i]).rsqrt()
-        order = torch.argsort(i * n_users + u)                   # item-major for the transpose
-        crow_i = torch.zeros(n_items + 1, dtype=torch.long)
-        crow_i[1:] = torch.cumsum(torch.bincount(i, minlength=n_items), 0)
         self.n_edges = int(i.numel())
-        self._parts = {"ui": (crow_u, i, val), "iu": (crow_i, u[order], val[order])}
+        # the transpose is item-major, each item's users in ascending order (csr_transpose is stable)
+        self._parts = {"ui": (crow_u, i, val), "iu": csr_transpose((crow_u, i, val), n_items)}
         self._cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
