@@ -1,7 +1,8 @@
-"""The graph op family's Python side: the fake (meta) implementation and the autograd of `csr_spmm`.
+"""The graph op family's Python side: the fake (meta) implementations and the autograd of `csr_spmm` and
+`row_l2_normalize`.
 
 The C++ side: schema in csrc/graph/graph_ops.cpp, CPU kernel in graph_cpu.cpp, CUDA kernel in graph_cuda.cu; the
-pure-PyTorch reference is mbrec_fast/reference/graph.py; the public wrapper is `mbrec_fast.graph.csr_spmm`.
+pure-PyTorch reference is mbrec_fast/reference/graph.py; the public wrappers are in `mbrec_fast.graph`.
 """
 from __future__ import annotations
 
@@ -35,3 +36,32 @@ def _csr_spmm_backward(ctx, grad):
 
 
 torch.library.register_autograd("mbrec_fast::csr_spmm", _csr_spmm_backward, setup_context=_csr_spmm_setup)
+
+
+@torch.library.register_fake("mbrec_fast::row_l2_normalize")
+def _row_l2_normalize_fake(x, eps=1e-12):
+    torch._check(x.dim() == 2)
+    return torch.empty_like(x), x.new_empty((x.shape[0],))
+
+
+@torch.library.register_fake("mbrec_fast::row_l2_normalize_backward")
+def _row_l2_normalize_backward_fake(grad, y, norm, eps=1e-12):
+    torch._check(grad.dim() == 2)
+    return torch.empty_like(grad)
+
+
+def _row_l2_normalize_setup(ctx, inputs, output):
+    ctx.eps = inputs[1]
+    ctx.save_for_backward(output[0], output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _row_l2_normalize_backward(ctx, grad_y, grad_norm):
+    y, norm = ctx.saved_tensors
+    if grad_y is None:
+        return None, None
+    return torch.ops.mbrec_fast.row_l2_normalize_backward(grad_y.contiguous(), y, norm, ctx.eps), None
+
+
+torch.library.register_autograd("mbrec_fast::row_l2_normalize", _row_l2_normalize_backward,
+                                setup_context=_row_l2_normalize_setup)

@@ -5,6 +5,10 @@ backward to x (dx = A^T dy through the transpose given, which graphs that propag
 Each output element is one fused multiply-add per nonzero in storage order, so a value is the same on every
 thread count, instruction set (AVX-512, AVX2, portable) and device. On CPU it runs the package's SIMD row kernel,
 several times the rate of `torch.sparse.mm` on the models' graphs (benchmarks/test_bench_graph.py).
+
+`row_l2_normalize(x)` is F.normalize(x, dim=-1) as one pass each way (norm and scaling fused; backward from the
+saved output and norms), for the per-layer normalisation of propagated embeddings and contrastive losses; the same
+bits on every thread count and device, several times F.normalize's forward + backward on the CPU.
 """
 from __future__ import annotations
 
@@ -13,10 +17,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _graph_ops  # noqa: F401  (fake and autograd of torch.ops.mbrec_fast.csr_spmm)
+from . import _graph_ops  # noqa: F401  (fakes and autograd of torch.ops.mbrec_fast's graph ops)
 from .csr import csr_rows, indptr_from_rows
 
-__all__ = ["CsrMatrix", "csr_spmm", "csr_transpose"]
+__all__ = ["CsrMatrix", "csr_spmm", "csr_transpose", "row_l2_normalize"]
 
 #: (crow [rows + 1], col [nnz], val [nnz]): int64 offsets and column indices, values of x's dtype
 CsrMatrix = Tuple[Tensor, Tensor, Tensor]
@@ -45,3 +49,12 @@ def csr_spmm(a: CsrMatrix, x: Tensor, transpose: Optional[CsrMatrix] = None) -> 
     x = x.contiguous()
     t = (None, None, None) if transpose is None else transpose
     return torch.ops.mbrec_fast.csr_spmm(crow, col, val, x, *t)
+
+
+def row_l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Rows of x [n, d] (fp32 or fp64) scaled to unit L2 norm: x / max(|x_r|, eps) as F.normalize(x, dim=-1,
+    eps=eps), computed as a multiply by the reciprocal (within one rounding of F.normalize), differentiable in x."""
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor, got {type(x).__name__}"
+                         + (f" of {x.dim()} dimensions" if isinstance(x, Tensor) else ""))
+    return torch.ops.mbrec_fast.row_l2_normalize(x.contiguous(), float(eps))[0]

@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "common/checks.h"
 
 namespace mbrec_fast {
@@ -53,6 +55,25 @@ inline int64_t check_csr_spmm_args(const at::Tensor& crow, const at::Tensor& col
                 t_val->numel());
   }
   return rows;
+}
+
+// row_l2_normalize: x [n, d] fp32 or fp64, contiguous; eps > 0 and finite.
+inline void check_row_l2_normalize_args(const at::Tensor& x, double eps, const char* name = "x") {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              name, " must be float32 or float64, got ", x.scalar_type());
+  check_tensor(x, name, x.scalar_type(), 2, x.device());
+  TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "eps must be positive and finite, got ", eps);
+}
+
+// row_l2_normalize_backward: grad and y of one shape [n, d], norm [n], all of grad's dtype and device.
+inline void check_row_l2_normalize_backward_args(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& norm,
+                                                 double eps) {
+  check_row_l2_normalize_args(grad, eps, "grad");
+  check_tensor(y, "y", grad.scalar_type(), 2, grad.device());
+  check_tensor(norm, "norm", grad.scalar_type(), 1, grad.device());
+  TORCH_CHECK(y.sizes() == grad.sizes(), "y must have grad's shape ", grad.sizes(), ", got ", y.sizes());
+  TORCH_CHECK(norm.numel() == grad.size(0), "norm must have one entry per row of grad (", grad.size(0), "), got ",
+              norm.numel());
 }
 
 }  // namespace mbrec_fast

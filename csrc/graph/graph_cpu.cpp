@@ -1,4 +1,5 @@
-// CPU kernel of csr_spmm (schema: graph_ops.cpp): rows of y = A x split over threads, each row computed by one
+// CPU kernels of the graph family (schemas: graph_ops.cpp). row_l2_normalize and its backward: rows split over
+// threads, each by the per-row core of row_norm_core.h. csr_spmm: rows of y = A x split over threads, each row computed by one
 // thread. fp32 runs the SIMD row kernel of spmm_rows.h (AVX-512 or AVX2 + FMA, chosen at run time from the CPU's
 // features); fp64 and CPUs without AVX2 the portable loop of spmm_core.h. Every variant computes each element as
 // the same FMA chain, so results are bit-identical across variants and thread counts.
@@ -11,6 +12,7 @@
 
 #include "cpu_isa.h"
 #include "graph/graph_args.h"
+#include "graph/row_norm_core.h"
 #include "graph/spmm_core.h"
 #include "graph/spmm_rows.h"
 
@@ -76,8 +78,51 @@ at::Tensor csr_spmm_cpu(const at::Tensor& crow, const at::Tensor& col, const at:
   return y;
 }
 
+// Rows per task of the row-wise normalisation: about 16 K entries.
+int64_t row_grain(int64_t d) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(d, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> row_l2_normalize_cpu(const at::Tensor& x, double eps) {
+  check_row_l2_normalize_args(x, eps);
+  const int64_t n = x.size(0), d = x.size(1);
+  at::Tensor y = at::empty_like(x), norm = at::empty({n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_l2_normalize_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* np = norm.data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, n, row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) np[r] = row_l2_normalize_row(xp + r * d, yp + r * d, d, e);
+    });
+  });
+  return {y, norm};
+}
+
+at::Tensor row_l2_normalize_backward_cpu(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& norm,
+                                         double eps) {
+  check_row_l2_normalize_backward_args(grad, y, norm, eps);
+  const int64_t n = grad.size(0), d = grad.size(1);
+  at::Tensor dx = at::empty_like(grad);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "row_l2_normalize_backward_cpu", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* np = norm.data_ptr<scalar_t>();
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, n, row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        row_l2_normalize_backward_row(gp + r * d, yp + r * d, np[r], e, dp + r * d, d);
+      }
+    });
+  });
+  return dx;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mbrec_fast, CPU, m) { m.impl("csr_spmm", &csr_spmm_cpu); }
+TORCH_LIBRARY_IMPL(mbrec_fast, CPU, m) {
+  m.impl("csr_spmm", &csr_spmm_cpu);
+  m.impl("row_l2_normalize", &row_l2_normalize_cpu);
+  m.impl("row_l2_normalize_backward", &row_l2_normalize_backward_cpu);
+}
 
 }  // namespace mbrec_fast

@@ -9,4 +9,11 @@ TORCH_LIBRARY_FRAGMENT(mbrec_fast, m) {
   // (dx = A^T dy, by this op with the roles swapped). Gradients flow to x only, never to val.
   m.def("csr_spmm(Tensor crow, Tensor col, Tensor val, Tensor x, Tensor? t_crow=None, Tensor? t_col=None, "
         "Tensor? t_val=None) -> Tensor");
+  // Each row of x [n, d] (fp32 or fp64) scaled to unit L2 norm, as F.normalize(x, dim=-1, eps=eps) but multiplying
+  // by 1 / max(norm, eps) (one rounding from F.normalize's division): y [n, d] and each row's unclamped norm [n],
+  // which the backward reads. Sums in a fixed order (row_norm_core.h): the same bits on every backend.
+  m.def("row_l2_normalize(Tensor x, float eps=1e-12) -> (Tensor, Tensor)");
+  // dx of row_l2_normalize from the output gradient, the forward's y and norm: (g - y <g, y>) / max(norm, eps),
+  // and g / eps on rows whose norm was at most eps.
+  m.def("row_l2_normalize_backward(Tensor grad, Tensor y, Tensor norm, float eps=1e-12) -> Tensor");
 }

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..batching import PairBatches, epoch_seed
 from ..csr import Csr, union_csr
+from ..graph import row_l2_normalize
 from ..sampler import InteractionGraph
 from .base import MultiBehaviorModel, Scorer, check_model_kwargs
 from .lightgcn import BipartiteAdjacency, csr_to_edges, drop_edges, lightgcn_propagate
@@ -186,33 +187,11 @@ _CHOICES = {"gen_experts": ("both", "unvisited"), "gen_pairs": ("adjacent", "all
 OFFICIAL_PHASES = ("ssl_visited", "ssl_unvisited", "bpr")
 
 
-#: Row normalization of the propagation and InfoNCE: "fused" (`_RowL2Normalize`: one norm pass and one scaling
-#: pass forward, two passes backward; 2-6x F.normalize's forward + backward on [15k, 32], benchmarks) or "torch"
-#: (`F.normalize`, the plain-PyTorch way and the official code's, whose autograd chain runs about six passes).
+#: Row normalization of the propagation and InfoNCE: "fused" (the package's `row_l2_normalize` op, one pass each
+#: way, docs/graph.md) or "torch" (`F.normalize`, the plain-PyTorch way and the official code's, whose autograd
+#: chain makes about six passes forward and backward).
 NORMALIZE_IMPL = "fused"
 NORMALIZE_IMPLS = ("fused", "torch")
-
-
-class _RowL2Normalize(torch.autograd.Function):
-    """F.normalize(x, dim=-1) (eps 1e-12) as x * (1 / max(|x|, eps)), and its backward in two passes,
-    dx = (g - y <g, y>) / n (g / eps on rows whose norm was clamped): autograd's chain through the norm, the
-    clamp and the broadcast division was about a sixth of a faithful MEMBER step. Forward values agree with
-    F.normalize to one rounding (a multiply by the reciprocal instead of a division)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        clamped = n <= 1e-12
-        inv = n.clamp_min_(1e-12).reciprocal_()
-        y = x * inv
-        ctx.save_for_backward(y, inv, clamped)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, inv, clamped = ctx.saved_tensors
-        dot = torch.linalg.vecdot(g, y).unsqueeze(-1).masked_fill_(clamped, 0.0)
-        return torch.addcmul(g, y, dot, value=-1.0).mul_(inv)
 
 
 def l2_normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +200,7 @@ def l2_normalize_rows(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"NORMALIZE_IMPL must be one of {NORMALIZE_IMPLS}, got {NORMALIZE_IMPL!r}")
     if NORMALIZE_IMPL == "torch":
         return F.normalize(x, dim=-1)
-    return _RowL2Normalize.apply(x)
+    return row_l2_normalize(x)
 
 
 def official_propagate(adj: BipartiteAdjacency, user_emb: torch.Tensor, item_emb: torch.Tensor,
