@@ -1,6 +1,8 @@
 """Graph propagation products: `mbrec_fast.csr_spmm` (the package's CSR x dense kernel) against `torch.sparse.mm`
 on sparse CSR tensors (what LightGCN-style code runs today), y = A x and the training step's pair (A x forward,
-A^T dy backward), on the symmetric-normalized user-item graphs the models propagate over, in one run.
+A^T dy backward), on the symmetric-normalized user-item graphs the models propagate over, in one run. Also the
+per-layer row normalisation: `mbrec_fast.row_l2_normalize` against `F.normalize`, forward + backward, on embedding
+tables of Tmall's user and item counts.
 
 Default: a synthetic 20,000 x 10,000 graph with 500,000 edges. MBREC_FAST_BENCH_FULL=1: Tmall's view, cart and buy
 graphs and their union (MEMBER's global graph) from the data root. extra_info: nonzeros per second.
@@ -13,7 +15,9 @@ import os
 import pytest
 import torch
 
-from mbrec_fast.graph import csr_spmm
+import torch.nn.functional as F
+
+from mbrec_fast.graph import csr_spmm, row_l2_normalize
 from mbrec_fast.models.lightgcn import BipartiteAdjacency
 
 FULL = os.environ.get("MBREC_FAST_BENCH_FULL") == "1"
@@ -65,3 +69,21 @@ def test_spmm(benchmark, record, graph, d, impl, pass_):
     mean = benchmark.stats.stats.mean if getattr(benchmark, "stats", None) is not None else None
     if mean:
         benchmark.extra_info["nnz_per_s"] = products * adj.n_edges / mean
+
+
+@pytest.mark.parametrize("rows", [11_953, 15_449])
+@pytest.mark.parametrize("d", WIDTHS)
+@pytest.mark.parametrize("impl", ["mbrec_fast", "F_normalize"])
+def test_row_l2_normalize(benchmark, record, rows, d, impl):
+    """Forward and backward of the row normalisation MEMBER's propagation applies after every layer."""
+    gen = torch.Generator().manual_seed(rows + d)
+    x = torch.randn(rows, d, generator=gen).requires_grad_()
+    g = torch.randn(rows, d, generator=gen)
+    fn = row_l2_normalize if impl == "mbrec_fast" else (lambda t: F.normalize(t, dim=-1))
+
+    def run():
+        x.grad = None
+        fn(x).backward(g)
+    record(op="graph", case=f"row_l2_normalize fwd+bwd {rows}x{d}", impl=impl, rows=rows, d=d)
+    benchmark.group = f"graph: row_l2_normalize fwd+bwd {rows}x{d}"
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
