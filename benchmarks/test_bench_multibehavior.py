@@ -23,6 +23,7 @@ from mbrec_fast.batching import behavior_positives, default_level_probs
 from mbrec_fast.reference.multibehavior import (PythonSetSampler, dense_topk_evaluate, nmtr_scores_plain, plain_epoch,
                                                 plain_member_epoch)
 from mbrec_fast.models import lightgcn, member
+from mbrec_fast.training.common import make_adam
 from mbrec_fast.training.multibehavior import MODELS, build_model, evaluate_model, load_data
 
 FULL = os.environ.get("MBREC_FAST_BENCH_FULL") == "1"
@@ -106,7 +107,8 @@ def _case(data):
 def test_epoch(benchmark, record, data, set_sampler, name, impl):
     model = _model(name, data)
     batch_size = MODEL_ARGS.get(name, (name, {}, BATCH))[2]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # the package trains with its fused Adam (training.common.make_adam); a plain-PyTorch loop with torch's default
+    opt = make_adam(model.parameters(), lr=1e-3) if impl == "mbrec_fast" else torch.optim.Adam(model.parameters(), lr=1e-3)
     if impl == "mbrec_fast":
         def run():
             for batch in model.training_batches(data, 0, batch_size, 0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mbrec_fast.training.checkpoint import load_checkpoint, save_checkpoint
-from mbrec_fast.training.common import Trainer, format_table, seed_everything
+from mbrec_fast.training.common import Trainer, format_table, make_adam, seed_everything
 
 
 def _toy_run(run_dir, epochs=4, max_steps=None, resume=None, patience=None, flat_metric=False, batch_size=8,
@@ -95,6 +95,21 @@ def test_patience_waits_while_a_top_k_monitor_is_zero(tmp_path):
                      model_name="toy", progress=False, config={"batch_size": 1, "threads": None}).fit(
         lambda epoch: [0], lambda idx: {"loss": 0.0}, lambda split: {"ndcg@10": next(values) if split == "valid" else 0.5})
     assert result.epochs_run == 4 and result.best_epoch == 1                # ran to `epochs`, best.pt from epoch 1
+
+
+def test_make_adam_is_fused_and_matches_adam():
+    """The families' Adam is torch's fused one on the CPU and follows the default Adam's updates."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(50, 8)), torch.nn.Parameter(torch.zeros(50, 8))
+    b.data.copy_(a.data)
+    fused, plain = make_adam([a], lr=1e-2, weight_decay=1e-3), torch.optim.Adam([b], lr=1e-2, weight_decay=1e-3)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for step in range(5):
+        grad = torch.randn(50, 8, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = grad.clone(), grad.clone()
+        fused.step()
+        plain.step()
+    torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_rejects_other_model(tmp_path):

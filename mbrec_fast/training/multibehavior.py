@@ -31,8 +31,8 @@ from ..evaluator import METRICS
 from .checkpoint import load_checkpoint
 from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, model_defaults_text,
                           parse_evaluate_args, resolve_resume, resume_command)
-from .common import (Trainer, check_cli_args, format_table, init_distributed, is_main_process, log, seed_everything,
-                     world)
+from .common import (Trainer, check_cli_args, format_table, init_distributed, is_main_process, log, make_adam,
+                     seed_everything, world)
 
 __all__ = ["train_main", "evaluate_main", "build_parser", "build_evaluate_parser", "build_model", "load_data",
            "evaluate_model", "results_markdown", "metrics_table", "MODELS", "check_protocol", "result_rows",
@@ -409,8 +409,9 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"--pool-scores expert: model {args.model!r} has no experts (only member has)")
     # one Adam over every parameter equals MEMBER's official two Adams (one per expert): Adam keeps
     # per-parameter state and skips the parameters a step leaves without gradient (zero_grad(set_to_none))
-    opt_cls = torch.optim.Adagrad if args.optimizer == "adagrad" else torch.optim.Adam
-    opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.Adagrad(trainable, lr=args.lr, weight_decay=args.weight_decay) if args.optimizer == "adagrad"
+           else make_adam(trainable, lr=args.lr, weight_decay=args.weight_decay))
     forward: nn.Module = _LossModule(model)
     if distributed:
         forward = nn.parallel.DistributedDataParallel(

@@ -30,7 +30,7 @@ from .checkpoint import load_checkpoint
 from .._progress import progress_enabled
 from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, fill_model_defaults,
                           model_defaults_text, parse_evaluate_args, resolve_resume, resume_command)
-from .common import Trainer, check_cli_args, format_table, log, seed_everything
+from .common import Trainer, check_cli_args, format_table, log, make_adam, seed_everything
 
 __all__ = ["build_parser", "build_evaluate_parser", "load_data", "make_step", "predict", "train_main", "evaluate_main", "table_main", "run_training",
            "resolve_model_defaults"]
@@ -292,12 +292,12 @@ def _optimizers(model, args) -> Tuple[torch.optim.Optimizer, Optional[torch.opti
     if isinstance(model, M3oE) and model.fusion_parameters():
         fp = model.fusion_parameters()
         if mode in ("official", "joint"):
-            main = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-            return main, (torch.optim.Adam(fp, lr=args.fusion_lr, weight_decay=args.weight_decay)
+            main = make_adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            return main, (make_adam(fp, lr=args.fusion_lr, weight_decay=args.weight_decay)
                           if mode == "official" else None)
-        main = torch.optim.Adam(model.main_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        return main, torch.optim.Adam(fp, lr=args.fusion_lr)
-    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay), None
+        main = make_adam(model.main_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        return main, make_adam(fp, lr=args.fusion_lr)
+    return make_adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay), None
 
 
 def run_training(args: argparse.Namespace, data: Optional[CTRData] = None, progress: Optional[bool] = None) -> Dict[str, Any]:

@@ -42,7 +42,7 @@ from .checkpoint import load_checkpoint
 from .._progress import progress_enabled, ranking_progress
 from .cli_options import (HelpFormatter, add_progress, add_resume, add_run_dir, evaluate_parser, fill_model_defaults,
                           model_defaults_text, parse_evaluate_args, resolve_resume, resume_command)
-from .common import Trainer, check_cli_args, format_table, log, seed_everything
+from .common import Trainer, check_cli_args, format_table, log, make_adam, seed_everything
 
 __all__ = ["build_parser", "build_evaluate_parser", "load_data", "build_model", "EvalContext", "make_eval_context", "evaluate_model",
            "sampled_metrics", "sample_eval_negatives", "train_main", "evaluate_main", "table_main", "run_training",
@@ -485,7 +485,7 @@ def run_training(args: argparse.Namespace, data: Optional[SequenceData] = None,
                                 protocol=args.protocol) for s in ("valid", "test")}
     seed_everything(args.seed)
     model = build_model(args, data).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     known = ("synthetic", "amazon", "amazon_toys_games")
     run_dir = args.run_dir or os.path.join("runs", f"{model_label(args)}-{args.data if args.data in known else 'data'}-s{args.seed}")
     last: Dict[str, Any] = {}
