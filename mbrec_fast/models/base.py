@@ -32,6 +32,13 @@ def constructor_defaults(cls) -> Dict[str, object]:
 ScoreOverrides = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x[ids] for a 2-D x (an embedding table's weight, propagated embeddings) and integer ids of any shape, as an
+    index_select: its backward is an index_add, 4x nn.Embedding's dense backward (20 k ids into a 15 k x 64 table,
+    2 CPU threads) and faster than advanced indexing's index_put with accumulate."""
+    return x.index_select(0, ids.reshape(-1)).reshape(*ids.shape, x.shape[-1])
+
+
 @dataclass
 class Scorer:
     """How a model scores (user, item) pairs for full-ranking evaluation.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batching import PairBatches, default_level_probs
-from .base import MultiBehaviorModel, Scorer, check_model_kwargs
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs, gather_rows
 
 __all__ = ["BPRMF", "NeuMF", "MCBPR"]
 
@@ -49,7 +49,8 @@ class BPRMF(MultiBehaviorModel):
     def loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         dev = self.user_emb.weight.device
         u, p, n = batch["users"].to(dev), batch["pos"].to(dev), batch["neg"].to(dev)
-        eu, ep, en = self.user_emb(u), self.item_emb(p), self.item_emb(n)          # [B,d] [B,d] [B,k,d]
+        ue, ie = self.user_emb.weight, self.item_emb.weight
+        eu, ep, en = gather_rows(ue, u), gather_rows(ie, p), gather_rows(ie, n)    # [B,d] [B,d] [B,k,d]
         s_pos = (eu * ep).sum(-1, keepdim=True)
         s_neg = torch.einsum("bd,bkd->bk", eu, en)
         rank = F.softplus(s_neg - s_pos).mean()
@@ -122,8 +123,9 @@ class NeuMF(MultiBehaviorModel):
                                         seed=seed, epoch=epoch, mode="exclusive")
 
     def _score_pairs(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        g = self.gmf_user(u) * self.gmf_item(i)
-        m = torch.relu(self.layer1(torch.cat([self.mlp_user(u), self.mlp_item(i)], -1)))
+        g = gather_rows(self.gmf_user.weight, u) * gather_rows(self.gmf_item.weight, i)
+        m = torch.relu(self.layer1(torch.cat([gather_rows(self.mlp_user.weight, u),
+                                              gather_rows(self.mlp_item.weight, i)], -1)))
         m = torch.relu(self.layer2(m))
         return self.head(torch.cat([g, m], -1)).squeeze(-1)
 
@@ -143,7 +145,7 @@ class NeuMF(MultiBehaviorModel):
         total = bce
         if self.reg:
             rows = ((self.gmf_user, users), (self.mlp_user, users), (self.gmf_item, items), (self.mlp_item, items))
-            total = total + self.reg * sum(e(x).pow(2).sum() for e, x in rows) / users.numel()
+            total = total + self.reg * sum(gather_rows(e.weight, x).pow(2).sum() for e, x in rows) / users.numel()
         return total, {"loss": float(total.detach()), "bce": float(bce.detach())}
 
     def score_block(self, users: torch.Tensor, item_start: int, item_end: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 from ..batching import PairBatches
 from ..csr import Csr, coo_to_csr, csr_rows, csr_to_coo
 from ..graph import CsrMatrix, csr_spmm, csr_transpose
-from .base import MultiBehaviorModel, Scorer, check_model_kwargs
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs, gather_rows
 
 __all__ = ["BipartiteAdjacency", "lightgcn_propagate", "drop_edges", "csr_to_edges", "check_model_kwargs",
            "LightGCN"]
@@ -198,12 +198,13 @@ class LightGCN(MultiBehaviorModel):
         dev = self.user_emb.weight.device
         u, p, n = batch["users"].to(dev), batch["pos"].to(dev), batch["neg"].to(dev)
         ue, ie = self.propagate()
-        eu, ep, en = ue[u], ie[p], ie[n]
+        eu, ep, en = gather_rows(ue, u), gather_rows(ie, p), gather_rows(ie, n)
         s_pos = (eu * ep).sum(-1, keepdim=True)
         s_neg = torch.einsum("bd,bkd->bk", eu, en)
         bpr = F.softplus(s_neg - s_pos).mean()
-        l2 = (self.user_emb(u).pow(2).sum() + self.item_emb(p).pow(2).sum()
-              + self.item_emb(n).pow(2).sum() / n.shape[1]) / u.numel()
+        uw, iw = self.user_emb.weight, self.item_emb.weight
+        l2 = (gather_rows(uw, u).pow(2).sum() + gather_rows(iw, p).pow(2).sum()
+              + gather_rows(iw, n).pow(2).sum() / n.shape[1]) / u.numel()
         total = bpr + self.reg * l2
         return total, {"loss": float(total.detach()), "bpr": float(bpr.detach())}
 

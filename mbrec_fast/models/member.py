@@ -38,7 +38,7 @@ from ..batching import PairBatches, epoch_seed
 from ..csr import Csr, union_csr
 from ..graph import row_l2_normalize
 from ..sampler import InteractionGraph
-from .base import MultiBehaviorModel, Scorer, check_model_kwargs
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs, gather_rows
 from .lightgcn import BipartiteAdjacency, csr_to_edges, drop_edges, lightgcn_propagate
 
 __all__ = ["MEMBER", "KeyedCsr", "gated_scores_dense_reference", "pool_restricted_scorer", "evaluate_by_pool",
@@ -414,7 +414,8 @@ class MEMBER(MultiBehaviorModel):
         gu, gi = emb["glo"]
         lu, li = emb["loc"]
         u = users.unsqueeze(-1).expand_as(items) if items.dim() > users.dim() else users
-        return lam * (gu[u] * gi[items]).sum(-1) + (1.0 - lam) * (lu[u] * li[items]).sum(-1)
+        return (lam * (gather_rows(gu, u) * gather_rows(gi, items)).sum(-1)
+                + (1.0 - lam) * (gather_rows(lu, u) * gather_rows(li, items)).sum(-1))
 
     def _gated(self, embs: List[Dict[str, object]], users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Gated scores of (users, items); items may be [B] or [B, k] (users [B] broadcast)."""
@@ -626,7 +627,8 @@ class MEMBER(MultiBehaviorModel):
             ci = _first_distinct(batch["pos"].to(dev).long(), self.cl_nodes)
         au, ai = self._propagate(self._aug[role], tables[0], tables[1], layers)
         t = self.temps[role]
-        return 0.5 * (_info_nce(zu[cu], au[cu], t) + _info_nce(zi[ci], ai[ci], t))
+        return 0.5 * (_info_nce(gather_rows(zu, cu), gather_rows(au, cu), t)
+                      + _info_nce(gather_rows(zi, ci), gather_rows(ai, ci), t))
 
     def _generative(self, embs: List[Dict[str, object]], batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """Mean BCE over (lower, higher) pairs and experts: lower's edges vs negatives, scored with
@@ -640,12 +642,12 @@ class MEMBER(MultiBehaviorModel):
                 hu, hi_ = emb["per_behavior"][hi]
                 dev = hu.device
                 gu, gi, gn = (batch[f"gen_{k}_{key}"].to(dev).long() for k in ("users", "items", "neg"))
-                pos_logit = (hu[gu] * hi_[gi]).sum(-1)
+                pos_logit = (gather_rows(hu, gu) * gather_rows(hi_, gi)).sum(-1)
                 if f"gen_negusers_{key}" in batch:
                     nu = batch[f"gen_negusers_{key}"].to(dev).long()
-                    neg_logit = (hu[nu] * hi_[gn]).sum(-1)
+                    neg_logit = (gather_rows(hu, nu) * gather_rows(hi_, gn)).sum(-1)
                 else:
-                    neg_logit = (hu[gu].unsqueeze(1) * hi_[gn]).sum(-1)
+                    neg_logit = (gather_rows(hu, gu).unsqueeze(1) * gather_rows(hi_, gn)).sum(-1)
                 logits = torch.cat([pos_logit, neg_logit.reshape(-1)])
                 labels = torch.cat([torch.ones_like(pos_logit), torch.zeros(neg_logit.numel(), device=dev)])
                 terms.append(F.binary_cross_entropy_with_logits(logits, labels))

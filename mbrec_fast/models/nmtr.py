@@ -33,7 +33,7 @@ from ..batching import PairBatches, default_level_probs
 from ..experts import routed_experts
 from ..nn.bank import check_expert_impl, warn_deprecated
 from ..reference.experts import routed_linear_ref
-from .base import MultiBehaviorModel, Scorer, check_model_kwargs
+from .base import MultiBehaviorModel, Scorer, check_model_kwargs, gather_rows
 
 __all__ = ["NMTR", "INTERACTIONS"]
 
@@ -148,7 +148,7 @@ class NMTR(MultiBehaviorModel):
         users, items = users.reshape(-1), items.reshape(-1)
         if beh.numel() and (int(beh.min()) < 0 or int(beh.max()) >= self.n_behaviors):
             raise ValueError(f"behaviors must lie in [0, {self.n_behaviors})")
-        p, q = self.user_emb(users), self.item_emb(items)
+        p, q = gather_rows(self.user_emb.weight, users), gather_rows(self.item_emb.weight, items)
         # one row per (example, head s <= r): heads 0..r of example j
         n_heads = beh + 1
         ex = torch.repeat_interleave(torch.arange(users.numel(), device=dev), n_heads)
@@ -241,6 +241,7 @@ class NMTR(MultiBehaviorModel):
         weighted = (bce * self.loss_weights[behs]).mean() * self.n_behaviors
         total = weighted
         if self.reg:
-            l2 = (self.user_emb(users).pow(2).sum() + self.item_emb(items).pow(2).sum()) / users.numel()
+            l2 = (gather_rows(self.user_emb.weight, users).pow(2).sum()
+                  + gather_rows(self.item_emb.weight, items).pow(2).sum()) / users.numel()
             total = total + self.reg * l2
         return total, {"loss": float(total.detach()), "bce": float(bce.mean().detach())}
