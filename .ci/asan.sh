@@ -31,7 +31,7 @@ python -P -c "import mbrec_fast, sys; f = mbrec_fast._C.__file__; print('extensi
 status=0
 python -P -m pytest -q -p no:cacheprovider --benchmark-disable tests/test_evaluator.py tests/test_sampler.py \
     tests/test_properties.py tests/test_hardening.py::test_raw_ops_check_csr_offsets \
-    tests/test_segment_mm.py tests/test_graph_spmm.py "tests/test_experts.py" -k "not test_experts.py or mix or passes or fused_path or ln_path" \
+    tests/test_segment_mm.py tests/test_graph_spmm.py tests/test_graph_row_norm.py "tests/test_experts.py" -k "not test_experts.py or mix or passes or fused_path or ln_path" \
     2>&1 | tee "$out/test.log" || status=$?
 if grep -qE "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer" "$out/test.log"; then
   echo "== sanitizer report found (see above)"; status=1
