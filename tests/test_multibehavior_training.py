@@ -324,6 +324,16 @@ def test_cli_member_faithful_avg_both_protocols_and_result_rows(tmp_path):
     assert row["metrics"]["hr@10"] == pytest.approx(summary["test"]["hr@10"], abs=1e-6)
     assert row["selection"] == "last epoch (no validation)"
     assert write_result_rows([str(run)], str(out)) == 7 and len(json.loads(out.read_text())) == 7  # replaced
+    # each pool ranked by its expert alone (the paper's per-pool scores), as two more rows of their own
+    assert cli_main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--protocol", "pool",
+                     "--pool-scores", "expert", "--json", str(run / "pool_expert.json")]) == 0
+    assert json.loads((run / "pool_expert.json").read_text())["pool_scores"] == "expert"
+    assert write_result_rows([str(run)], str(out)) == 9
+    expert = [r for r in json.loads(out.read_text()) if r.get("pool_scores") == "expert"]
+    assert {(r["targets"], r["pool_others"]) for r in expert} == {("visited", "exclude"), ("unvisited", "exclude")}
+    (run / "pool_expert.json").unlink()
+    out.unlink()
+    assert write_result_rows([str(run)], str(out)) == 7
     # the run resumed to 2 epochs is another schedule: its rows sit beside the 1-epoch ones instead of replacing them
     longer = tmp_path / "avg-2"
     shutil.copytree(run, longer)

@@ -521,8 +521,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         print(POOL_NOTE)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": name, "split": args.split, "protocol": args.protocol, "metrics": metrics,
-                       "eval_s": eval_s}, f, indent=1)
+            json.dump({"model": name, "split": args.split, "protocol": args.protocol, "pool_others": args.pool_others,
+                       "pool_scores": args.pool_scores, "metrics": metrics, "eval_s": eval_s}, f, indent=1)
     return 0
 
 
@@ -543,7 +543,9 @@ def variant_label(cfg: Dict[str, Any]) -> str:
 def result_rows(run_dir: str) -> List[Dict[str, Any]]:
     """The rows of docs/results/multibehavior.json for one finished run: one per (protocol, targets) with its
     test metrics. Pool rows say how other-pool items were treated ("pool_others"); a `pool_zero.json`
-    written by `mbrec-fast evaluate --protocol pool --pool-others zero --json` adds the official variant."""
+    written by `mbrec-fast evaluate --protocol pool --pool-others zero --json` adds the official variant, a
+    `pool_expert.json` (`--pool-scores expert`) rows with each pool ranked by its expert alone ("pool_scores":
+    "expert"; the other rows rank by the model's own score)."""
     s = json.load(open(os.path.join(run_dir, "metrics.json")))
     cfg = s.get("config") or {}
     common = {"model": s.get("model"), "variant": variant_label(cfg), "data": s.get("dataset"),
@@ -552,12 +554,14 @@ def result_rows(run_dir: str) -> List[Dict[str, Any]]:
               "best_epoch": s.get("best_epoch"),
               "selection": "best validation epoch" if s.get("best_epoch") else "last epoch (no validation)",
               "wall_s": round(s["timings_s"]["wall"] + s.get("load_s", 0.0), 1)}
-    sources = [(s.get("test") or {}, cfg.get("pool_others", "exclude"))]
-    zero = os.path.join(run_dir, "pool_zero.json")
-    if os.path.isfile(zero):
-        sources.append((json.load(open(zero))["metrics"], "zero"))
+    sources = [(s.get("test") or {}, cfg.get("pool_others", "exclude"), cfg.get("pool_scores", "model"))]
+    for name, others, scores in (("pool_zero.json", "zero", "model"), ("pool_expert.json", "exclude", "expert")):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            extra = json.load(open(path))
+            sources.append((extra["metrics"], extra.get("pool_others", others), extra.get("pool_scores", scores)))
     rows = []
-    for k, (metrics, others) in enumerate(sources):
+    for k, (metrics, others, scores) in enumerate(sources):
         for label, prefix in TARGET_ROWS:
             pool = "pool" in label
             if k > 0 and not pool or not metrics.get(f"{prefix}users"):
@@ -568,6 +572,8 @@ def result_rows(run_dir: str) -> List[Dict[str, Any]]:
                        users=int(metrics[f"{prefix}users"]), metrics=values)
             if pool:
                 row["pool_others"] = others
+                if scores != "model":
+                    row["pool_scores"] = scores
             rows.append(row)
     return rows
 
@@ -578,12 +584,12 @@ def write_result_rows(run_dirs: List[str], json_path: str) -> int:
     another schedule (100 epochs against 12, a validation split against none) adds rows beside the others."""
     rows = json.load(open(json_path)) if os.path.isfile(json_path) else []
     key = lambda r: (r["model"], r["variant"], r["data"], r["seed"], r["protocol"], r["targets"], r.get("pool_others"),
-                     r.get("max_epochs"), r.get("selection"))
+                     r.get("pool_scores"), r.get("max_epochs"), r.get("selection"))
     new = [r for d in run_dirs if os.path.isfile(os.path.join(d, "metrics.json")) for r in result_rows(d)]
     keys = {key(r) for r in new}
     rows = [r for r in rows if key(r) not in keys] + new
     rows.sort(key=lambda r: (r["data"], r["model"], r["variant"], r["seed"], r["protocol"], r.get("pool_others") or "",
-                             ["overall", "visited", "unvisited"].index(r["targets"])))
+                             r.get("pool_scores") or "", ["overall", "visited", "unvisited"].index(r["targets"])))
     os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(rows, f, indent=1)
@@ -598,13 +604,13 @@ def summary_markdown(json_path: str, data: Optional[str] = None, ks=(10, 20, 50,
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["data"], r["model"], r["variant"], r["protocol"], r.get("pool_others") or "",
-                           r["targets"], r["epochs"], r.get("selection") or ""), []).append(r)
+                           r.get("pool_scores") or "", r["targets"], r["epochs"], r.get("selection") or ""), []).append(r)
     header = ["model", "data", "protocol", "targets"] + [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + \
              ["seeds", "epochs", "selection", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = {"overall": 0, "visited": 1, "unvisited": 2}
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], order[k[5]])):
-        data_name, model, variant, protocol, others, targets, epochs, selection = key
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5], order[k[6]])):
+        data_name, model, variant, protocol, others, scores, targets, epochs, selection = key
         runs = groups[key]
         best = sorted({r.get("best_epoch") for r in runs if r.get("best_epoch")})
         cells = []
@@ -618,7 +624,7 @@ def summary_markdown(json_path: str, data: Optional[str] = None, ks=(10, 20, 50,
                 else:
                     cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
         label = model + (f" ({variant})" if variant else "")
-        proto = protocol + (f" (others {others})" if others else "")
+        proto = protocol + (f" (others {others}" + (f", {scores} scores" if scores else "") + ")" if others else "")
         wall = statistics.mean(r["wall_s"] for r in runs)
         lines.append("| " + " | ".join([label, data_name, proto, f"{targets} ({runs[0]['users']})"] + cells
                                         + [str(len(runs)), str(epochs) + (f" (best {', '.join(map(str, best))})"
