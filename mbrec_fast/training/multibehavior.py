@@ -603,14 +603,16 @@ def summary_markdown(json_path: str, data: Optional[str] = None, ks=(10, 20, 50,
     rows = [r for r in json.load(open(json_path)) if data is None or r["data"] == data]
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in rows:
+        # one group per schedule (epoch cap), so seeds stopped early at different epochs stay together
         groups.setdefault((r["data"], r["model"], r["variant"], r["protocol"], r.get("pool_others") or "",
-                           r.get("pool_scores") or "", r["targets"], r["epochs"], r.get("selection") or ""), []).append(r)
+                           r.get("pool_scores") or "", r["targets"], r.get("max_epochs") or r["epochs"],
+                           r.get("selection") or ""), []).append(r)
     header = ["model", "data", "protocol", "targets"] + [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + \
              ["seeds", "epochs", "selection", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = {"overall": 0, "visited": 1, "unvisited": 2}
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5], order[k[6]])):
-        data_name, model, variant, protocol, others, scores, targets, epochs, selection = key
+        data_name, model, variant, protocol, others, scores, targets, _, selection = key
         runs = groups[key]
         best = sorted({r.get("best_epoch") for r in runs if r.get("best_epoch")})
         cells = []
@@ -627,9 +629,9 @@ def summary_markdown(json_path: str, data: Optional[str] = None, ks=(10, 20, 50,
         proto = protocol + (f" (others {others}" + (f", {scores} scores" if scores else "") + ")" if others else "")
         wall = statistics.mean(r["wall_s"] for r in runs)
         lines.append("| " + " | ".join([label, data_name, proto, f"{targets} ({runs[0]['users']})"] + cells
-                                        + [str(len(runs)), str(epochs) + (f" (best {', '.join(map(str, best))})"
-                                                                            if best and selection.startswith("best")
-                                                                            else ""),
+                                        + [str(len(runs)), ", ".join(map(str, sorted({r["epochs"] for r in runs})))
+                                           + (f" (best {', '.join(map(str, best))})"
+                                              if best and selection.startswith("best") else ""),
                                            selection, f"{wall:.0f}"]) + " |")
     return "\n".join(lines)
 
