@@ -19,6 +19,11 @@
 namespace mbrec_fast {
 namespace {
 
+// Rows per parallel task: about 16 K units of work at `work_per_row` units per row.
+int64_t rows_per_task(int64_t work_per_row) {
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(work_per_row, 1));
+}
+
 const SpmmRowsKernel* spmm_kernel() {
   switch (cpu_isa_selected()) {
     case CpuIsa::kAvx512: return spmm_rows_avx512();
@@ -63,9 +68,8 @@ at::Tensor csr_spmm_cpu(const at::Tensor& crow, const at::Tensor& col, const at:
   const int64_t* kp = col.data_ptr<int64_t>();
   const SpmmRowsKernel* kern = x.scalar_type() == at::kFloat ? spmm_kernel() : nullptr;
   std::atomic<bool> bad{false};
-  // grain: about 16 K nonzero-columns of work per task at the mean row length
-  const int64_t per_row = std::max<int64_t>(1, col.numel() / std::max<int64_t>(rows, 1)) * d;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / per_row);
+  // grain: work is nonzero-columns, at the mean row length
+  const int64_t grain = rows_per_task(std::max<int64_t>(1, col.numel() / std::max<int64_t>(rows, 1)) * d);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "csr_spmm_cpu", [&] {
     const scalar_t* vp = val.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -78,9 +82,6 @@ at::Tensor csr_spmm_cpu(const at::Tensor& crow, const at::Tensor& col, const at:
   return y;
 }
 
-// Rows per task of the row-wise normalisation: about 16 K entries.
-int64_t row_grain(int64_t d) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(d, 1)); }
-
 std::tuple<at::Tensor, at::Tensor> row_l2_normalize_cpu(const at::Tensor& x, double eps) {
   check_row_l2_normalize_args(x, eps);
   const int64_t n = x.size(0), d = x.size(1);
@@ -90,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> row_l2_normalize_cpu(const at::Tensor& x, dou
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* np = norm.data_ptr<scalar_t>();
     const scalar_t e = static_cast<scalar_t>(eps);
-    at::parallel_for(0, n, row_grain(d), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, n, rows_per_task(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) np[r] = row_l2_normalize_row(xp + r * d, yp + r * d, d, e);
     });
   });
@@ -108,7 +109,7 @@ at::Tensor row_l2_normalize_backward_cpu(const at::Tensor& grad, const at::Tenso
     const scalar_t* np = norm.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
     const scalar_t e = static_cast<scalar_t>(eps);
-    at::parallel_for(0, n, row_grain(d), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, n, rows_per_task(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         row_l2_normalize_backward_row(gp + r * d, yp + r * d, np[r], e, dp + r * d, d);
       }

@@ -36,7 +36,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---------------------------------------------------------------- distributed
 def make_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     """Adam as every family trains with it: torch's fused implementation (one pass over each parameter's value,
     gradient and moments; 5.8x the default for-loop Adam on a 2 M-parameter model on one CPU thread), the default one
@@ -48,6 +47,7 @@ def make_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
+# ---------------------------------------------------------------- distributed
 def init_distributed(device: str = "cpu") -> bool:
     """Joins the process group torchrun describes (gloo on CPU, nccl on CUDA). False when not under torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
